@@ -1,0 +1,16 @@
+"""smoothce: label-smoothed cross-entropy for PyTorch, loss and gradient in one forward pass.
+
+``import smoothce`` registers ``torch.ops.smoothce.cross_entropy`` and the backends:
+"cpu" (vectorized torch), "cuda-triton" and "xpu-triton" (Triton kernels, imported
+only when used).
+"""
+
+from smoothce import _ops, registry  # noqa: F401  (registers the ops)
+from smoothce._backends_setup import register_builtin_backends
+from smoothce.functional import cross_entropy
+from smoothce.module import CrossEntropyLoss
+
+register_builtin_backends()
+
+__all__ = ["CrossEntropyLoss", "cross_entropy", "registry"]
+__version__ = "0.1.0"

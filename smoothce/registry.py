@@ -1,0 +1,119 @@
+"""The backend registry: which Backend computes smoothce's cross-entropy for a device.
+
+Backends are registered per torch device type. ``select(device)`` returns the one
+in use: the ``SMOOTHCE_BACKEND`` environment variable, when set, names a backend
+that serves CPU tensors (how the Triton kernels run on CPU under
+``TRITON_INTERPRET=1``) and the tensors of its own device type; otherwise the
+device type's default. Other packages add backends through the entry-point group
+``smoothce.backends`` (each entry point loads to a Backend, or to a callable that
+returns one) or by calling ``register`` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from importlib import metadata
+
+import torch
+
+from smoothce.backends.base import Backend
+
+ENV_VAR = "SMOOTHCE_BACKEND"
+ENTRY_POINT_GROUP = "smoothce.backends"
+
+_by_name: dict[str, Backend] = {}
+_default_for: dict[str, str] = {}
+_on_register = []  # callbacks(device_type) run when a device type gets its first backend
+_entry_points_loaded = False
+_lock = threading.RLock()
+
+
+def register(backend: Backend, *, default: bool = True) -> Backend:
+    """Add ``backend``; with ``default`` it becomes the choice for its device type.
+
+    Returns the backend, so a module can write ``register(MyBackend())``.
+    """
+    if not isinstance(backend, Backend):
+        raise TypeError(f"expected a smoothce.backends.base.Backend, got {type(backend).__name__}")
+    if not backend.name or not backend.device_type:
+        raise ValueError(f"backend {backend!r} needs a non-empty name and device_type")
+    with _lock:
+        known = _by_name.get(backend.name)
+        if known is not None and type(known) is not type(backend):
+            raise ValueError(f"a different backend is already registered as {backend.name!r}: {known!r}")
+        _by_name[backend.name] = backend
+        new_device_type = backend.device_type not in _default_for
+        if default or new_device_type:
+            _default_for[backend.device_type] = backend.name
+        if new_device_type:
+            for callback in _on_register:
+                callback(backend.device_type)
+    return backend
+
+
+def on_new_device_type(callback) -> None:
+    """Call ``callback(device_type)`` now for each known device type and for every later one."""
+    with _lock:
+        _on_register.append(callback)
+        for device_type in list(_default_for):
+            callback(device_type)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    with _lock:
+        if _entry_points_loaded:
+            return
+        _entry_points_loaded = True
+        for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            obj = entry.load()
+            backend = obj if isinstance(obj, Backend) else obj()
+            if backend.name not in _by_name:
+                register(backend, default=False)
+
+
+def backends() -> dict[str, Backend]:
+    """All registered backends by name (entry points included)."""
+    _load_entry_points()
+    return dict(_by_name)
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name``; a ValueError listing the known names if there is none."""
+    _load_entry_points()
+    try:
+        return _by_name[name]
+    except KeyError:
+        known = ", ".join(sorted(_by_name)) or "none"
+        raise ValueError(f"unknown smoothce backend {name!r}: known backends are {known}") from None
+
+
+def select(device: str | torch.device) -> Backend:
+    """The backend that computes the loss for tensors on ``device``.
+
+    ``SMOOTHCE_BACKEND=<name>`` overrides the default for CPU tensors and for
+    the named backend's own device type. Raises ValueError for an unknown name or a
+    device type with no backend, RuntimeError when the chosen backend cannot run.
+    """
+    device_type = torch.device(device).type
+    _load_entry_points()
+    forced = os.environ.get(ENV_VAR, "").strip()
+    if forced:
+        backend = get(forced)
+        if device_type not in ("cpu", backend.device_type):
+            backend = None
+    else:
+        backend = None
+    if backend is None:
+        name = _default_for.get(device_type)
+        if name is None:
+            served = ", ".join(sorted(_default_for)) or "none"
+            raise ValueError(
+                f"smoothce has no backend for {device_type!r} tensors: backends serve {served}"
+            )
+        backend = _by_name[name]
+    reason = backend.unavailable_reason(device_type)
+    if reason is not None:
+        raise RuntimeError(f"smoothce backend {backend.name!r} cannot run on {device_type!r} tensors: {reason}")
+    return backend
