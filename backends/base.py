@@ -54,8 +54,8 @@ class Backend:
             ignore_index: target value of rows that contribute nothing.
             grad: (N, V) output buffer of ``logits.dtype`` (any strides), or None
                 when no gradient is needed: then no gradient work is done at all.
-            grad_scale: 0-d float32 tensor on the logits' device; the gradient is
-                multiplied by it (1/count for "mean", 1 otherwise).
+            grad_scale: 0-d tensor on the logits' device, float32 (float64 for float64
+                logits); the gradient is multiplied by it (1/count for "mean", 1 otherwise).
 
         Returns:
             (N,) per-row loss, float32 (float64 for float64 logits), 0 on ignored rows.

@@ -14,7 +14,9 @@ Three ops, one schema each:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 
@@ -107,15 +109,16 @@ def cross_entropy_fwd(logits, target, label_smoothing, ignore_index, reduction, 
     """
     n_rows, num_classes = logits.shape
     backend = registry.select(logits.device)
+    acc_dtype = loss_dtype(logits.dtype)
     if reduction == "mean":
         count = (target != ignore_index).sum()
-        grad_scale = 1.0 / count.clamp_min(1).to(torch.float32)
+        grad_scale = 1.0 / count.clamp_min(1).to(acc_dtype)
     else:
         count = None
-        grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+        grad_scale = torch.ones((), dtype=acc_dtype, device=logits.device)
     grad = torch.empty_like(logits) if compute_grad else None
     if n_rows == 0:
-        rows = torch.zeros(0, dtype=loss_dtype(logits.dtype), device=logits.device)
+        rows = torch.zeros(0, dtype=acc_dtype, device=logits.device)
     else:
         rows = backend.forward(logits, target.contiguous(), label_smoothing, ignore_index, grad, grad_scale)
     if reduction == "none":
@@ -144,39 +147,67 @@ def _fake_fwd(logits, target, label_smoothing, ignore_index, reduction, compute_
     return loss, grad
 
 
+_inplace_backward = threading.local()
+
+
+@contextlib.contextmanager
+def inplace_backward(enabled: bool):
+    """Whether backward may scale the kept gradient in place (the default: True).
+
+    In place, forward+backward holds one gradient-sized buffer, but the kept gradient
+    serves one backward only (when the upstream gradient is not exactly 1). Calls made
+    inside ``with smoothce.inplace_backward(False):`` keep it intact, so backward can run
+    again (``retain_graph=True``, gradcheck), at the cost of one more such buffer.
+    """
+    previous = getattr(_inplace_backward, "enabled", True)
+    _inplace_backward.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _inplace_backward.enabled = previous
+
+
 def _setup_context(ctx, inputs, output):
     # Keep only the forward's gradient: backward needs nothing else.
     _, grad = output
     ctx.reduction = inputs[4]
     ctx.compute_grad = inputs[5]
+    ctx.inplace = getattr(_inplace_backward, "enabled", True)
+    ctx.consumed = False
     ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # else autograd builds an (N, V) zero tensor for the grad output
     ctx.save_for_backward(grad)
-    ctx.used = False
 
 
 def _backward(ctx, grad_loss, _unused):
-    # One elementwise pass: dZ = dO * (dO/dZ), dO per row for "none".
+    # One elementwise pass: dZ = dO * (do/dz), dO per row for "none".
+    if ctx.consumed:  # checked before unpacking, whose version check would say less
+        raise RuntimeError(
+            "smoothce.cross_entropy: a second backward through the same call (retain_graph=True), but "
+            "the first one scaled the kept gradient in place. Run the forward inside "
+            "`with smoothce.inplace_backward(False):` to keep it intact for repeated backward passes."
+        )
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None
     if not ctx.compute_grad:
         raise RuntimeError(
             "smoothce.cross_entropy: no gradient was kept because logits did not require grad "
             "(or grad mode was off) in the forward pass"
         )
     scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
-    if type(grad) is torch.Tensor and type(grad_loss) is torch.Tensor:
-        # Eager: scale the kept gradient in place and hand it on, so forward+backward
-        # never holds more than one gradient-sized buffer.
-        if torch.is_grad_enabled():
-            raise RuntimeError("smoothce.cross_entropy does not support double backward (create_graph=True)")
-        if ctx.used:
-            raise RuntimeError(
-                "smoothce.cross_entropy: backward ran twice through the same call (retain_graph=True); "
-                "its kept gradient was already consumed by the first backward. Recompute the loss."
-            )
-        ctx.used = True
+    if not (type(grad) is torch.Tensor and type(grad_loss) is torch.Tensor):
+        # Traced (torch.compile) or tensor subclasses: the functional form; Inductor fuses
+        # it and may reuse the saved buffer (a donated buffer) for the result.
+        return (grad * scale).to(grad.dtype), None, None, None, None, None
+    if torch.is_grad_enabled():
+        raise RuntimeError("smoothce.cross_entropy does not support double backward (create_graph=True)")
+    if grad.device.type == "cpu" and scale.numel() == 1 and bool(scale == 1):
+        return grad, None, None, None, None, None  # dO = 1 (loss.backward()): nothing to scale
+    if ctx.inplace:
+        # Scale in place and hand the buffer on: forward+backward holds one gradient-sized buffer.
+        ctx.consumed = True
         return grad.mul_(scale), None, None, None, None, None
-    # Traced (torch.compile) or tensor subclasses: functional form; Inductor fuses it
-    # and may reuse the saved buffer (a donated buffer) for the result.
     return (grad * scale).to(grad.dtype), None, None, None, None, None
 
 

@@ -1,0 +1,223 @@
+"""The implementations the benchmark compares, and ``Step``: one timed run of one of them.
+
+Every implementation computes the same thing, the mean label-smoothed cross-entropy
+of logits (N, V) against int64 targets (N,):
+
+    loss = mean over rows of  logsumexp(z) - (1 - lam) z_k - (lam / V) sum_j z_j
+
+* ``smoothce``: ``smoothce.cross_entropy`` (the backend the registry selects).
+* ``torch-eager``: ``torch.nn.functional.cross_entropy`` on the logits as given, which
+  is what users call (PyTorch decides per device how it upcasts half inputs).
+* ``torch-compile``: ``torch.compile(F.cross_entropy, dynamic=False)``, compiled afresh
+  for each case; compilation happens in the warm-up, never in a timed run.
+* ``liger``, ``flash-attn``, ``quack``: the Triton/CuTe kernels of other libraries,
+  imported only when installed and only on the GPUs they support. They are never
+  dependencies of smoothce. quack has no label smoothing, so it runs only at lam = 0.
+
+A ``Step`` is the unit the timer measures: the forward under ``torch.no_grad()``
+("fwd"), or forward and ``loss.backward()`` on a leaf that requires grad ("fwd+bwd").
+``prepare()`` runs outside the timed region: it drops the previous gradient (so each
+timed run allocates its gradient, as a training step does) and restores the logits for
+implementations that overwrite their input (Liger writes the gradient into it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FWD = "fwd"
+FWD_BWD = "fwd+bwd"
+MODES = (FWD_BWD, FWD)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A named way to compute the loss; ``build`` returns a fresh loss function for one case."""
+
+    name: str
+    description: str
+    build: Callable[[float, int], LossFn]  # (label_smoothing, ignore_index) -> loss_fn
+    device_types: tuple[str, ...] | None = None  # None: any device
+    module: str | None = None  # the module that must be importable, for optional libraries
+    supports_label_smoothing: bool = True
+    mutates_input: bool = False  # writes into the logits (restored before every run)
+
+    def unavailable_reason(self, device_type: str, label_smoothing: float) -> str | None:
+        """None when this implementation can run here; otherwise a short reason."""
+        if self.device_types is not None and device_type not in self.device_types:
+            return f"runs only on {', '.join(self.device_types)} devices"
+        if self.module is not None:
+            package = self.module.split(".")[0]
+            if importlib.util.find_spec(package) is None:
+                return f"not installed (no module {package!r})"
+            try:
+                importlib.import_module(self.module)
+            except Exception as error:  # a broken optional install must not stop the benchmark
+                return f"import of {self.module} failed: {type(error).__name__}: {error}"
+        if label_smoothing != 0.0 and not self.supports_label_smoothing:
+            return "has no label smoothing (runs only with --label-smoothing 0)"
+        return None
+
+
+def _build_smoothce(label_smoothing: float, ignore_index: int) -> LossFn:
+    import smoothce
+
+    def loss_fn(logits, target):
+        return smoothce.cross_entropy(
+            logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index
+        )
+
+    return loss_fn
+
+
+def _eager_loss_fn(label_smoothing: float, ignore_index: int) -> LossFn:
+    def loss_fn(logits, target):
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
+
+    return loss_fn
+
+
+def _build_compile(label_smoothing: float, ignore_index: int) -> LossFn:
+    # Dynamo's caches hang on the code object, so a sweep with many shapes would hit
+    # the recompile limit and silently fall back to eager; the runner resets the
+    # compiler before each case and this compiles a fresh closure with static shapes.
+    return torch.compile(_eager_loss_fn(label_smoothing, ignore_index), dynamic=False)
+
+
+def _build_liger(label_smoothing: float, ignore_index: int) -> LossFn:
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    def loss_fn(logits, target):
+        return liger_cross_entropy(
+            logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="mean"
+        )
+
+    return loss_fn
+
+
+def _build_flash_attn(label_smoothing: float, ignore_index: int) -> LossFn:
+    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+    def loss_fn(logits, target):
+        # Returns per-row losses (0 on ignored rows) and z-losses; mean over counted rows.
+        losses, _ = cross_entropy_loss(
+            logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index
+        )
+        return losses.sum() / (target != ignore_index).sum().clamp_min(1)
+
+    return loss_fn
+
+
+def _build_quack(label_smoothing: float, ignore_index: int) -> LossFn:
+    from quack.cross_entropy import cross_entropy
+
+    if "reduction" in inspect.signature(cross_entropy).parameters:
+        return lambda logits, target: cross_entropy(
+            logits, target, ignore_index=ignore_index, reduction="mean"
+        )
+    # Older quack returns per-row losses and has no ignore_index.
+    return lambda logits, target: cross_entropy(logits, target).mean()
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    impl.name: impl
+    for impl in (
+        Implementation("smoothce", "smoothce.cross_entropy", _build_smoothce),
+        Implementation("torch-eager", "torch.nn.functional.cross_entropy", _eager_loss_fn),
+        Implementation(
+            "torch-compile",
+            "torch.compile(F.cross_entropy, dynamic=False), compiled per case, compilation not timed",
+            _build_compile,
+        ),
+        Implementation(
+            "liger",
+            "liger_kernel.transformers.functional.liger_cross_entropy (Triton)",
+            _build_liger,
+            device_types=("cuda", "xpu"),
+            module="liger_kernel.transformers.functional",
+            mutates_input=True,
+        ),
+        Implementation(
+            "flash-attn",
+            "flash_attn.ops.triton.cross_entropy.cross_entropy_loss (Triton)",
+            _build_flash_attn,
+            device_types=("cuda",),
+            module="flash_attn.ops.triton.cross_entropy",
+        ),
+        Implementation(
+            "quack",
+            "quack.cross_entropy.cross_entropy (CuTe DSL)",
+            _build_quack,
+            device_types=("cuda",),
+            module="quack.cross_entropy",
+            supports_label_smoothing=False,
+        ),
+    )
+}
+BASELINE_FOR_RATIOS = "smoothce"  # every other implementation is a baseline it is compared with
+
+
+def get(name: str) -> Implementation:
+    """The implementation called ``name``; ValueError listing the known names otherwise."""
+    try:
+        return IMPLEMENTATIONS[name]
+    except KeyError:
+        known = ", ".join(IMPLEMENTATIONS)
+        raise ValueError(f"unknown implementation {name!r}: known implementations are {known}") from None
+
+
+class Step:
+    """One run of one implementation on one case: ``prepare()`` untimed, then ``run()`` timed."""
+
+    def __init__(
+        self,
+        impl: Implementation,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        mode: str,
+        label_smoothing: float,
+        ignore_index: int = -100,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.impl = impl
+        self.mode = mode
+        self.target = target
+        self.loss_fn = impl.build(label_smoothing, ignore_index)
+        # A leaf of its own per step (sharing the logits' storage), so gradients never mix.
+        self.logits = logits.detach().requires_grad_(mode == FWD_BWD)
+        self._pristine = logits.detach().clone() if impl.mutates_input else None
+
+    def release(self) -> None:
+        """Drop the gradient of the last run (frees it)."""
+        self.logits.grad = None
+
+    def prepare(self) -> None:
+        """Reset to the state before a run: no gradient held, logits as generated."""
+        self.release()
+        if self._pristine is not None:
+            with torch.no_grad():
+                self.logits.copy_(self._pristine)
+
+    def run(self) -> torch.Tensor:
+        """The measured work; returns the (detached) loss."""
+        if self.mode == FWD:
+            with torch.no_grad():
+                return self.loss_fn(self.logits, self.target)
+        loss = self.loss_fn(self.logits, self.target)
+        loss.backward()
+        return loss.detach()
+
+    def close(self) -> None:
+        """Drop the gradient and the pristine copy."""
+        self.release()
+        self._pristine = None

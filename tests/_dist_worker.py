@@ -1,0 +1,446 @@
+"""What each spawned rank runs for tests/test_distributed.py (its own module so `spawn` can import it).
+
+``launch(world, jobs)`` starts ``world`` processes joined by gloo (or NCCL) on
+127.0.0.1, runs the named jobs in each, and returns every rank's list of failures
+as ``"job/case: what went wrong"`` strings, so the pytest output names the case. A
+rank that hangs or dies is a failure too: the process group has a timeout, and the
+parent kills whatever is still running after ``timeout`` seconds.
+
+Every rank builds the same full logits from a fixed seed, takes its own slice, and
+compares ``vocab_parallel_cross_entropy`` (loss and its slice of the gradient) with
+the single-process ``smoothce.cross_entropy`` on the full logits and with the
+float64 reference.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+import traceback
+
+import torch
+
+PG_TIMEOUT_S = 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, jobs: list[str], *, backend: str = "gloo", timeout: float = 150.0, tmp_path=None):
+    """Run ``jobs`` on ``world`` ranks; returns {rank: [failure strings]} (a missing rank is a failure)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out_dir = str(tmp_path) if tmp_path is not None else tempfile.mkdtemp(prefix="smoothce-dist-")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_main, args=(rank, world, port, backend, jobs, out_dir), daemon=True)
+        for rank in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    results = {}
+    for rank, p in enumerate(procs):
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+            results[rank] = [f"rank {rank}: still running after {timeout} s (hang?), killed"]
+            continue
+        path = os.path.join(out_dir, f"rank{rank}.json")
+        if not os.path.exists(path):
+            results[rank] = [f"rank {rank}: exited with code {p.exitcode} without reporting"]
+            continue
+        with open(path) as f:
+            results[rank] = json.load(f)
+    return results
+
+
+def _loopback_interface():
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def _main(rank, world, port, backend, jobs, out_dir):
+    failures = []
+    try:
+        lo = _loopback_interface()
+        if lo is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = lo  # gloo's pairs on loopback too, not only the store
+        torch.set_num_threads(1)
+        import torch.distributed as dist
+
+        kwargs = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            kwargs["device_id"] = torch.device("cuda", rank)
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S), **kwargs,
+        )
+        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        for job in jobs:
+            failures += [f"{job}/{msg}" for msg in JOBS[job](rank, world, device)]
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        failures.append(f"rank {rank} crashed:\n{traceback.format_exc()}")
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(failures, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the jobs.
+
+
+def _slices(sizes):
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [slice(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+
+
+def _case_data(sizes, rows, dtype, device, *, seed=0, scale=3.0, ignored=(1, 4)):
+    """Full logits (rows..., V) and targets hitting the first and last class of every slice."""
+    num_classes = sum(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    shape = rows if isinstance(rows, tuple) else (rows,)
+    n = 1
+    for d in shape:
+        n *= d
+    full = (torch.randn(n, num_classes, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    target = torch.randint(0, num_classes, (n,), generator=gen)
+    # Shard edges are where an off-by-one in the offsets shows: first and last class of each slice.
+    edges = [b for s in _slices(sizes) for b in (s.start, s.stop - 1)]
+    for i, cls in enumerate(edges[: max(0, n - len(ignored))]):
+        target[(i + 2) % n] = cls
+    for i in ignored:
+        if i < n:
+            target[i] = -100
+    return full.reshape(*shape, num_classes).to(device), target.reshape(shape).to(device)
+
+
+def _tolerances(dtype):
+    # bf16 gradients are fp32 values rounded to 8 bits: a relative error of 2^-8 each way.
+    if dtype == torch.bfloat16:
+        return {"rtol": 2**-7, "atol": 1e-6}
+    if dtype == torch.float64:
+        return {"rtol": 1e-10, "atol": 1e-12}
+    return {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _close(name, actual, expected, failures, **tol):
+    try:
+        torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), **tol)
+    except AssertionError as exc:
+        failures.append(f"{name}: {' '.join(str(exc).split())[:300]}")
+
+
+def _have_single_process_op(device) -> bool:
+    from smoothce import registry
+
+    try:
+        registry.select(device)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _check_case(name, rank, sizes, rows, dtype, device, lam, reduction, failures, *, group=None, **data_kw):
+    import smoothce
+    from smoothce.distributed import vocab_parallel_cross_entropy
+    from smoothce.reference import cross_entropy_reference
+
+    full, target = _case_data(sizes, rows, dtype, device, **data_kw)
+    own = _slices(sizes)[rank]
+    shard = full[..., own].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(
+        shard, target, group=group, label_smoothing=lam, reduction=reduction
+    )
+    (loss.sum() if reduction == "none" else loss).backward()
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if loss.dtype != expected_dtype or shard.grad.dtype != dtype:
+        failures.append(f"{name}: dtypes loss {loss.dtype}, grad {shard.grad.dtype}")
+    ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=lam, reduction=reduction)
+    tol = _tolerances(dtype)
+    loss_tol = tol if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    _close(f"{name} loss vs float64 reference", loss, ref_loss, failures, **loss_tol)
+    _close(f"{name} grad vs float64 reference", shard.grad, ref_grad[..., own], failures, **tol)
+    if _have_single_process_op(device):
+        whole = full.clone().requires_grad_()
+        single = smoothce.cross_entropy(whole, target, label_smoothing=lam, reduction=reduction)
+        (single.sum() if reduction == "none" else single).backward()
+        _close(f"{name} loss vs smoothce.cross_entropy", loss, single, failures, rtol=1e-5, atol=1e-6)
+        _close(f"{name} grad vs smoothce.cross_entropy", shard.grad, whole.grad[..., own], failures, **tol)
+
+
+def _layouts(world):
+    # even: the common equal split; uneven: sizes that differ, including a 1-class slice whose
+    # max is its only logit, and a V (37 or 25) that no power of two divides.
+    if world == 1:
+        return {"single": [29]}
+    if world == 2:
+        return {"even": [16, 16], "uneven": [3, 34]}
+    return {"even": [8] * world, "uneven": ([5, 12, 1, 7] + [3] * world)[:world]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs: each returns a list of failure strings for this rank.
+
+
+def job_values(rank, world, device):
+    """Loss and gradient slice for reduction x lam x dtype x layout, plus edge rows."""
+    failures = []
+    for layout, sizes in _layouts(world).items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for lam in (0.0, 0.1):
+                for reduction in ("none", "sum", "mean"):
+                    name = f"{layout} {sizes} {dtype} lam={lam} {reduction}"
+                    _check_case(name, rank, sizes, 11, dtype, device, lam, reduction, failures)
+    sizes = _layouts(world)["uneven" if world > 1 else "single"]
+    # Leading shape (2, 3): the result of "none" keeps it.
+    _check_case("3-D logits", rank, sizes, (2, 3), torch.float32, device, 0.1, "none", failures)
+    # Every row ignored: "mean" is 0 with a zero gradient, not NaN.
+    _check_case("all ignored", rank, sizes, 4, torch.float32, device, 0.1, "mean", failures,
+                ignored=(0, 1, 2, 3))
+    # Large logits: the max shift must use the GLOBAL max (exp would overflow otherwise).
+    _check_case("large logits", rank, sizes, 6, torch.float32, device, 0.1, "sum", failures, scale=200.0)
+    # float64 logits: the statistics travel in float64.
+    _check_case("float64", rank, sizes, 7, torch.float64, device, 0.1, "mean", failures)
+    failures += _check_minus_inf_slice(rank, world, device)
+    return failures
+
+
+def _check_minus_inf_slice(rank, world, device):
+    # A row whose whole slice on rank 0 is -inf (e.g. masked classes): m_0 = -inf, S_0 = 0.
+    from smoothce.distributed import vocab_parallel_cross_entropy
+    from smoothce.reference import cross_entropy_reference
+
+    failures = []
+    sizes = _layouts(world)["uneven" if world > 1 else "single"]
+    full, target = _case_data(sizes, 5, torch.float32, device)
+    own0 = _slices(sizes)[0]
+    full[0, own0] = float("-inf")
+    target[0] = sizes[0] if world > 1 else -100  # a class outside rank 0's slice
+    own = _slices(sizes)[rank]
+    shard = full[:, own].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, target, reduction="sum")
+    loss.backward()
+    # The reference's loss is NaN here (it forms 0 * -inf for lam = 0); its gradient is fine.
+    _, ref_grad = cross_entropy_reference(full, target, reduction="sum")
+    ref_loss = torch.logsumexp(full.double(), 1) - full.double().gather(1, target.clamp_min(0)[:, None])[:, 0]
+    ref_loss = torch.where(target == -100, 0.0, ref_loss).sum()
+    _close("-inf slice loss", loss, ref_loss, failures, rtol=1e-5, atol=1e-5)
+    _close("-inf slice grad", shard.grad, ref_grad[:, own], failures, **_tolerances(torch.float32))
+    return failures
+
+
+def job_comm(rank, world, device):
+    """Three all-reduces, 12 bytes per row plus a fixed table: the same for every V."""
+    from smoothce.bench.vocab_parallel import CollectiveRecorder
+    from smoothce.distributed import vocab_parallel_cross_entropy
+
+    failures = []
+    seen = {}
+    for num_classes in (37 * world, 1000 * world):  # a small and a 27x larger vocabulary
+        for rows in (5, 40):
+            shard = torch.randn(rows, num_classes // world, device=device, requires_grad=True)
+            target = torch.arange(rows, device=device) % num_classes
+            recorder = CollectiveRecorder()
+            with recorder:
+                vocab_parallel_cross_entropy(shard, target, label_smoothing=0.1).backward()
+            seen[(num_classes, rows)] = (len(recorder.calls), recorder.total_bytes)
+            expected = (3, rows * 12 + world * 10 * 8)
+            if seen[(num_classes, rows)] != expected:
+                failures.append(
+                    f"V={num_classes} rows={rows}: (all-reduces, bytes) {seen[(num_classes, rows)]}, "
+                    f"expected {expected}"
+                )
+    return failures
+
+
+def _expect_error(name, call, exc_type, fragment, failures):
+    try:
+        call()
+    except exc_type as exc:
+        if fragment not in str(exc):
+            failures.append(f"{name}: {exc_type.__name__} without {fragment!r}: {exc}")
+        return
+    except Exception as exc:
+        failures.append(f"{name}: expected {exc_type.__name__}, got {type(exc).__name__}: {exc}")
+        return
+    failures.append(f"{name}: no error")
+
+
+def job_errors(rank, world, device):
+    """Bad input on some or all ranks: the same kind of error on every rank, and no hang."""
+    from smoothce.distributed import vocab_parallel_cross_entropy as vp
+
+    failures = []
+    sizes = _layouts(world)["uneven" if world > 1 else "single"]
+    num_classes = sum(sizes)
+    full, target = _case_data(sizes, 6, torch.float32, device)
+    own = _slices(sizes)[rank]
+    shard = full[:, own].contiguous()
+    last = world - 1
+    cases = [
+        # Rank 0 holds one row fewer: a shape mismatch that would hang a naive all-reduce.
+        ("mismatched rows",
+         lambda: vp(shard[:5] if rank == 0 else shard, target[:5] if rank == 0 else target),
+         ValueError, "number of rows"),
+        # Target == V is in range on no rank; a local-V check would miss it on the last rank.
+        ("target == V", lambda: vp(shard, torch.where(target == -100, num_classes, target)),
+         ValueError, f"target value {num_classes} is out of range"),
+        ("negative target", lambda: vp(shard, torch.where(target == -100, -5, target)),
+         ValueError, "target value -5 is out of range"),
+        ("targets differ across ranks", lambda: vp(shard, (target + (rank == last)) % num_classes),
+         ValueError, "different targets"),
+        ("dtypes differ across ranks",
+         lambda: vp(shard.to(torch.bfloat16) if rank == last else shard, target),
+         ValueError, "logits dtype"),
+        ("label_smoothing differs", lambda: vp(shard, target, label_smoothing=0.1 * (rank == last)),
+         ValueError, "label_smoothing"),
+        ("empty slice on one rank", lambda: vp(shard[:, :0] if rank == last else shard, target),
+         ValueError, "at least one class" if rank == last else "rejected its arguments"),
+        # A local argument error on one rank only: that rank's own message, the others are told.
+        ("integer logits on one rank", lambda: vp(shard.long() if rank == last else shard, target),
+         TypeError, "logits must be float" if rank == last else f"rank {last} of {world} rejected"),
+        ("bad label_smoothing on one rank",
+         lambda: vp(shard, target, label_smoothing=2.0 if rank == last else 0.0),
+         ValueError, "label_smoothing must be in [0, 1]" if rank == last else "rejected its arguments"),
+        ("normalizer with reduction='sum'", lambda: vp(shard, target, reduction="sum", normalizer=3),
+         ValueError, "normalizer is only used with reduction='mean'"),
+    ]
+    needs_two = ("mismatched rows", "targets differ across ranks", "dtypes differ across ranks",
+                 "label_smoothing differs")
+    for name, call, exc_type, fragment in cases:
+        if world == 1 and name in needs_two:
+            continue  # needs two ranks to disagree
+        _expect_error(name, call, exc_type, fragment, failures)
+        # The group must still work afterwards: every rank left the failed call at the same point.
+        try:
+            vp(shard, target)
+        except Exception as exc:
+            failures.append(f"{name}: the next good call failed: {type(exc).__name__}: {exc}")
+    return failures
+
+
+def job_normalizer(rank, world, device):
+    """Tensor x data parallel with gradient accumulation: normalizer = count_tokens over the window."""
+    import torch.distributed as dist
+
+    import smoothce
+    from smoothce.distributed import count_tokens, vocab_parallel_cross_entropy
+
+    failures = []
+    if world != 4:
+        return [f"needs world size 4, got {world}"]
+    # TP groups {0,1} {2,3} split the vocabulary; DP groups {0,2} {1,3} split the batch.
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    tp, dp = rank % 2, rank // 2
+    sizes = [9, 14]
+    own = _slices(sizes)[tp]
+    # Micro-batches of different lengths and different numbers of ignored rows, so that a
+    # per-micro-batch "mean" would weight tokens unequally.
+    rows = {(0, 0): 5, (0, 1): 8, (1, 0): 3, (1, 1): 6}
+    ignored = {(0, 0): (1,), (0, 1): (0, 2, 3, 7), (1, 0): (), (1, 1): (5,)}
+    data = {
+        key: _case_data(sizes, n, torch.float32, device, seed=10 + 2 * key[0] + key[1], ignored=ignored[key])
+        for key, n in rows.items()
+    }
+    window = [data[(dp, m)] for m in range(2)]
+    n_tokens = count_tokens(torch.cat([t for _, t in window]), group=dp_groups[tp])
+    total = sum(int((t != -100).sum()) for _, t in data.values())
+    if int(n_tokens) != total:
+        failures.append(f"count_tokens gave {int(n_tokens)}, expected {total}")
+    # What a single process would compute: "mean" over all rows of all micro-batches.
+    everything = torch.cat([f for f, _ in data.values()]).requires_grad_()
+    all_targets = torch.cat([t for _, t in data.values()])
+    expected = smoothce.cross_entropy(everything, all_targets, label_smoothing=0.1)
+    expected.backward()
+    offsets = {}
+    start = 0
+    for key, n in rows.items():
+        offsets[key] = slice(start, start + n)
+        start += n
+    local_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for m, (full, target) in enumerate(window):
+        shard = full[:, own].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(shard, target, group=tp_groups[dp], label_smoothing=0.1,
+                                            normalizer=n_tokens)
+        loss.backward()
+        local_sum += loss.detach()
+        _close(f"micro-batch {m} grad", shard.grad, everything.grad[offsets[(dp, m)], own], failures,
+               **_tolerances(torch.float32))
+    # The window's loss summed over the data-parallel group is the single-process mean.
+    dist.all_reduce(local_sum, group=dp_groups[tp])
+    _close("window loss", local_sum, expected, failures, rtol=1e-5, atol=1e-6)
+    # A plain number works like the tensor, and 0 (a window with no real token) gives 0.
+    full, target = window[0]
+    shard = full[:, own].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, target, group=tp_groups[dp], normalizer=float(total))
+    loss.backward()
+    ref = smoothce.cross_entropy(full, target, reduction="sum") / total
+    _close("float normalizer", loss, ref, failures, rtol=1e-5, atol=1e-6)
+    shard.grad = None
+    loss = vocab_parallel_cross_entropy(shard, target, group=tp_groups[dp], normalizer=0)
+    loss.backward()
+    if float(loss) != 0.0 or bool(shard.grad.any()):
+        failures.append(f"normalizer=0: loss {float(loss)}, grad nonzero {bool(shard.grad.any())}")
+    return failures
+
+
+def _compile_job(backend):
+    def job(rank, world, device):
+        """The whole function under torch.compile(fullgraph=True): values, gradient, and a bad target."""
+        import torch._dynamo
+
+        from smoothce.distributed import vocab_parallel_cross_entropy
+
+        failures = []
+        torch._dynamo.reset()
+        compiled = torch.compile(vocab_parallel_cross_entropy, backend=backend, fullgraph=True)
+        sizes = _layouts(world)["uneven" if world > 1 else "single"]
+        full, target = _case_data(sizes, 9, torch.float32, device)
+        own = _slices(sizes)[rank]
+        from smoothce.reference import cross_entropy_reference
+
+        for reduction in ("mean", "none"):
+            shard = full[:, own].clone().requires_grad_()
+            loss = compiled(shard, target, label_smoothing=0.1, reduction=reduction)
+            (loss.sum() if reduction == "none" else loss).backward()
+            ref_loss, ref_grad = cross_entropy_reference(
+                full, target, label_smoothing=0.1, reduction=reduction
+            )
+            _close(f"{reduction} loss", loss, ref_loss, failures, rtol=1e-5, atol=1e-5)
+            _close(f"{reduction} grad", shard.grad, ref_grad[:, own], failures, **_tolerances(torch.float32))
+        # The checks run inside the compiled graph too: every rank raises.
+        bad = torch.where(target == -100, sum(sizes), target)
+        _expect_error("bad target", lambda: compiled(full[:, own].contiguous(), bad, label_smoothing=0.1),
+                      ValueError, "out of range", failures)
+        return failures
+
+    return job
+
+
+JOBS = {
+    "values": job_values,
+    "comm": job_comm,
+    "errors": job_errors,
+    "normalizer": job_normalizer,
+    "compile_aot_eager": _compile_job("aot_eager"),
+    "compile_inductor": _compile_job("inductor"),
+}

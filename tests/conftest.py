@@ -1,0 +1,73 @@
+"""Shared test helpers: tolerances per dtype and comparison against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smoothce.reference import cross_entropy_reference
+
+# (rtol, atol) for the gradient, which is rounded to the logits' dtype once: half an ulp
+# relative. atol is a fraction of the largest |gradient|: p_j carries fp32's relative
+# error of exp (~2e-6 for logits of size 20), which p_j - lam/V can cancel down to.
+GRAD_TOL = {
+    torch.float64: (1e-10, 1e-13),
+    torch.float32: (1e-5, 4e-6),
+    torch.bfloat16: (2.0**-8, 4e-6),
+    torch.float16: (2.0**-10, 4e-6),
+}
+# The loss is float32 (float64) whatever the logits; it is computed from the very values
+# the reference sees, so only fp32 accumulation error remains.
+LOSS_TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (2e-5, 1e-5),
+    torch.bfloat16: (2e-5, 1e-5),
+    torch.float16: (2e-5, 1e-5),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def make_logits(shape, dtype, scale=3.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+
+def make_target(shape, num_classes, ignore_index=-100, ignore_fraction=0.25, seed=1, dtype=torch.int64):
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, num_classes, shape, generator=generator)
+    drop = torch.rand(shape, generator=generator) < ignore_fraction
+    return torch.where(drop, ignore_index, target).to(dtype)
+
+
+def run_smoothce(logits, target, **options):
+    """Loss and logits.grad from smoothce, through the public function and loss.backward()."""
+    import smoothce
+
+    leaf = logits.detach().clone().requires_grad_(True)
+    loss = smoothce.cross_entropy(leaf, target, **options)
+    upstream = torch.ones_like(loss)
+    loss.backward(upstream)
+    return loss.detach(), leaf.grad
+
+
+def assert_matches_reference(logits, target, loss, grad, **options):
+    ref_loss, ref_grad = cross_entropy_reference(logits, target, **options)
+    rtol, atol = LOSS_TOL[logits.dtype]
+    assert loss.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    assert loss.shape == ref_loss.shape
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    if grad is not None:
+        assert grad.dtype == logits.dtype
+        assert grad.shape == logits.shape
+        assert_grad_close(grad, ref_grad, logits.dtype)
+
+
+def assert_grad_close(grad, ref_grad, dtype):
+    rtol, atol = GRAD_TOL[dtype]
+    atol *= float(ref_grad.abs().max()) if ref_grad.numel() else 0.0
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
+
+
+@pytest.fixture
+def no_backend_override(monkeypatch):
+    monkeypatch.delenv("SMOOTHCE_BACKEND", raising=False)

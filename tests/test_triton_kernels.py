@@ -1,0 +1,378 @@
+"""Tests of the Triton kernel (backends/triton_kernels.py) through both Triton backends.
+
+Without a GPU they run on CPU tensors in Triton's interpreter, for BOTH backends
+(``SMOOTHCE_BACKEND`` picks which one serves CPU tensors):
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_triton_kernels.py
+
+With a CUDA or XPU device (and TRITON_INTERPRET unset) the same tests run on the
+GPU through the device's own backend, plus the GPU-only ones (64-bit offsets at
+16384 x 262144, torch.compile with Inductor, the device-side target assert).
+
+Everything goes through ``smoothce.cross_entropy`` and ``loss.backward()`` and is
+compared with the float64 reference ``smoothce.reference`` evaluated on the same
+(already rounded) logits, so the tolerances only cover the kernel's float32
+arithmetic and the one rounding of each gradient element to the logits' dtype.
+The backends' block size is capped at 16 columns here, so small rows still run
+the multi-block loops and their masked tails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed: pip install 'smoothce[triton]'", allow_module_level=True)
+
+import smoothce
+from smoothce import registry
+from smoothce.backends.base import loss_dtype
+from smoothce.reference import cross_entropy_reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def _gpu_device_type() -> str | None:
+    if torch.cuda.is_available():
+        return "cuda"
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return "xpu"
+    return None
+
+
+if INTERPRET:
+    DEVICE = "cpu"
+elif _gpu_device_type() is not None:
+    DEVICE = _gpu_device_type()
+else:
+    pytest.skip(
+        "the Triton kernels need TRITON_INTERPRET=1 (CPU tensors in Triton's interpreter) "
+        "or a CUDA/XPU device",
+        allow_module_level=True,
+    )
+
+ON_GPU = DEVICE != "cpu"
+BACKEND_OF_DEVICE = {"cuda": "cuda-triton", "xpu": "xpu-triton"}
+BACKENDS = list(BACKEND_OF_DEVICE.values()) if DEVICE == "cpu" else [BACKEND_OF_DEVICE[DEVICE]]
+TEST_BLOCK_V = 16
+
+# V: 1 (a single class: loss and gradient are exactly 0), 13 (one block with a masked tail),
+# 16 (exactly one full block), 40 (three blocks, the last one masked: 16 + 16 + 8).
+VOCAB_SIZES = [1, 13, 16, 40]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# 0: plain cross-entropy (the smoothing code is compiled out), 0.1: typical, 1: uniform target.
+SMOOTHINGS = [0.0, 0.1, 1.0]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def tolerances(dtype: torch.dtype, reduction: str) -> tuple[dict, dict]:
+    """(loss, gradient) tolerances for assert_close against the float64 reference.
+
+    Losses are computed in float32 (float64 for float64) from exact inputs, whatever
+    the logits' dtype. Gradients of 16-bit logits are rounded once to that dtype and,
+    for "none", multiplied by dO in it: two roundings, so 2 eps relative. (Triton's
+    interpreter truncates float32 -> bfloat16 where GPUs round to nearest: 1 ulp, still
+    inside.) Float64 "mean" gradients carry the float32 grad_scale (1/count) of the op
+    layer, hence 1e-7 there.
+    """
+    if dtype == torch.float64:
+        grad_rtol = 1e-7 if reduction == "mean" else 1e-12
+        return {"rtol": 1e-12, "atol": 1e-12}, {"rtol": grad_rtol, "atol": 1e-14}
+    loss_tol = {"rtol": 1e-5, "atol": 1e-5}
+    if dtype == torch.float32:
+        return loss_tol, {"rtol": 1e-5, "atol": 1e-6}
+    return loss_tol, {"rtol": 2 * torch.finfo(dtype).eps, "atol": 1e-6}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """The backend under test, chosen through SMOOTHCE_BACKEND, with blocks of 16 columns."""
+    monkeypatch.setenv("SMOOTHCE_BACKEND", request.param)
+    chosen = registry.get(request.param)
+    monkeypatch.setattr(chosen, "max_block_v", TEST_BLOCK_V)
+    return chosen
+
+
+def make_inputs(n_rows, num_classes, dtype, *, seed=0, ignored=(1, 5), target_dtype=torch.int64):
+    """Logits (n_rows, V) with spread-out values and targets with some ignored rows.
+
+    Row 0 targets class 0 and the last row class V - 1 (first and last column); row 2
+    has its target logit raised by 12, so p_k is close to 1 and p_k - 1 cancels.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    logits = 4 * torch.randn(n_rows, num_classes, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, num_classes, (n_rows,), generator=generator)
+    target[0] = 0
+    target[-1] = num_classes - 1
+    logits[2, target[2]] += 12
+    for row in ignored:
+        target[row] = -100
+    return logits.to(DEVICE, dtype), target.to(DEVICE, target_dtype)
+
+
+def check_against_reference(logits, target, label_smoothing, reduction, ignore_index=-100):
+    """Forward and backward through smoothce.cross_entropy, compared with the float64 reference."""
+    logits = logits if logits.requires_grad else logits.detach().requires_grad_()
+    loss = smoothce.cross_entropy(
+        logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction
+    )
+    ref_loss, ref_grad = cross_entropy_reference(
+        logits.detach().cpu(),
+        target.cpu(),
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    if reduction == "none":
+        d_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
+        loss.backward(d_out)
+        ref_grad = ref_grad * d_out.cpu().double().unsqueeze(-1)
+    else:
+        loss.backward()
+    loss_tol, grad_tol = tolerances(logits.dtype, reduction)
+    assert loss.dtype == loss_dtype(logits.dtype)
+    assert logits.grad.dtype == logits.dtype
+    torch.testing.assert_close(loss.detach().cpu().double(), ref_loss, **loss_tol)
+    torch.testing.assert_close(logits.grad.cpu().double(), ref_grad, **grad_tol)
+
+
+def test_registry_routes_cpu_tensors_to_the_forced_backend(backend):
+    if DEVICE == "cpu":
+        assert registry.select("cpu") is backend
+    assert registry.select(DEVICE) is backend
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", SMOOTHINGS)
+@pytest.mark.parametrize("num_classes", VOCAB_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(backend, dtype, num_classes, label_smoothing, reduction):
+    logits, target = make_inputs(7, num_classes, dtype)
+    check_against_reference(logits, target, label_smoothing, reduction)
+
+
+def _transposed(n_rows, num_classes, dtype):
+    # Column stride N, row stride 1: the kernel's 64-bit column offsets.
+    logits, target = make_inputs(n_rows, num_classes, dtype)
+    return logits.t().contiguous().t(), target
+
+
+def _column_slice(n_rows, num_classes, dtype):
+    # Rows padded to V + 5 values, logits start at column 3: row stride != V.
+    logits, target = make_inputs(n_rows, num_classes + 5, dtype)
+    target = torch.where(target == -100, target, target % num_classes)
+    return logits[:, 3 : 3 + num_classes], target
+
+
+def _every_other_row(n_rows, num_classes, dtype):
+    # Row stride 2 V.
+    logits, target = make_inputs(2 * n_rows, num_classes, dtype)
+    return logits[::2], target[::2].contiguous()
+
+
+@pytest.mark.parametrize(
+    "layout", [_transposed, _column_slice, _every_other_row], ids=lambda f: f.__name__[1:]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_logits(backend, dtype, layout):
+    logits, target = layout(7, 40, dtype)
+    assert not logits.is_contiguous()
+    check_against_reference(logits.detach().requires_grad_(), target, 0.1, "sum")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_int32_targets(backend, reduction):
+    logits, target = make_inputs(7, 40, torch.float32, target_dtype=torch.int32)
+    check_against_reference(logits, target, 0.1, reduction)
+
+
+def test_ignore_index_that_is_a_class_id(backend):
+    # ignore_index=3 is also a valid class: rows targeting 3 are ignored, the others are not.
+    logits, target = make_inputs(7, 40, torch.float32, ignored=())
+    target[1] = target[4] = 3
+    check_against_reference(logits, target, 0.1, "mean", ignore_index=3)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_rows_ignored(backend, reduction):
+    # "mean" over no rows is 0 with a zero gradient (not NaN); the kernel still writes the zero rows.
+    logits, target = make_inputs(5, 40, torch.float32, ignored=range(5))
+    logits.requires_grad_()
+    loss = smoothce.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction)
+    loss.sum().backward()
+    assert torch.equal(loss.detach().cpu(), torch.zeros_like(loss).cpu())
+    assert torch.equal(logits.grad.cpu(), torch.zeros(5, 40))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_minus_inf_logits(backend, label_smoothing):
+    """Masked classes (logits -inf), including a whole first block, in fp32.
+
+    With lam = 0 the loss stays finite (0 * -inf never happens); with lam > 0 the loss
+    is +inf, as the formula says (-lam/V * sum z), and the gradient stays finite.
+    The reference sees -1e300 instead of -inf so its own lam = 0 case stays finite.
+    """
+    logits, target = make_inputs(7, 40, torch.float32)
+    masked = torch.zeros(7, 40, dtype=torch.bool, device=DEVICE)
+    masked[:, :TEST_BLOCK_V] = True  # the whole first block of every row: the running max starts at -inf
+    masked[4, 30:] = True
+    masked[torch.arange(7), target.clamp_min(0)] = False  # targets stay finite
+    logits = logits.masked_fill(masked, float("-inf")).requires_grad_()
+    loss = smoothce.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    finite_logits = logits.detach().cpu().double().masked_fill(masked.cpu(), -1e300)
+    ref_loss, ref_grad = cross_entropy_reference(
+        finite_logits, target.cpu(), label_smoothing=label_smoothing, reduction="none"
+    )
+    if label_smoothing == 0.0:
+        torch.testing.assert_close(loss.detach().cpu().double(), ref_loss, rtol=1e-5, atol=1e-5)
+    else:
+        loss, valid = loss.detach().cpu(), target.cpu() != -100
+        assert torch.isposinf(loss[valid]).all()
+        assert torch.equal(loss[~valid], torch.zeros(int((~valid).sum())))
+    torch.testing.assert_close(logits.grad.cpu().double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_large_offset_logits(backend, label_smoothing):
+    # Logits around 1000 in fp32 (ulp 6e-5): the loss is taken relative to the row max,
+    # so it keeps the accuracy of logits around 0 (only the lam * mean term sees the offset).
+    logits, target = make_inputs(7, 40, torch.float32)
+    check_against_reference(logits + 1000, target, label_smoothing, "none")
+
+
+@pytest.mark.parametrize("bad", [40, -1, 2**40], ids=["V", "minus_one", "huge"])
+def test_out_of_range_target_raises_before_writing(backend, bad):
+    if ON_GPU:
+        pytest.skip("a GPU reports it with a device-side assert: see test_out_of_range_target_gpu_assert")
+    logits, target = make_inputs(7, 40, torch.float32)
+    target[3] = bad
+    with pytest.raises(ValueError, match=rf"target value {bad} is out of range.*\[0, 40\)"):
+        smoothce.cross_entropy(logits, target)
+    grad = torch.full_like(logits, 7.0)
+    with pytest.raises(ValueError, match="out of range"):
+        backend.forward(logits, target, 0.1, -100, grad, torch.ones((), dtype=torch.float32))
+    assert torch.equal(grad, torch.full_like(logits, 7.0)), "the gradient buffer was written before the error"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU; on CPU tensors the error is a ValueError (tested above)")
+def test_out_of_range_target_gpu_assert():
+    # A device-side assert leaves the device unusable, so it runs in a child process.
+    script = textwrap.dedent(
+        f"""
+        import torch, smoothce
+        logits = torch.randn(4, 40, device="{DEVICE}")
+        target = torch.tensor([1, 2, 40, 3], device="{DEVICE}")
+        smoothce.cross_entropy(logits, target)
+        torch.{DEVICE}.synchronize()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("SMOOTHCE_BACKEND", "TRITON_INTERPRET")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode != 0
+    assert "out of range" in done.stderr or "device-side assert" in done.stderr, done.stderr[-2000:]
+
+
+def test_no_gradient_work_without_grad(backend, monkeypatch):
+    """grad=None compiles the gradient sweep out: checked on the launch and on memory.
+
+    The launcher passes the logits themselves in the unused gradient slot, so a
+    gradient sweep that ran anyway would overwrite them.
+    """
+    from smoothce.backends import triton_kernels
+
+    kernel = triton_kernels.cross_entropy_fwd_kernel
+    launches = []
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["COMPUTE_GRAD"], kwargs["BLOCK_V"]))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "cross_entropy_fwd_kernel", RecordingKernel())
+    logits, target = make_inputs(7, 40, torch.float32)
+    before = logits.clone()
+    loss = backend.forward(
+        logits, target, 0.1, -100, None, torch.ones((), dtype=torch.float32, device=DEVICE)
+    )
+    assert launches == [(False, TEST_BLOCK_V)]
+    assert torch.equal(logits, before)
+    ref_loss, _ = cross_entropy_reference(logits.cpu(), target.cpu(), label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-5, atol=1e-5)
+    # Through the public op: no gradient is computed unless the logits require one.
+    smoothce.cross_entropy(logits, target)
+    smoothce.cross_entropy(logits.requires_grad_(), target)
+    assert [compute_grad for compute_grad, _ in launches[1:]] == [False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("num_classes", [1, 1000, 128256, 262144])
+def test_launch_config(backend, num_classes, dtype, monkeypatch):
+    # The real configuration (no test cap): power-of-two blocks within the backend's limits.
+    monkeypatch.setattr(backend, "max_block_v", None)
+    module = sys.modules[type(backend).__module__]
+    config = backend.launch_config(num_classes, dtype)
+    block_v = config["block_v"]
+    assert block_v & (block_v - 1) == 0
+    assert module.MIN_BLOCK_V <= block_v <= module.MAX_BLOCK_V[dtype.itemsize]
+    assert 1 <= config["num_warps"] <= module.MAX_NUM_WARPS
+    if backend.name == "xpu-triton":
+        assert config["options"]["grf_mode"] in ("256", "large")
+    monkeypatch.setattr(backend, "max_block_v", TEST_BLOCK_V)
+    assert backend.launch_config(num_classes, dtype)["block_v"] == TEST_BLOCK_V
+
+
+@pytest.mark.compile
+def test_torch_compile_fullgraph_dynamic(backend):
+    # The kernel sits behind the custom op, opaque to Dynamo; two shapes with dynamic=True
+    # must reuse one graph. Inductor on a GPU; aot_eager on CPU (no C++ build needed).
+    compiled = torch.compile(
+        smoothce.cross_entropy, fullgraph=True, dynamic=True, backend="inductor" if ON_GPU else "aot_eager"
+    )
+    for n_rows, num_classes in [(7, 40), (9, 23)]:
+        logits, target = make_inputs(n_rows, num_classes, torch.float32)
+        logits.requires_grad_()
+        loss = compiled(logits, target, label_smoothing=0.1)
+        loss.backward()
+        ref_loss, ref_grad = cross_entropy_reference(logits.detach().cpu(), target.cpu(), label_smoothing=0.1)
+        torch.testing.assert_close(loss.detach().cpu().double(), ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits.grad.cpu().double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    not ON_GPU, reason="16384 x 262144 bf16 (8 GiB of logits) is far too big for the interpreter"
+)
+def test_64bit_offsets_large_problem():
+    """N * V = 2**32 elements: rows past 2**31 elements only work with 64-bit row offsets."""
+    gpu = getattr(torch, DEVICE)
+    if gpu.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs about 17 GiB of device memory (logits and gradient, 8 GiB each)")
+    n_rows, num_classes = 16384, 262144
+    logits = torch.randn(n_rows, num_classes, dtype=torch.bfloat16, device=DEVICE)
+    target = torch.randint(0, num_classes, (n_rows,), device=DEVICE)
+    target[1] = -100
+    logits.requires_grad_()
+    loss = smoothce.cross_entropy(logits, target, label_smoothing=0.1, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    # The first rows, one just past 2**31 elements (row 8192), and the last row.
+    rows = torch.tensor([0, 1, 8191, 8192, n_rows - 1], device=DEVICE)
+    ref_loss, ref_grad = cross_entropy_reference(
+        logits.detach()[rows].cpu(), target[rows].cpu(), label_smoothing=0.1, reduction="none"
+    )
+    torch.testing.assert_close(loss.detach()[rows].cpu().double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits.grad[rows].cpu().double(), ref_grad, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-8
+    )
