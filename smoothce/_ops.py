@@ -15,7 +15,6 @@ Three ops, one schema each:
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 
 import torch
@@ -62,7 +61,7 @@ def check_arguments(logits, target, label_smoothing, ignore_index, reduction) ->
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if math.isnan(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+    if not 0.0 <= label_smoothing <= 1.0:  # False for NaN too
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")

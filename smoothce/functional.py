@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from smoothce._ops import check_arguments
+
 
 def cross_entropy(
     logits: torch.Tensor,
@@ -22,6 +24,7 @@ def cross_entropy(
     The result is float32 (float64 for float64 logits); the gradient, computed in this
     forward pass and kept, has the logits' dtype.
     """
+    check_arguments(logits, target, label_smoothing, ignore_index, reduction)  # Python types, before dispatch
     return torch.ops.smoothce.cross_entropy(
         logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction
     )

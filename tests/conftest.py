@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -25,6 +27,8 @@ LOSS_TOL = {
     torch.float16: (2e-5, 1e-5),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# The device the value tests run on: cpu here; the cuda and xpu nox sessions set it.
+DEVICE = torch.device(os.environ.get("SMOOTHCE_TEST_DEVICE", "cpu"))
 
 
 def make_logits(shape, dtype, scale=3.0, seed=0):
@@ -43,11 +47,11 @@ def run_smoothce(logits, target, **options):
     """Loss and logits.grad from smoothce, through the public function and loss.backward()."""
     import smoothce
 
-    leaf = logits.detach().clone().requires_grad_(True)
-    loss = smoothce.cross_entropy(leaf, target, **options)
+    leaf = logits.detach().to(DEVICE, copy=True).requires_grad_(True)
+    loss = smoothce.cross_entropy(leaf, target.to(DEVICE), **options)
     upstream = torch.ones_like(loss)
     loss.backward(upstream)
-    return loss.detach(), leaf.grad
+    return loss.detach().cpu(), leaf.grad.cpu()
 
 
 def assert_matches_reference(logits, target, loss, grad, **options):

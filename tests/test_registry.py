@@ -1,0 +1,114 @@
+"""The backend registry: defaults, SMOOTHCE_BACKEND, third-party backends and entry points."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+import torch
+
+import smoothce
+from smoothce import registry
+from smoothce.backends.base import Backend
+from smoothce.backends.cpu import CpuBackend
+
+
+def test_builtin_backends(monkeypatch):
+    monkeypatch.delenv("SMOOTHCE_BACKEND", raising=False)
+    names = set(registry.backends())
+    assert {"cpu", "cuda-triton", "xpu-triton"} <= names
+    assert registry.select("cpu").name == "cpu"
+    assert registry.select(torch.device("cpu")).name == "cpu"
+    assert registry.get("cuda-triton").device_type == "cuda"
+    assert registry.get("xpu-triton").device_type == "xpu"
+
+
+def test_unknown_backend_name_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("SMOOTHCE_BACKEND", "fast-magic")
+    with pytest.raises(ValueError, match="unknown smoothce backend 'fast-magic': known backends are .*cpu"):
+        registry.select("cpu")
+    with pytest.raises(ValueError, match="fast-magic"):
+        smoothce.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_device_without_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("SMOOTHCE_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="no backend for 'mps' tensors"):
+        registry.select("mps")
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("SMOOTHCE_BACKEND", "cuda-triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        registry.select("cpu")
+
+
+class RecordingBackend(CpuBackend):
+    """A third party's backend: the CPU math, recording each call."""
+
+    name = "recording-cpu"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return super().forward(*args)
+
+
+def test_third_party_backend_selected_by_environment(monkeypatch):
+    backend = registry.register(RecordingBackend(), default=False)
+    monkeypatch.delenv("SMOOTHCE_BACKEND", raising=False)
+    assert registry.select("cpu").name == "cpu"  # default=False leaves the default alone
+    monkeypatch.setenv("SMOOTHCE_BACKEND", "recording-cpu")
+    assert registry.select("cpu") is backend
+    logits = torch.randn(3, 5)
+    target = torch.tensor([0, 4, 2])
+    loss = smoothce.cross_entropy(logits, target)
+    assert backend.calls == 1
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, target))
+
+
+def test_entry_point_backends_are_loaded(monkeypatch):
+    class EntryPointBackend(CpuBackend):
+        name = "from-entry-point"
+
+    class FakeEntryPoint:
+        name = "from-entry-point"
+
+        def load(self):
+            return EntryPointBackend  # a class (callable) returning a Backend
+
+    def fake_entry_points(group):
+        assert group == "smoothce.backends"
+        return [FakeEntryPoint()]
+
+    monkeypatch.setattr(metadata, "entry_points", fake_entry_points)
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    assert isinstance(registry.get("from-entry-point"), EntryPointBackend)
+
+
+def test_register_rejects_bad_backends():
+    with pytest.raises(TypeError, match="expected a smoothce.backends.base.Backend"):
+        registry.register(object())
+
+    class Nameless(Backend):
+        pass
+
+    with pytest.raises(ValueError, match="non-empty name and device_type"):
+        registry.register(Nameless())
+
+
+def test_new_device_type_gets_a_kernel():
+    # A backend for a device type smoothce did not know registers a kernel for it.
+    class PrivateUseBackend(Backend):
+        name = "privateuse1-test"
+        device_type = "privateuseone"
+
+    op = "smoothce::cross_entropy_fwd"
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "PrivateUse1")
+    registry.register(PrivateUseBackend())
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "PrivateUse1")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
