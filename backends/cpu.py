@@ -31,7 +31,7 @@ def _forward_block(logits, target, lam, ignore_index, grad, scale, acc_dtype):
     -log p_k avoids cancelling r against z_k for large logits; where p_k underflows
     (z_k far below the max) the row falls back to (m - z_k) + log sum exp(z - m).
     """
-    n, num_classes = logits.shape
+    num_classes = logits.shape[1]
     valid = target != ignore_index
     k = torch.where(valid, target, 0).to(torch.int64).unsqueeze(1)
     if grad is not None and grad.dtype == acc_dtype and grad.is_contiguous():

@@ -6,12 +6,20 @@ only when used).
 """
 
 from smoothce import _ops, registry  # noqa: F401  (registers the ops)
-from smoothce._ops import inplace_backward
 from smoothce._backends_setup import register_builtin_backends
+from smoothce._ops import inplace_backward
+from smoothce.distributed import count_tokens, vocab_parallel_cross_entropy
 from smoothce.functional import cross_entropy
 from smoothce.module import CrossEntropyLoss
 
 register_builtin_backends()
 
-__all__ = ["CrossEntropyLoss", "cross_entropy", "inplace_backward", "registry"]
+__all__ = [
+    "CrossEntropyLoss",
+    "count_tokens",
+    "cross_entropy",
+    "inplace_backward",
+    "registry",
+    "vocab_parallel_cross_entropy",
+]
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
-_lib = torch.library.Library("smoothce", "DEF")  # noqa: TOR901 (keeps the definitions alive)
+_lib = torch.library.Library("smoothce", "DEF")
 
 # The public op. Keyword-only options, exactly as callers outside this repo use them.
 _lib.define(
@@ -106,7 +106,7 @@ def cross_entropy_fwd(logits, target, label_smoothing, ignore_index, reduction, 
     tensor when ``compute_grad`` is False (then no gradient work is done at all).
     "mean" over zero non-ignored rows is 0 with an all-zero gradient (not NaN).
     """
-    n_rows, num_classes = logits.shape
+    n_rows = logits.shape[0]
     backend = registry.select(logits.device)
     acc_dtype = loss_dtype(logits.dtype)
     if reduction == "mean":
@@ -138,10 +138,7 @@ def _fake_fwd(logits, target, label_smoothing, ignore_index, reduction, compute_
     torch._check(target.dim() == 1, lambda: f"cross_entropy_fwd expects 1-D target, got {target.dim()}-D")
     torch._check(target.shape[0] == logits.shape[0], lambda: "target and logits disagree on the rows")
     dtype = loss_dtype(logits.dtype)
-    if reduction == "none":
-        loss = logits.new_empty(logits.shape[0], dtype=dtype)
-    else:
-        loss = logits.new_empty((), dtype=dtype)
+    loss = logits.new_empty(logits.shape[:1] if reduction == "none" else (), dtype=dtype)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return loss, grad
 

@@ -317,10 +317,12 @@ def vp_loss_grad(
         return loss, logits.new_empty(0)
     scale = torch.where(positive, 1.0 / torch.where(positive, denominator, 1.0), 0.0)
     row_scale = torch.where(valid, scale, 0.0)
+    # Ignored rows get exactly 0, even where S == 0 (a row of -inf logits).
+    prob_scale = torch.where(valid, row_scale / sum_exp, 0.0)
     grad = torch.empty_like(logits)
     for lo, hi in _row_blocks(n_rows, local_classes, logits.device):
         e = torch.exp(logits[lo:hi].to(acc) - shift[lo:hi].unsqueeze(1))
-        e.mul_((row_scale[lo:hi] / sum_exp[lo:hi]).unsqueeze(1))
+        e.mul_(prob_scale[lo:hi].unsqueeze(1))
         if lam != 0.0:
             e.sub_((row_scale[lo:hi] * (lam / num_classes)).unsqueeze(1))
         k = target[lo:hi].to(torch.int64) - start

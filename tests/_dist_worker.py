@@ -225,6 +225,7 @@ def job_values(rank, world, device):
 
 def _check_minus_inf_slice(rank, world, device):
     # A row whose whole slice on rank 0 is -inf (e.g. masked classes): m_0 = -inf, S_0 = 0.
+    # (lam = 0: with lam > 0 the loss of such a row is +inf by definition.)
     from smoothce.distributed import vocab_parallel_cross_entropy
     from smoothce.reference import cross_entropy_reference
 
@@ -234,6 +235,8 @@ def _check_minus_inf_slice(rank, world, device):
     own0 = _slices(sizes)[0]
     full[0, own0] = float("-inf")
     target[0] = sizes[0] if world > 1 else -100  # a class outside rank 0's slice
+    full[1] = float("-inf")  # and an ignored row that is -inf everywhere: S = 0, gradient still 0
+    target[1] = -100
     own = _slices(sizes)[rank]
     shard = full[:, own].clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(shard, target, reduction="sum")

@@ -1,0 +1,137 @@
+"""``python -m smoothce``: the environment, a check against PyTorch, and a short benchmark.
+
+1. Versions (python, torch, triton) and which backend each present device selects.
+2. The op against PyTorch's F.cross_entropy and the float64 reference, per dtype and
+   reduction, on the best device present: loss and gradient error, pass or fail.
+3. A short benchmark there (forward+backward, label_smoothing=0.1): ms, speed-up against
+   PyTorch eager and torch.compile, peak memory beyond the logits.
+Exits non-zero when a check fails. ``--no-bench`` skips step 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import smoothce
+from smoothce import registry
+from smoothce.bench.machine import cpu_model
+from smoothce.reference import cross_entropy_reference
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+# Allowed max |error| against float64, as a multiple of the largest |value|: the loss is fp32;
+# the gradient is rounded once to the logits' dtype.
+GRAD_BOUND = {"fp32": 1e-5, "bf16": 2.0**-8, "fp16": 2.0**-10, "fp64": 1e-12}
+
+
+def best_device() -> torch.device:
+    for kind in ("cuda", "xpu"):
+        module = getattr(torch, kind, None)
+        if module is not None and module.is_available():
+            return torch.device(kind)
+    return torch.device("cpu")
+
+
+def environment() -> list[str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    lines = [
+        f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}, "
+        f"smoothce {smoothce.__version__}",
+    ]
+    for kind in ("cpu", "cuda", "xpu"):
+        module = getattr(torch, kind, None)
+        present = kind == "cpu" or (module is not None and module.is_available())
+        if not present:
+            continue
+        name = cpu_model() if kind == "cpu" else module.get_device_name(0)
+        try:
+            chosen = registry.select(kind).name
+        except (ValueError, RuntimeError) as error:
+            chosen = f"none ({error})"
+        lines.append(f"{kind:5s} {name}: backend {chosen}")
+    return lines
+
+
+def check(device: torch.device) -> bool:
+    """smoothce against F.cross_entropy (float32 math) and the float64 reference."""
+    generator = torch.Generator().manual_seed(0)
+    rows, num_classes = 64, 5003  # odd vocabulary: masked tails everywhere
+    base = torch.randn(rows, num_classes, generator=generator, dtype=torch.float64) * 3
+    target = torch.randint(0, num_classes, (rows,), generator=generator)
+    target[::7] = -100
+    ok = True
+    print(f"\ncheck on {device} ({rows}x{num_classes}, label_smoothing=0.1, every 7th row ignored):")
+    print(f"  {'dtype':5s} {'reduction':9s} {'loss err':>10s} {'grad err':>10s} {'torch grad err':>14s}  result")
+    for name, dtype in DTYPES.items():
+        for reduction in ("mean", "sum", "none"):
+            logits = base.to(dtype)
+            ref_loss, ref_grad = cross_entropy_reference(logits, target, label_smoothing=0.1, reduction=reduction)
+            leaf = logits.to(device, copy=True).requires_grad_(True)
+            loss = smoothce.cross_entropy(leaf, target.to(device), label_smoothing=0.1, reduction=reduction)
+            loss.backward(torch.ones_like(loss))
+            torch_leaf = logits.to(device, copy=True).requires_grad_(True)
+            expected = F.cross_entropy(torch_leaf, target.to(device), label_smoothing=0.1, reduction=reduction)
+            expected.backward(torch.ones_like(expected))
+            loss_err = (loss.double().cpu() - ref_loss).abs().max().item()
+            grad_err = (leaf.grad.double().cpu() - ref_grad).abs().max().item()
+            torch_err = (torch_leaf.grad.double().cpu() - ref_grad).abs().max().item()
+            scale = ref_grad.abs().max().item()
+            loss_scale = max(ref_loss.abs().max().item(), 1.0)
+            good = loss_err <= 1e-5 * loss_scale and grad_err <= GRAD_BOUND[name] * scale
+            ok &= good
+            print(
+                f"  {name:5s} {reduction:9s} {loss_err:10.2e} {grad_err:10.2e} {torch_err:14.2e}  "
+                f"{'ok' if good else 'FAIL'}"
+            )
+    return ok
+
+
+def benchmark(device: torch.device) -> None:
+    from smoothce.bench import report, runner
+
+    cpu = device.type == "cpu"
+    settings = runner.Settings(
+        device=device,
+        shapes=[(1024, 32000), (256, 128256)] if cpu else [(8192, 32000), (8192, 128256)],
+        dtypes=["fp32", "bf16"],
+        modes=["fwd+bwd"],
+        impls=["smoothce", "torch-eager", "torch-compile"],
+        reps=5 if cpu else 20,
+        budget_s=5.0,
+        copy_bytes=(128 if cpu else 1024) << 20,
+        preset="python -m smoothce",
+    )
+    print(f"\nbenchmark on {device}, forward+backward, label_smoothing=0.1 (medians of interleaved runs):")
+    record = runner.run(settings, show_progress=sys.stderr.isatty())
+    for line in report.summary_lines(record):
+        print(line)
+    print("full sweep: python -m smoothce.bench (tables and plots in benchmarks/results/)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smoothce", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-bench", action="store_true", help="skip the benchmark")
+    parser.add_argument("--device", help="device to check and benchmark (default: the best present)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device) if args.device else best_device()
+    print("smoothce: label-smoothed cross-entropy, loss and gradient in one pass")
+    for line in environment():
+        print("  " + line)
+    ok = check(device)
+    if not args.no_bench:
+        benchmark(device)
+    print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
