@@ -224,8 +224,3 @@ def cross_entropy_fwd(
             **(options or {}),
         )
     return loss
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()

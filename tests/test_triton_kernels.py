@@ -317,7 +317,7 @@ def test_no_gradient_work_without_grad(backend, monkeypatch):
 
 
 def test_unavailable_reasons(backend, monkeypatch):
-    module = sys.modules[type(backend).__module__]
+    module = sys.modules["smoothce.backends.triton_backend"]
     assert "serves" in backend.unavailable_reason("mps")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "TRITON_INTERPRET=1" in backend.unavailable_reason("cpu")
@@ -357,12 +357,11 @@ def test_import_without_triton():
 def test_launch_config(backend, num_classes, dtype, monkeypatch):
     # The real configuration (no test cap): power-of-two blocks within the backend's limits.
     monkeypatch.setattr(backend, "max_block_v", None)
-    module = sys.modules[type(backend).__module__]
     config = backend.launch_config(num_classes, dtype)
     block_v = config["block_v"]
     assert block_v & (block_v - 1) == 0
-    assert module.MIN_BLOCK_V <= block_v <= module.MAX_BLOCK_V[dtype.itemsize]
-    assert 1 <= config["num_warps"] <= module.MAX_NUM_WARPS
+    assert backend.MIN_BLOCK_V <= block_v <= backend.MAX_BLOCK_V[dtype.itemsize]
+    assert 1 <= config["num_warps"] <= backend.MAX_NUM_WARPS
     if backend.name == "xpu-triton":
         assert config["options"]["grf_mode"] in ("256", "large")
     monkeypatch.setattr(backend, "max_block_v", TEST_BLOCK_V)
