@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 
-def test_main_job_checks_pass():
+def test_main_job_checks_pass(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "smoothce", "--no-bench"], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "smoothce", "--no-bench"], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout

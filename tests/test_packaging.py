@@ -39,13 +39,18 @@ def test_editable_install_imports_backends(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    # The new environment sees this one's packages (torch) through a .pth file, but not smoothce:
-    # this environment's own smoothce is a regular install, shadowed by the editable one below.
+    # The new environment sees this one's packages (torch) through a .pth file, all but smoothce's
+    # own (this environment may hold a regular install, which would shadow the editable one).
+    parent = tmp_path / "parent-site"
+    parent.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.lower().startswith(("smoothce", "__editable__")):
+            (parent / entry.name).symlink_to(entry)
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout.strip()
-    Path(site, "zz_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    Path(site, "zz_parent_env.pth").write_text(f"{parent}\n")
     subprocess.run(
         [str(python), "-m", "pip", "--disable-pip-version-check", "install", "--quiet", "--no-deps", "-e", str(ROOT)],
         check=True, timeout=600, capture_output=True,
