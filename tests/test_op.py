@@ -267,3 +267,25 @@ def test_float64_gradcheck(reduction, label_smoothing):
             return smoothce.cross_entropy(z, target, label_smoothing=label_smoothing, reduction=reduction)
 
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_elements", [1, 64, 1000])
+def test_cpu_backend_block_boundaries(dtype, block_elements):
+    # Tiny blocks: every block boundary, a last block shorter than the rest, ignored rows
+    # inside and at the edges of blocks; the fp32/fp64 in-place path and the scratch path.
+    from smoothce.backends.cpu import CpuBackend
+
+    backend = CpuBackend(block_elements=block_elements)
+    logits = make_logits((23, 37), dtype)
+    target = make_target((23,), 37)
+    target[0] = -100
+    target[-1] = 36
+    grad = torch.empty_like(logits)
+    scale = torch.tensor(1 / 7, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    loss = backend.forward(logits, target, 0.1, -100, grad, scale)
+    ref_loss, ref_grad = cross_entropy_reference(logits, target, label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=1e-5)
+    assert_grad_close(grad, ref_grad * float(scale), dtype)
+    no_grad_loss = backend.forward(logits, target, 0.1, -100, None, scale)
+    torch.testing.assert_close(no_grad_loss, loss, rtol=0, atol=0)
