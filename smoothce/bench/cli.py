@@ -1,7 +1,7 @@
 """The command line of ``python -m smoothce.bench``: presets, options, and where results go.
 
     python -m smoothce.bench                 # default sweep on the device present
-    python -m smoothce.bench --quick         # about a minute (the nox session)
+    python -m smoothce.bench --quick         # about a minute; nox -s bench -- --quick
     python -m smoothce.bench --full          # more token counts and repetitions
     python -m smoothce.bench --shapes 2048x32000,512x128256 --dtypes fp32,bf16 --modes fwd+bwd,fwd
 
@@ -81,9 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, help="most timed repetitions per case")
     parser.add_argument("--min-reps", type=int, help="fewest timed repetitions per case")
     parser.add_argument("--warmup", type=int, help="warm-up runs per implementation and case")
-    parser.add_argument(
-        "--budget", type=float, help="seconds of timed repetitions per case before stopping early"
-    )
+    parser.add_argument("--budget", type=float, help="seconds of timed repetitions per case before stopping early")
+    parser.add_argument("--copy-mib", type=int, help="MiB copied to measure the copy bandwidth")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -101,6 +100,11 @@ def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]
     except RuntimeError as error:
         raise ValueError(f"--device {args.device!r} is not a torch device: {error}") from None
     on_cpu = device.type == "cpu"
+    module = getattr(torch, device.type, None)
+    if not on_cpu and not (module is not None and hasattr(module, "is_available") and module.is_available()):
+        raise ValueError(f"--device {args.device!r}: no {device.type} device is available here")
+    if not on_cpu and device.index is not None and device.index >= module.device_count():
+        raise ValueError(f"--device {args.device!r}: there are only {module.device_count()} {device.type} devices")
     pick = 0 if on_cpu else 1
     if args.shapes and (args.tokens or args.vocab):
         raise ValueError("give either --shapes or --tokens/--vocab, not both")
@@ -119,9 +123,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]
         raise ValueError(f"--label-smoothing must be in [0, 1], got {args.label_smoothing}")
     skipped = {}
     if args.impls:
-        impls = [
-            get(name).name for name in cases.parse_choices(args.impls, IMPLEMENTATIONS, "implementation")
-        ]
+        impls = [get(name).name for name in cases.parse_choices(args.impls, IMPLEMENTATIONS, "implementation")]
         for name in impls:
             reason = IMPLEMENTATIONS[name].unavailable_reason(device.type, args.label_smoothing)
             if reason is not None:
@@ -142,6 +144,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]
             raise ValueError(f"{option} must be at least {least}, got {value}")
     if min_reps > reps:
         raise ValueError(f"--min-reps ({min_reps}) must not exceed --reps ({reps})")
+    if args.copy_mib is not None and args.copy_mib < 1:
+        raise ValueError(f"--copy-mib must be at least 1, got {args.copy_mib}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     settings = runner.Settings(
@@ -158,7 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]
         memory=not args.no_memory,
         seed=args.seed,
         threads=args.threads or torch.get_num_threads(),
-        copy_bytes=preset["copy_mib"][pick] << 20,
+        copy_bytes=(args.copy_mib if args.copy_mib is not None else preset["copy_mib"][pick]) << 20,
         preset="custom" if custom else preset_name,
         skipped_impls=skipped,
     )

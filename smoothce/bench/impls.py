@@ -72,9 +72,7 @@ def _build_smoothce(label_smoothing: float, ignore_index: int) -> LossFn:
     import smoothce
 
     def loss_fn(logits, target):
-        return smoothce.cross_entropy(
-            logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index
-        )
+        return smoothce.cross_entropy(logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
 
     return loss_fn
 
@@ -109,9 +107,7 @@ def _build_flash_attn(label_smoothing: float, ignore_index: int) -> LossFn:
 
     def loss_fn(logits, target):
         # Returns per-row losses (0 on ignored rows) and z-losses; mean over counted rows.
-        losses, _ = cross_entropy_loss(
-            logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index
-        )
+        losses, _ = cross_entropy_loss(logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
         return losses.sum() / (target != ignore_index).sum().clamp_min(1)
 
     return loss_fn
@@ -121,9 +117,7 @@ def _build_quack(label_smoothing: float, ignore_index: int) -> LossFn:
     from quack.cross_entropy import cross_entropy
 
     if "reduction" in inspect.signature(cross_entropy).parameters:
-        return lambda logits, target: cross_entropy(
-            logits, target, ignore_index=ignore_index, reduction="mean"
-        )
+        return lambda logits, target: cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean")
     # Older quack returns per-row losses and has no ignore_index.
     return lambda logits, target: cross_entropy(logits, target).mean()
 
@@ -191,6 +185,8 @@ class Step:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.impl = impl
         self.mode = mode
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
         self.target = target
         self.loss_fn = impl.build(label_smoothing, ignore_index)
         # A leaf of its own per step (sharing the logits' storage), so gradients never mix.

@@ -115,6 +115,11 @@ def _commit() -> str | None:
     return head + ("+dirty" if dirty else "") if head else None
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system has none): how busy the machine was."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def describe(device: torch.device) -> dict:
     """The record written with every result."""
     from smoothce import registry
@@ -123,7 +128,6 @@ def describe(device: torch.device) -> dict:
         backend = registry.select(device).name
     except (ValueError, RuntimeError) as error:
         backend = f"unavailable ({error})"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": str(device),
@@ -138,5 +142,5 @@ def describe(device: torch.device) -> dict:
         "smoothce_backend": backend,
         "smoothce_backend_env": os.environ.get("SMOOTHCE_BACKEND") or None,
         "commit": _commit(),
-        "load_average_at_start": load,
+        "load_average_at_start": load_average(),
     }

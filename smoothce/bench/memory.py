@@ -8,10 +8,11 @@ Accelerators (CUDA, XPU), in the benchmark's own process, from the device module
 allocator statistics (``getattr(torch, device.type)``): after ``reset_peak_memory_stats``,
 extra = ``max_memory_allocated`` during the run - ``memory_allocated`` before it.
 
-CPU, in a fresh process per implementation and case (``python -m
-smoothce.bench._memprobe``), from the kernel's resident-set high-water mark:
+CPU, in a fresh process per implementation, shape and dtype (``python -m
+smoothce.bench._memprobe``), so no other implementation has run there, from the kernel's
+resident-set high-water mark. For each mode:
 
-1. allocate and fill the logits, so their pages are resident;
+1. (once) allocate and fill the logits, so their pages are resident;
 2. run the implementation once at the full shape (loads libraries, compiles, starts
    thread pools), then free the gradient;
 3. reset the high-water mark to the current resident set (write "5" to
@@ -19,10 +20,10 @@ smoothce.bench._memprobe``), from the kernel's resident-set high-water mark:
 4. run once more: extra = high-water mark (VmHWM) - base.
 
 The probe makes glibc's malloc give every block over 64 KiB back to the system when it
-is freed (``MALLOC_MMAP_THRESHOLD_``), so memory freed in step 2 and reused in step 4
+is freed (``MALLOC_MMAP_THRESHOLD_``), so memory freed earlier and reused in step 4
 cannot hide what step 4 needs. Where the high-water mark cannot be reset (not Linux),
-it warms up on 8 rows instead and takes ``ru_maxrss`` growth; torch-compile's number
-then includes compiling the full shape.
+each mode gets a process of its own, warmed up on 8 rows, and the number is the
+``ru_maxrss`` growth; torch-compile's then includes compiling the full shape.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ ACCELERATOR_METHOD = (
     "minus memory_allocated before it"
 )
 CPU_METHOD = (
-    "a fresh process per implementation and case: logits filled, one warm-up run at the full "
-    "shape, peak RSS reset (/proc/self/clear_refs), then one run; extra = VmHWM - VmRSS before "
-    "the run; malloc returns blocks over 64 KiB to the system on free"
+    "a fresh process per implementation, shape and dtype: logits filled; per mode one warm-up run "
+    "at the full shape, peak RSS reset (/proc/self/clear_refs), then one run; extra = VmHWM - "
+    "VmRSS before the run; malloc returns blocks over 64 KiB to the system on free"
 )
 CPU_FALLBACK_METHOD = (
     "a fresh process per implementation and case: logits filled, warm-up on 8 rows, then one run; "
@@ -128,22 +129,22 @@ def probe_in_fresh_process(
     n: int,
     v: int,
     dtype: str,
-    mode: str,
+    modes: list[str],
     label_smoothing: float,
     threads: int,
     seed: int,
-    timeout_s: float = 900.0,
-) -> dict:
-    """Run ``smoothce.bench._memprobe`` for one implementation and case; its JSON result.
+    timeout_s: float = 1800.0,
+) -> dict[str, dict]:
+    """Run ``smoothce.bench._memprobe`` for one implementation, shape and dtype.
 
-    The result has "peak_extra_bytes" and "method", or "error".
+    Returns, per mode, {"peak_extra_bytes": ..., "method": ...} or {"error": ...}.
     """
     request = {
         "impl": impl,
         "n": n,
         "v": v,
         "dtype": dtype,
-        "mode": mode,
+        "modes": list(modes),
         "label_smoothing": label_smoothing,
         "threads": threads,
         "seed": seed,
@@ -159,9 +160,16 @@ def probe_in_fresh_process(
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return {"error": f"memory probe timed out after {timeout_s:.0f} s"}
+        return {mode: {"error": f"memory probe timed out after {timeout_s:.0f} s"} for mode in modes}
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(PROBE_MARKER):
-            return json.loads(line[len(PROBE_MARKER) :])
+            answer = json.loads(line[len(PROBE_MARKER) :])
+            if "error" in answer:
+                return {mode: {"error": answer["error"]} for mode in modes}
+            return {
+                mode: {**result, "method": answer["method"]} if "error" not in result else result
+                for mode, result in answer["modes"].items()
+            }
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"memory probe exited with status {done.returncode}: {tail}"[:300]}
+    error = f"memory probe exited with status {done.returncode}: {tail}"[:300]
+    return {mode: {"error": error} for mode in modes}

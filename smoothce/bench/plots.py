@@ -30,9 +30,7 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
     for (mode, dtype), cases in groups.items():
         tokens = sorted({c["n"] for c in cases})
         rows = 2 if memory else 1
-        fig, axes = plt.subplots(
-            rows, len(tokens), figsize=(4.2 * len(tokens) + 0.8, 3.4 * rows), squeeze=False
-        )
+        fig, axes = plt.subplots(rows, len(tokens), figsize=(4.2 * len(tokens) + 0.8, 3.4 * rows), squeeze=False)
         for col, n in enumerate(tokens):
             row_cases = sorted((c for c in cases if c["n"] == n), key=lambda c: c["v"])
             for name in names:
@@ -66,12 +64,10 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
                 ax.grid(alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         if handles:
-            fig.legend(handles, labels, loc="upper right", fontsize=8)
+            fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
         env = record["environment"]
-        fig.suptitle(
-            f"smoothce vs baselines on {env['device_name']} ({env['date']})", fontsize=9, x=0.02, ha="left"
-        )
-        fig.tight_layout(rect=(0, 0, 0.86, 0.95))
+        fig.suptitle(f"{env['device_name']}, {env['date']}", fontsize=9)
+        fig.tight_layout(rect=(0, 0.05, 1, 0.97))
         name = plot_name(mode, dtype)
         fig.savefig(directory / name, dpi=110)
         plt.close(fig)

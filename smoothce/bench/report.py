@@ -6,8 +6,8 @@ Ratios always compare smoothce with each baseline measured in the same run:
     memory saving   = baseline peak memory beyond the logits / smoothce's
 
 Above 1 means smoothce is faster, or needs less memory. Peaks under 1 MiB are below
-what the measurement resolves: a saving against such a smoothce peak is a lower bound
-(written "≥"), and none is given when both peaks are under 1 MiB.
+what the measurement resolves and count as 1 MiB: a saving is then a bound ("≥" when
+smoothce's peak is that small, "≤" when the baseline's is), and none is given when both are.
 """
 
 from __future__ import annotations
@@ -34,16 +34,17 @@ def ratios(case: dict) -> dict:
     for name, entry in results.items():
         if name == BASELINE_FOR_RATIOS:
             continue
-        ratio: dict = {"speedup": None, "memory_saving": None, "memory_saving_is_lower_bound": False}
+        ratio: dict = {"speedup": None, "memory_saving": None, "memory_saving_bound": None}
         if "median_s" in ours and "median_s" in entry:
             ratio["speedup"] = entry["median_s"] / ours["median_s"]
         if "peak_extra_bytes" in ours and "peak_extra_bytes" in entry:
             theirs, mine = entry["peak_extra_bytes"], ours["peak_extra_bytes"]
-            if mine >= MEMORY_FLOOR:
+            if mine >= MEMORY_FLOOR and theirs >= MEMORY_FLOOR:
                 ratio["memory_saving"] = theirs / mine
-            elif theirs >= MEMORY_FLOOR:
-                ratio["memory_saving"] = theirs / MEMORY_FLOOR
-                ratio["memory_saving_is_lower_bound"] = True
+            elif theirs >= MEMORY_FLOOR:  # ours is below resolution: the saving is at least this
+                ratio["memory_saving"], ratio["memory_saving_bound"] = theirs / MEMORY_FLOOR, "lower"
+            elif mine >= MEMORY_FLOOR:  # theirs is below resolution: the saving is at most this
+                ratio["memory_saving"], ratio["memory_saving_bound"] = MEMORY_FLOOR / mine, "upper"
         out[name] = ratio
     return out
 
@@ -56,11 +57,12 @@ def write_json(record: dict, path: Path) -> None:
 
 
 def _time(seconds: float) -> str:
-    if seconds >= 1.0:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} µs"
+    """Three significant digits in s, ms or µs, whichever keeps the number in [1, 1000)."""
+    for unit, scale in (("s", 1.0), ("ms", 1e3)):
+        digits = f"{seconds * scale:#.3g}".rstrip(".")
+        if float(digits) >= 1.0:
+            return f"{digits} {unit}"
+    return f"{seconds * 1e6:#.3g}".rstrip(".") + " µs"
 
 
 def _time_cell(entry: dict) -> str:
@@ -71,10 +73,15 @@ def _time_cell(entry: dict) -> str:
     return f"{_time(entry['median_s'])} ±{spread:.0%}{flag}"
 
 
-def _ratio(value: float | None, lower_bound: bool = False) -> str:
+def _ratio(value: float | None, bound: str | None = None) -> str:
     if value is None:
         return "—"
-    return f"{'≥ ' if lower_bound else ''}{value:.2f}×"
+    digits = f"{value:#.3g}".rstrip(".")  # three significant digits, trailing zeros kept: 3.00, 0.640
+    return {"lower": "≥ ", "upper": "≤ ", None: ""}[bound] + digits + "×"
+
+
+def _saving(ratio: dict) -> str:
+    return _ratio(ratio.get("memory_saving"), ratio.get("memory_saving_bound"))
 
 
 def _mib(nbytes: float) -> str:
@@ -124,12 +131,8 @@ def _header(record: dict) -> list[str]:
     machine = f"{env['device_name']}{memory_gib}"
     if env["device_type"] != "cpu":
         machine += f"; host CPU {env['cpu']}"
-    machine += (
-        f"; {env['logical_cores']} logical cores, {settings['threads']} torch threads; {env['platform']}"
-    )
-    backend = env["smoothce_backend"] + (
-        " (set by SMOOTHCE_BACKEND)" if env.get("smoothce_backend_env") else ""
-    )
+    machine += f"; {env['logical_cores']} logical cores, {settings['threads']} torch threads; {env['platform']}"
+    backend = env["smoothce_backend"] + (" (set by SMOOTHCE_BACKEND)" if env.get("smoothce_backend_env") else "")
     lines = [
         f"Measured {env['date']} on **{machine}**.",
         "",
@@ -137,7 +140,11 @@ def _header(record: dict) -> list[str]:
         f"smoothce backend: `{backend}`.",
     ]
     if env.get("load_average_at_start") is not None:
-        lines.append(f"Load average when the run started: {env['load_average_at_start']:.2f}.")
+        lines.append(
+            f"Load average (1 minute): {env['load_average_at_start']:.2f} at the start, "
+            f"{env.get('load_average_at_end') or 0:.2f} at the end; above the core count, other work "
+            "competed for the machine and the times are noisy."
+        )
     lines += [
         "",
         f'Loss: label_smoothing={settings["label_smoothing"]}, reduction="mean", int64 targets, no '
@@ -160,9 +167,11 @@ def _header(record: dict) -> list[str]:
 
 def summary_lines(record: dict) -> list[str]:
     """One table with every case's speed-ups and memory savings (for the README)."""
-    _names, baselines = _impl_names(record)
-    if not baselines:
+    names, baselines = _impl_names(record)
+    if BASELINE_FOR_RATIOS not in names:
         return ["(smoothce was not among the implementations, so there are no ratios.)"]
+    if not baselines:
+        return ["(no baseline was among the implementations, so there are no ratios.)"]
     header = ["case", "smoothce time"]
     header += [f"speed-up vs {b}" for b in baselines]
     header += [f"memory saving vs {b}" for b in baselines]
@@ -175,12 +184,7 @@ def summary_lines(record: dict) -> list[str]:
         row = [label, _time_cell(case["results"].get(BASELINE_FOR_RATIOS, {}))]
         ratio = case.get("ratios", {})
         row += [_ratio(ratio.get(b, {}).get("speedup")) for b in baselines]
-        row += [
-            _ratio(
-                ratio.get(b, {}).get("memory_saving"), ratio.get(b, {}).get("memory_saving_is_lower_bound")
-            )
-            for b in baselines
-        ]
+        row += [_saving(ratio.get(b, {})) for b in baselines]
         rows.append(row)
     return _table(header, rows)
 
@@ -218,13 +222,7 @@ def markdown(record: dict, plots: list[str]) -> str:
             mem_rows.append(
                 [shape, _mib(case["logits_bytes"])]
                 + [_memory_cell(results.get(n, {}), case["logits_bytes"]) for n in names]
-                + [
-                    _ratio(
-                        ratio.get(b, {}).get("memory_saving"),
-                        ratio.get(b, {}).get("memory_saving_is_lower_bound"),
-                    )
-                    for b in baselines
-                ]
+                + [_saving(ratio.get(b, {})) for b in baselines]
             )
         lines += ["Time per call (median ± half the interquartile range) and smoothce's speed-up:", ""]
         lines += _table(["N × V"] + names + [f"speed-up vs {b}" for b in baselines], time_rows)
@@ -242,9 +240,7 @@ def markdown(record: dict, plots: list[str]) -> str:
                 "Peak memory beyond the logits (in brackets: as a multiple of the logits' size):",
                 "",
             ]
-            lines += _table(
-                ["N × V", "logits"] + names + [f"memory saving vs {b}" for b in baselines], mem_rows
-            )
+            lines += _table(["N × V", "logits"] + names + [f"memory saving vs {b}" for b in baselines], mem_rows)
         plot = plot_name(mode, dtype)
         if plot in plots:
             lines += ["", f"![time and memory against V, {mode} {dtype}]({plot})"]
@@ -278,9 +274,7 @@ def _notes(record: dict) -> list[str]:
         for name, entry in case["results"].items():
             for key in ("error", "memory_error"):
                 if key in entry:
-                    problems.append(
-                        f"  - {case['mode']} {case['dtype']} {_shape(case)}, {name}: {entry[key]}"
-                    )
+                    problems.append(f"  - {case['mode']} {case['dtype']} {_shape(case)}, {name}: {entry[key]}")
             if entry.get("loss_ok") is False:
                 problems.append(
                     f"  - {case['mode']} {case['dtype']} {_shape(case)}, {name}: loss {entry['loss']:.6g} vs "

@@ -127,6 +127,39 @@ def _time_case(settings: Settings, case: Case, logits, target, reference: float,
     return {"results": results, "run_order": order, "reference_loss": reference}
 
 
+def _probe_cpu_memory(settings: Settings, group: list[Case], records: list[dict], progress) -> None:
+    """Peak memory of each implementation that timed fine: one fresh process per implementation
+    for all modes of this shape and dtype (one per mode where the peak RSS cannot be reset)."""
+    one_process = memory.reset_peak_rss()
+    case = group[0]
+    for name in settings.impls:
+        progress.describe(f"memory {name} {case.n}x{case.v} {case.dtype}")
+        modes = [r["mode"] for r in records if "median_s" in r["results"][name]]
+        batches = [modes] if one_process else [[mode] for mode in modes]
+        for batch in filter(None, batches):
+            answers = memory.probe_in_fresh_process(
+                name,
+                case.n,
+                case.v,
+                case.dtype,
+                batch,
+                settings.label_smoothing,
+                settings.threads,
+                settings.seed,
+            )
+            for record in records:
+                answer = answers.get(record["mode"])
+                if answer is None:
+                    continue
+                entry = record["results"][name]
+                if "error" in answer:
+                    entry["memory_error"] = answer["error"]
+                else:
+                    entry["peak_extra_bytes"] = answer["peak_extra_bytes"]
+                    entry["memory_method"] = answer["method"]
+        progress.advance()
+
+
 def _case_record(case: Case) -> dict:
     record = asdict(case)
     record.update(logits_bytes=case.logits_bytes, bytes_moved=case.bytes_moved)
@@ -134,13 +167,25 @@ def _case_record(case: Case) -> dict:
 
 
 def run(settings: Settings, show_progress: bool = True) -> dict:
-    """Measure everything ``settings`` asks for; the record that report writes out."""
-    device = settings.device
+    """Measure everything ``settings`` asks for; the record that report writes out.
+
+    Runs with ``settings.threads`` torch threads and restores the caller's count after.
+    """
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings, show_progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(settings: Settings, show_progress: bool) -> dict:
+    device = settings.device
     environment = machine.describe(device)
     on_cpu = device.type == "cpu"
-    per_case_units = 1 + (len(settings.impls) if settings.memory and on_cpu else 0)
-    total = len(settings.shapes) * len(settings.dtypes) * len(settings.modes) * per_case_units
+    # Progress steps per (shape, dtype): one per mode timed, one per CPU memory process.
+    group_units = len(settings.modes) + (len(settings.impls) if settings.memory and on_cpu else 0)
+    total = len(settings.shapes) * len(settings.dtypes) * group_units
     progress = Progress(total + 1, enabled=show_progress)
     progress.describe("copy bandwidth")
     copy_bps = copy_bandwidth(device, settings.copy_bytes)
@@ -157,8 +202,8 @@ def run(settings: Settings, show_progress: bool = True) -> dict:
                     reason = f"skipped: needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
                     for case in group:
                         cases.append({**_case_record(case), "skipped": reason, "results": {}})
-                        for _ in range(per_case_units):
-                            progress.advance()
+                    for _ in range(group_units):
+                        progress.advance()
                     continue
                 logits, target = make_inputs(n, v, dtype, device, settings.seed)
                 reference = reference_loss(logits, target, settings.label_smoothing)
@@ -176,32 +221,14 @@ def run(settings: Settings, show_progress: bool = True) -> dict:
                 if not on_cpu:
                     getattr(torch, device.type).empty_cache()
                 if on_cpu and settings.memory:
-                    for case, record in zip(group, records, strict=False):
-                        for name, entry in record["results"].items():
-                            progress.describe(f"memory {name} {case.label}")
-                            if "median_s" in entry:
-                                probe = memory.probe_in_fresh_process(
-                                    name,
-                                    n,
-                                    v,
-                                    dtype,
-                                    case.mode,
-                                    settings.label_smoothing,
-                                    settings.threads,
-                                    settings.seed,
-                                )
-                                if "error" in probe:
-                                    entry["memory_error"] = probe["error"]
-                                else:
-                                    entry["peak_extra_bytes"] = probe["peak_extra_bytes"]
-                                    entry["memory_method"] = probe["method"]
-                            progress.advance()
+                    _probe_cpu_memory(settings, group, records, progress)
                 for record in records:
                     record["ratios"] = report.ratios(record)
                 cases.extend(records)
     finally:
         timer.close()
         progress.close()
+    environment["load_average_at_end"] = machine.load_average()
     if on_cpu:
         memory_method = memory.CPU_METHOD
         methods = {e.get("memory_method") for c in cases for e in c["results"].values()} - {None}
