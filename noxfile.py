@@ -32,8 +32,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def cpu(session: nox.Session) -> None:
-    """The op on the vectorized CPU backend: values, gradients, errors, compile, packaging."""
-    _install(session, "test")
+    """The op on the vectorized CPU backend: values, gradients, errors, compile, packaging, bench."""
+    _install(session, "test,bench")
     session.run(
         *PYTEST,
         "tests",
@@ -85,6 +85,6 @@ def xpu(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmark sweep (`python -m smoothce.bench`); arguments after -- go to it."""
+    """The benchmark (`python -m smoothce.bench`): --quick unless arguments after -- say otherwise."""
     _install(session, "bench")
-    session.run("python", "-m", "smoothce.bench", *session.posargs)
+    session.run("python", "-m", "smoothce.bench", *(session.posargs or ["--quick"]))

@@ -31,8 +31,8 @@ def test_bad_target_leaves_nothing_half_done(monkeypatch):
     import smoothce.backends.cpu as cpu
 
     calls = []
-    original = cpu._forward_block
-    monkeypatch.setattr(cpu, "_forward_block", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = cpu._softmax_
+    monkeypatch.setattr(cpu, "_softmax_", lambda *a, **k: calls.append(1) or original(*a, **k))
     logits, target = logits_and_target(rows=300, num_classes=5000)
     target[-1] = 5000
     with pytest.raises(ValueError, match="5000"):
