@@ -163,51 +163,64 @@ def inplace_backward(enabled: bool):
         _inplace_backward.enabled = previous
 
 
-def _setup_context(ctx, inputs, output):
-    # Keep only the forward's gradient: backward needs nothing else.
-    _, grad = output
-    ctx.reduction = inputs[4]
-    ctx.compute_grad = inputs[5]
-    ctx.inplace = getattr(_inplace_backward, "enabled", True)
-    ctx.consumed = False
-    ctx.mark_non_differentiable(grad)
-    ctx.set_materialize_grads(False)  # else autograd builds an (N, V) zero tensor for the grad output
-    ctx.save_for_backward(grad)
+def register_kept_gradient_autograd(op: str, name: str, reduction_arg: int, compute_grad_arg: int) -> None:
+    """Autograd for an op returning ``(loss, grad)`` whose ``grad`` is d loss / d (its first input).
+
+    Backward is one elementwise pass, dZ = dO * grad (dO per row for "none"). ``name`` is
+    what error messages call the op; the two indices locate its ``reduction`` and
+    ``compute_grad`` arguments.
+    """
+    namespace, op_name = op.split("::")
+    arguments = getattr(getattr(torch.ops, namespace), op_name).default._schema.arguments
+    nones = (None,) * (len(arguments) - 1)  # no gradient for anything but the logits
+
+    def setup_context(ctx, inputs, output):
+        # Keep only the forward's gradient: backward needs nothing else.
+        _, grad = output
+        ctx.reduction = inputs[reduction_arg]
+        ctx.compute_grad = inputs[compute_grad_arg]
+        ctx.inplace = getattr(_inplace_backward, "enabled", True)
+        ctx.consumed = False
+        ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)  # else autograd builds an (N, V) zero tensor for `grad`'s grad
+        ctx.save_for_backward(grad)
+
+    def backward(ctx, grad_loss, _unused):
+        if ctx.consumed:  # checked before unpacking, whose version check would say less
+            raise RuntimeError(
+                f"{name}: a second backward through the same call (retain_graph=True), but the first "
+                "one scaled the kept gradient in place. Run the forward inside "
+                "`with smoothce.inplace_backward(False):` to keep it intact for repeated backward passes."
+            )
+        (grad,) = ctx.saved_tensors
+        if grad_loss is None:
+            return (None, *nones)
+        if not ctx.compute_grad:
+            raise RuntimeError(
+                f"{name}: no gradient was kept because logits did not require grad "
+                "(or grad mode was off) in the forward pass"
+            )
+        scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
+        if not (type(grad) is torch.Tensor and type(grad_loss) is torch.Tensor):
+            # Traced (torch.compile) or tensor subclasses: the functional form; Inductor fuses
+            # it and may reuse the saved buffer (a donated buffer) for the result.
+            return ((grad * scale).to(grad.dtype), *nones)
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{name} does not support double backward (create_graph=True)")
+        if grad.device.type == "cpu" and scale.numel() == 1 and bool(scale == 1):
+            return (grad, *nones)  # dO = 1 (loss.backward()), read for free on CPU: nothing to scale
+        if ctx.inplace:
+            # Scale in place and hand the buffer on: forward+backward holds one gradient-sized buffer.
+            ctx.consumed = True
+            return (grad.mul_(scale), *nones)
+        return ((grad * scale).to(grad.dtype), *nones)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_loss, _unused):
-    # One elementwise pass: dZ = dO * (do/dz), dO per row for "none".
-    if ctx.consumed:  # checked before unpacking, whose version check would say less
-        raise RuntimeError(
-            "smoothce.cross_entropy: a second backward through the same call (retain_graph=True), but "
-            "the first one scaled the kept gradient in place. Run the forward inside "
-            "`with smoothce.inplace_backward(False):` to keep it intact for repeated backward passes."
-        )
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:
-        return None, None, None, None, None, None
-    if not ctx.compute_grad:
-        raise RuntimeError(
-            "smoothce.cross_entropy: no gradient was kept because logits did not require grad "
-            "(or grad mode was off) in the forward pass"
-        )
-    scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
-    if not (type(grad) is torch.Tensor and type(grad_loss) is torch.Tensor):
-        # Traced (torch.compile) or tensor subclasses: the functional form; Inductor fuses
-        # it and may reuse the saved buffer (a donated buffer) for the result.
-        return (grad * scale).to(grad.dtype), None, None, None, None, None
-    if torch.is_grad_enabled():
-        raise RuntimeError("smoothce.cross_entropy does not support double backward (create_graph=True)")
-    if grad.device.type == "cpu" and scale.numel() == 1 and bool(scale == 1):
-        return grad, None, None, None, None, None  # dO = 1 (loss.backward()): nothing to scale
-    if ctx.inplace:
-        # Scale in place and hand the buffer on: forward+backward holds one gradient-sized buffer.
-        ctx.consumed = True
-        return grad.mul_(scale), None, None, None, None, None
-    return (grad * scale).to(grad.dtype), None, None, None, None, None
-
-
-torch.library.register_autograd("smoothce::cross_entropy_fwd", _backward, setup_context=_setup_context)
+register_kept_gradient_autograd(
+    "smoothce::cross_entropy_fwd", "smoothce.cross_entropy", reduction_arg=4, compute_grad_arg=5
+)
 
 
 def _register_device_kernel(device_type: str) -> None:

@@ -60,7 +60,7 @@ import torch.distributed as dist
 if dist.is_available():  # builds without torch.distributed can still import smoothce
     import torch.distributed._functional_collectives as funcol
 
-from smoothce._ops import REDUCTIONS, check_arguments
+from smoothce._ops import REDUCTIONS, check_arguments, register_kept_gradient_autograd
 from smoothce.backends.base import bad_target_message, loss_dtype
 
 __all__ = ["count_tokens", "vocab_parallel_cross_entropy"]
@@ -346,40 +346,8 @@ def _(logits, target, offsets, row_max, sum_exp, partial, denominator, label_smo
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    # Keep only the forward's gradient: backward needs nothing else.
-    _, grad = output
-    ctx.reduction = inputs[9]
-    ctx.compute_grad = inputs[10]
-    ctx.mark_non_differentiable(grad)
-    ctx.save_for_backward(grad)
-    ctx.used = False
-
-
-def _backward(ctx, grad_loss, _unused):
-    # dZ = dO * (dO/dZ), dO per row for "none"; in place in eager, as smoothce.cross_entropy does.
-    (grad,) = ctx.saved_tensors
-    if not ctx.compute_grad:
-        raise RuntimeError(
-            f"{_NAME}: no gradient was kept because logits did not require grad "
-            "(or grad mode was off) in the forward pass"
-        )
-    scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
-    nones = (None,) * 10
-    if type(grad) is torch.Tensor and type(grad_loss) is torch.Tensor:
-        if torch.is_grad_enabled():
-            raise RuntimeError(f"{_NAME} does not support double backward (create_graph=True)")
-        if ctx.used:
-            raise RuntimeError(
-                f"{_NAME}: backward ran twice through the same call (retain_graph=True); its kept "
-                "gradient was already consumed by the first backward. Recompute the loss."
-            )
-        ctx.used = True
-        return (grad.mul_(scale), *nones)
-    return ((grad * scale).to(grad.dtype), *nones)
-
-
-torch.library.register_autograd("smoothce::vp_loss_grad", _backward, setup_context=_setup_context)
+# The kept gradient's autograd, shared with smoothce.cross_entropy (in place in eager).
+register_kept_gradient_autograd("smoothce::vp_loss_grad", _NAME, reduction_arg=9, compute_grad_arg=10)
 
 
 # ---------------------------------------------------------------------------------------------
