@@ -114,6 +114,17 @@ def benchmark(device: torch.device) -> None:
     record = runner.run(settings, show_progress=sys.stderr.isatty())
     for line in report.summary_lines(record):
         print(line)
+    print("\npeak memory beyond the logits, MiB (in brackets: multiple of the logits' size):")
+    names = settings.impls
+    print(f"  {'case':28s}" + "".join(f"{name:>22s}" for name in names))
+    for case in record["cases"]:
+        cells = []
+        for name in names:
+            peak = case["results"].get(name, {}).get("peak_extra_bytes")
+            ratio = "" if peak is None else f" ({peak / case['logits_bytes']:.2f}x)"
+            cells.append("n/a" if peak is None else f"{peak / 2**20:.0f}{ratio}")
+        label = f"{case['mode']} {case['dtype']} {case['n']}x{case['v']}"
+        print(f"  {label:28s}" + "".join(f"{cell:>22s}" for cell in cells))
     print("full sweep: python -m smoothce.bench (tables and plots in benchmarks/results/)")
 
 
