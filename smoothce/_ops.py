@@ -49,6 +49,8 @@ def check_arguments(logits, target, label_smoothing, ignore_index, reduction) ->
         raise TypeError(f"target must be int64 or int32 class indices, got {target.dtype}")
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension (..., V), got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have at least one class (V >= 1), got shape {tuple(logits.shape)}")
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}: "

@@ -420,11 +420,7 @@ def vocab_parallel_cross_entropy(
     error = None
     try:
         check_arguments(logits_shard, target, label_smoothing, ignore_index, reduction)
-        _check_normalizer(normalizer, reduction)
-        if logits_shard.shape[-1] == 0:
-            raise ValueError(
-                f"logits_shard must hold at least one class, got shape {tuple(logits_shard.shape)}"
-            )
+        _check_normalizer(normalizer, reduction)  # check_arguments also rejects an empty slice
     except TypeError as exc:
         error, code = exc, _TYPE_ERROR
     except ValueError as exc:

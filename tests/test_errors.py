@@ -89,6 +89,11 @@ def test_zero_dim_logits():
         smoothce.cross_entropy(torch.tensor(1.0), torch.tensor(0))
 
 
+def test_no_classes():
+    with pytest.raises(ValueError, match=r"at least one class \(V >= 1\), got shape \(4, 0\)"):
+        smoothce.cross_entropy(torch.empty(4, 0), torch.full((4,), -100))
+
+
 def test_one_dim_logits_is_a_single_row():
     # (V,) logits with a 0-d target: one row, like PyTorch's unbatched input.
     logits = torch.randn(10)
