@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_logits, make_target
+from conftest import assert_grad_close, make_logits, make_target
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import smoothce
@@ -54,12 +54,16 @@ def test_compile_fullgraph_dynamic_no_recompile(reduction):
 
 
 @pytest.mark.compile
-def test_compile_module_bf16_and_no_grad():
+def test_compile_module_bf16_no_grad_and_backward():
     module = torch.compile(smoothce.CrossEntropyLoss(label_smoothing=0.1), fullgraph=True, dynamic=True)
     logits = make_logits((2, 9, 50), torch.bfloat16)
     target = make_target((2, 9), 50)
     with torch.no_grad():
         loss = module(logits, target)
-    ref_loss, _ = cross_entropy_reference(logits, target, label_smoothing=0.1)
+    ref_loss, ref_grad = cross_entropy_reference(logits, target, label_smoothing=0.1)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=1e-5)
+    leaf = logits.clone().requires_grad_(True)
+    module(leaf, target).backward()  # the compiled backward keeps the gradient's dtype
+    assert leaf.grad.dtype == torch.bfloat16
+    assert_grad_close(leaf.grad, ref_grad, torch.bfloat16)
