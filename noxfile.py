@@ -46,10 +46,16 @@ def cpu(session: nox.Session) -> None:
 
 @nox.session
 def triton_interpret(session: nox.Session) -> None:
-    """The Triton kernels of both GPU backends on CPU tensors, under TRITON_INTERPRET=1."""
+    """The Triton kernels of both GPU backends on CPU tensors, under TRITON_INTERPRET=1.
+
+    The kernel tests, then the op's own value tests routed through each Triton backend.
+    """
     _install(session, "test,triton")
     session.install(TRITON)
     session.run(*PYTEST, "tests/test_triton_kernels.py", *session.posargs, env={"TRITON_INTERPRET": "1"})
+    for backend in ("cuda-triton", "xpu-triton"):
+        env = {"TRITON_INTERPRET": "1", "SMOOTHCE_BACKEND": backend}
+        session.run(*PYTEST, "tests/test_op.py", *session.posargs, env=env)
 
 
 @nox.session

@@ -10,12 +10,14 @@ input dtype. For a row with target k and smoothing lam:
     after it:  r = m + log d,   loss = r - (1 - lam) z_k - (lam / V) s
                                      = log d + (m - z_k) + lam (z_k - s / V)
     sweep 2 (only when a gradient is wanted; a constexpr switch removes it otherwise):
-        grad_j = grad_scale * ((p_j - (1 - lam) [j = k]) - lam / V),  p_j = exp(z_j - m) / d
+        grad_j = grad_scale * (p_j - lam / V)                     for j != k
+        grad_k = grad_scale * ((p_k - 1) + lam (1 - 1/V)),        p_j = exp(z_j - m) / d
 
 ``grad_scale`` (1/count for "mean", 1 otherwise) is a 0-d tensor on the device,
 read by the kernel, so the host never waits for the count. Each gradient element
-is rounded to the output dtype once; p_j - (1 - lam) is taken in float32 first,
-because p - 1 near p = 1 is where half precision would lose the most. Ignored rows
+is rounded to the output dtype once; p_k - 1 is taken in float32 first (exact for
+p_k >= 1/2, by Sterbenz), because p - 1 near p = 1 is where half precision would lose
+the most, and a single class (V = 1) gets exactly 0. Ignored rows
 (target == ignore_index) read no logits, get loss 0 and a zero gradient row.
 Row offsets and column offsets are 64-bit: N * V > 2**31 elements, and transposed
 logits whose column stride is N, both work.
@@ -114,21 +116,22 @@ def cross_entropy_fwd_kernel(
     tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
     if COMPUTE_GRAD:
-        # Sweep 2: grad_j = scale * ((p_j - (1 - lam) [j = k]) - lam / V), p_j = exp(z_j - m) / d,
+        # Sweep 2: grad_j = scale * (p_j - [j = k] + lam ([j = k] - 1/V)), p_j = exp(z_j - m) / d,
         # rounded to the gradient's dtype once. Ignored rows write zeros.
         row_scale = tl.where(valid, tl.load(grad_scale_ptr).to(ACC_DTYPE), 0.0)
         inv_d = 1.0 / d
-        target_weight = 1.0 - lam
-        smooth = lam / num_classes
+        smooth = lam / num_classes  # lam / V, off the target column
+        smooth_k = lam - smooth  # lam (1 - 1/V), back on the target column
         grad_row = grad_ptr + row * stride_grad_row
         for start in range(0, num_classes, BLOCK_V):
             cols = start + offsets
             cols64 = cols.to(tl.int64)
             z = tl.load(logits_row + cols64 * stride_logits_col, mask=cols < n_read, other=float("-inf"))
             p = tl.exp(z.to(ACC_DTYPE) - m) * inv_d
-            g = p - tl.where(cols == k, target_weight, 0.0)
+            is_k = cols == k
+            g = p - tl.where(is_k, 1.0, 0.0)  # p_k - 1 is exact for p_k >= 1/2
             if SMOOTHING:
-                g -= smooth
+                g += tl.where(is_k, smooth_k, -smooth)
             g = tl.where(valid, g * row_scale, 0.0)
             tl.store(
                 grad_row + cols64 * stride_grad_col, g.to(grad_ptr.dtype.element_ty), mask=cols < num_classes

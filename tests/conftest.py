@@ -27,6 +27,13 @@ LOSS_TOL = {
     torch.float16: (2e-5, 1e-5),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Under Triton's interpreter (SMOOTHCE_BACKEND=cuda-triton or xpu-triton, TRITON_INTERPRET=1)
+# the float32 -> bfloat16 cast truncates instead of rounding to nearest: one ulp, not half.
+INTERPRETED_TRITON = (
+    os.environ.get("TRITON_INTERPRET", "0") == "1" and os.environ.get("SMOOTHCE_BACKEND", "").endswith("triton")
+)
+if INTERPRETED_TRITON:
+    GRAD_TOL[torch.bfloat16] = (2.0**-7, GRAD_TOL[torch.bfloat16][1])
 # The device the value tests run on: cpu here; the cuda and xpu nox sessions set it.
 DEVICE = torch.device(os.environ.get("SMOOTHCE_TEST_DEVICE", "cpu"))
 
