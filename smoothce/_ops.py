@@ -153,7 +153,8 @@ def inplace_backward(enabled: bool):
     """Whether backward may scale the kept gradient in place (the default: True).
 
     In place, forward+backward holds one gradient-sized buffer, but the kept gradient
-    serves one backward only (when the upstream gradient is not exactly 1). Calls made
+    serves one backward only (on CPU an upstream gradient of exactly 1 leaves it as it
+    is, so that case can repeat). Calls made
     inside ``with smoothce.inplace_backward(False):`` keep it intact, so backward can run
     again (``retain_graph=True``, gradcheck), at the cost of one more such buffer.
     """
