@@ -112,10 +112,9 @@ def cross_entropy_fwd(logits, target, label_smoothing, ignore_index, reduction, 
     backend = registry.select(logits.device)
     acc_dtype = loss_dtype(logits.dtype)
     if reduction == "mean":
-        count = (target != ignore_index).sum()
-        grad_scale = 1.0 / count.clamp_min(1).to(acc_dtype)
+        denominator = (target != ignore_index).sum().clamp_min(1).to(acc_dtype)  # 0 rows: loss 0, not NaN
+        grad_scale = 1.0 / denominator
     else:
-        count = None
         grad_scale = torch.ones((), dtype=acc_dtype, device=logits.device)
     grad = torch.empty_like(logits) if compute_grad else None
     if n_rows == 0:
@@ -127,7 +126,7 @@ def cross_entropy_fwd(logits, target, label_smoothing, ignore_index, reduction, 
     elif reduction == "sum":
         loss = rows.sum()
     else:
-        loss = rows.sum() / count.clamp_min(1).to(rows.dtype)
+        loss = rows.sum() / denominator
     if grad is None:
         grad = logits.new_empty(0)
     return loss, grad
