@@ -25,7 +25,11 @@ def cross_entropy_reference(logits, target, *, label_smoothing=0.0, ignore_index
     r = torch.logsumexp(z, dim=1)
     s = z.sum(dim=1)
     z_k = z.gather(1, k.unsqueeze(1)).squeeze(1) if z.numel() else torch.zeros_like(r)
-    o = torch.where(valid, r - (1 - lam) * z_k - lam / num_classes * s, 0.0)
+    # A term whose weight is exactly 0 is absent, not 0 * (-inf) = NaN: a target on a -inf
+    # column at lam = 1, or a -inf logit at lam = 0, leaves a finite or +inf loss.
+    target_term = (1 - lam) * z_k if lam != 1 else torch.zeros_like(r)
+    smoothing_term = lam / num_classes * s if lam != 0 else torch.zeros_like(r)
+    o = torch.where(valid, r - target_term - smoothing_term, 0.0)
     p = torch.softmax(z, dim=1)
     onehot = torch.zeros_like(z).scatter_(1, k.unsqueeze(1), 1.0) if z.numel() else torch.zeros_like(z)
     d = torch.where(valid.unsqueeze(1), p - lam / num_classes - (1 - lam) * onehot, 0.0)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
     DTYPES,
     INTERPRETED_TRITON,
+    LOSS_TOL,
     assert_grad_close,
     assert_matches_reference,
     make_logits,
@@ -293,3 +296,104 @@ def test_cpu_backend_block_boundaries(dtype, block_elements):
     assert_grad_close(grad, ref_grad * float(scale), dtype)
     no_grad_loss = backend.forward(logits, target, 0.1, -100, None, scale)
     torch.testing.assert_close(no_grad_loss, loss, rtol=0, atol=0)
+
+
+# --- precision: offsets, full smoothing, confident rows, -inf ------------------------------
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+def test_large_common_offset_with_smoothing(label_smoothing):
+    # Logits sharing a large offset: the smoothing term (lam / V) sum_j z_j must be formed
+    # relative to the row (the offset cancels exactly), not summed over raw logits whose sum
+    # fp32 cannot hold to the loss's precision.
+    num_classes = 70000
+    equal = torch.full((1, num_classes), 30000.0)  # uniform softmax: loss = log V for any lam
+    loss, _ = run_smoothce(equal, torch.tensor([0]), label_smoothing=label_smoothing, reduction="none")
+    assert abs(loss.item() - math.log(num_classes)) <= 2e-6, f"{loss.item():.7f} vs log V {math.log(num_classes):.7f}"
+    logits = (-3e4 + make_logits((8, 32000), torch.float64, scale=1.0)).float()
+    target = make_target((8,), 32000, ignore_fraction=0.0)
+    options = dict(label_smoothing=label_smoothing, reduction="none")
+    loss, grad = run_smoothce(logits, target, **options)
+    ref_loss, ref_grad = cross_entropy_reference(logits, target, **options)
+    relative = ((loss.double() - ref_loss).abs() / ref_loss).max().item()
+    assert relative <= 1e-6, f"relative loss error {relative:.2e} (PyTorch's fp32 kernel: about 2e-7)"
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_target_column_with_full_smoothing(dtype):
+    # lam = 1: the target column is p_k - 1/V, about 1e-5 here. Forming it as
+    # (p_k - 1) + lam (1 - 1/V) leaves an absolute error of half an ulp of 1 (6e-8 in fp32),
+    # whatever its size; the result must carry only p_k's own relative rounding error.
+    num_classes = 65536
+    logits = make_logits((4, num_classes), dtype, scale=1.0)
+    target = torch.tensor([5, 100, 40000, num_classes - 1])
+    logits[torch.arange(4), target] = torch.tensor([3.0, -2.0, 0.0, 1.0], dtype=dtype)  # g_k well away from 0
+    loss, grad = run_smoothce(logits, target, label_smoothing=1.0, reduction="sum")
+    _, ref_grad = cross_entropy_reference(logits, target, label_smoothing=1.0, reduction="sum")
+    rows = torch.arange(4)
+    ours, expected = grad[rows, target].double(), ref_grad[rows, target]
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours, expected, rtol=rtol, atol=0.0)
+    assert_matches_reference(logits, target, loss, grad, label_smoothing=1.0, reduction="sum")
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_confident_rows_keep_the_remainder(label_smoothing):
+    # One logit dominates: sum_j exp(z_j - m) is 1 plus a remainder far below fp32's ulp of 1.
+    # -log p_k must come from log1p(remainder), not log(1 + remainder) rounded (PyTorch's
+    # fp32 kernel is 6% off on the first row); likewise p_k - 1 in the target column.
+    rows = [
+        torch.cat([torch.tensor([19.45]), torch.zeros(69999)]),  # loss 2.5004e-4
+        torch.cat([torch.tensor([30.0, 0.0, 0.0]), torch.full((69997,), -30.0)]),  # 1.9e-13
+        torch.cat([torch.tensor([25.0, 25.0]), torch.zeros(69998)]),  # a tie for the max: log 2 + ...
+        torch.cat([torch.zeros(69999), torch.tensor([19.45])]),  # the max in the last column
+    ]
+    logits = torch.stack(rows)
+    target = torch.tensor([0, 0, 1, 69999])
+    options = dict(label_smoothing=label_smoothing, reduction="none")
+    loss, grad = run_smoothce(logits, target, **options)
+    ref_loss, ref_grad = cross_entropy_reference(logits, target, **options)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0.0)
+    if label_smoothing == 0.0:  # the target column is -(remainder) / d: tiny, and exact to fp32
+        rows = torch.arange(4)
+        torch.testing.assert_close(grad[rows, target].double(), ref_grad[rows, target], rtol=1e-5, atol=0.0)
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_minus_inf_logits(dtype, label_smoothing):
+    # A target on a -inf column has probability 0: the loss is +inf for every lam (PyTorch:
+    # NaN at lam = 1). A -inf elsewhere makes the loss +inf only when smoothing puts mass on it.
+    logits = make_logits((3, 10), dtype)
+    logits[0, 3] = -math.inf
+    logits[1, 7] = -math.inf
+    logits[2, [1, 2]] = -math.inf
+    target = torch.tensor([3, 0, 2])
+    loss, grad = run_smoothce(logits, target, label_smoothing=label_smoothing, reduction="none")
+    assert loss[0].item() == math.inf
+    assert loss[2].item() == math.inf
+    if label_smoothing == 0.0:
+        assert math.isfinite(loss[1].item())
+    else:
+        assert loss[1].item() == math.inf
+    ref_loss, ref_grad = cross_entropy_reference(logits, target, label_smoothing=label_smoothing, reduction="none")
+    rtol, atol = LOSS_TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    assert torch.isfinite(grad.double()).all()
+    assert_grad_close(grad, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("ignore_index", [2**32 + 1, -(2**32) + 1, 2**31, -(2**31) - 1, 2**63 - 1])
+def test_int32_target_with_ignore_index_beyond_int32(ignore_index):
+    # No int32 target equals an ignore_index outside int32's range: nothing is ignored.
+    # (2**32 + 1 wraps to 1 and -2**32 + 1 to 1 in an int32 comparison.)
+    logits = make_logits((6, 9), torch.float32)
+    target = torch.tensor([1, 2, 1, 0, 8, 1], dtype=torch.int32)
+    options = dict(label_smoothing=0.1, ignore_index=ignore_index, reduction="none")
+    loss, grad = run_smoothce(logits, target, **options)
+    assert (loss > 0).all()
+    assert_matches_reference(logits, target.long(), loss, grad, **options)
+    expected, _ = run_smoothce(logits, target.long(), **options)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
