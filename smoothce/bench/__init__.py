@@ -1,9 +1,10 @@
 """Benchmarks of smoothce against PyTorch and other libraries: ``python -m smoothce.bench``.
 
-Modules, one job each: ``cli`` (options, presets, output folder), ``runner`` (the
-sweep and its progress bar), ``cases`` (shapes, dtypes, inputs, bytes moved),
-``impls`` (the implementations and one timed run), ``timing`` (timers, the
-interleaved loop, copy bandwidth), ``memory`` and ``_memprobe`` (peak memory beyond
-the logits), ``machine`` (device, versions, date), ``report`` (JSON and Markdown
-with the ratios), ``plots`` (PNGs). Importing this package imports nothing else.
+Modules, one job each: ``cli`` (options, presets, output folder), ``runner`` (the sweep),
+``cases`` (shapes, dtypes, inputs, bytes moved), ``impls`` (the implementations and one
+run), ``timing`` (do_bench on accelerators, perf_counter on CPU, interleaved rounds, the
+copy and read limits), ``memory`` (peak memory beyond the logits), ``machine`` (the
+environment), ``report`` (JSON and Markdown with the ratios), ``plots`` (PNGs),
+``vocab_parallel`` and ``spawn`` (the vocabulary-parallel benchmark and its process
+launcher). Importing this package imports nothing else.
 """

@@ -1,13 +1,21 @@
 """The command line of ``python -m smoothce.bench``: presets, options, and where results go.
 
-    python -m smoothce.bench                 # default sweep on the device present
-    python -m smoothce.bench --quick         # about a minute; nox -s bench -- --quick
-    python -m smoothce.bench --full          # more token counts and repetitions
+    python -m smoothce.bench                        # default sweep on the device present
+    python -m smoothce.bench --quick                # about a minute; nox -s bench -- --quick
+    python -m smoothce.bench --full                 # more token counts and rounds
+    python -m smoothce.bench --preset gpu-targets --out DIR   # the issue's GPU targets, ~3 minutes
     python -m smoothce.bench --shapes 2048x32000,512x128256 --dtypes fp32,bf16 --modes fwd+bwd,fwd
 
 The sweeps cross the vocabulary sizes of real models with token counts sized for the
-device (small on CPU). Results go to benchmarks/results/<device>/ for the default sweep
-and to benchmarks/results/<device>/<quick|full|custom>/ otherwise, unless --out says.
+device (small on CPU). ``gpu-targets`` runs exactly the GPU targets: forward+backward and
+the no-grad forward, mean, λ = 0.1, every 10th target ignored, bf16 and fp32, at 8192 x
+32000, 8192 x 128256, 4096 x 262144, 16384 x 151936, the default sweep's 1024-row shapes
+and a 16 x 32000 row that times the host's launch overhead; plus forward+backward at
+λ = 0 on the four target shapes, so quack (no label smoothing) is compared too (without
+torch.compile there, to stay within the time limit). ``--tiny`` divides every shape by
+256 both ways, to try a preset anywhere in seconds. Results go to
+benchmarks/results/<device>/ for the default sweep and to
+benchmarks/results/<device>/<preset>/ otherwise, unless --out says.
 """
 
 from __future__ import annotations
@@ -19,42 +27,70 @@ from pathlib import Path
 import torch
 
 from smoothce.bench import cases, machine, plots, report, runner
-from smoothce.bench.impls import IMPLEMENTATIONS, MODES, get
+from smoothce.bench.impls import FWD_BWD, IMPLEMENTATIONS, MODES
 
-# Per preset: token counts on CPU and on accelerators, vocabulary sizes, and the
-# repetitions (CPU, accelerator). The default CPU sweep takes about 12 minutes on 2 cores.
+TARGET_SHAPES = ((8192, 32000), (8192, 128256), (4096, 262144), (16384, 151936))
+HOST_SHAPE = (16, 32000)
+# Per sweep preset: token counts on CPU and on accelerators, and rounds (CPU, accelerator).
 PRESETS = {
-    "quick": {
-        "cpu_tokens": (128,),
-        "accel_tokens": (1024,),
-        "vocab": (32000, 128256),
-        "reps": (3, 10),
-        "min_reps": (2, 5),
-        "warmup": (1, 2),
-        "budget_s": 3.0,
-        "copy_mib": (64, 256),
-    },
-    "default": {
-        "cpu_tokens": (256, 1024),
-        "accel_tokens": (4096, 16384),
-        "vocab": cases.VOCAB_SIZES,
-        "reps": (5, 20),
-        "min_reps": (3, 10),
-        "warmup": (1, 3),
-        "budget_s": 10.0,
-        "copy_mib": (256, 1024),
-    },
-    "full": {
-        "cpu_tokens": (256, 1024, 4096),
-        "accel_tokens": (1024, 4096, 16384, 32768),
-        "vocab": cases.VOCAB_SIZES,
-        "reps": (7, 50),
-        "min_reps": (5, 20),
-        "warmup": (2, 5),
-        "budget_s": 30.0,
-        "copy_mib": (256, 1024),
-    },
-}
+    "quick": {"cpu_tokens": (128,), "accel_tokens": (1024,), "vocab": (32000, 128256), "rounds": (3, 3)},
+    "default": {"cpu_tokens": (256, 1024), "accel_tokens": (4096, 16384), "vocab": cases.VOCAB_SIZES,
+                "rounds": (5, 3)},
+    "full": {"cpu_tokens": (256, 1024, 4096), "accel_tokens": (1024, 4096, 16384, 32768),
+             "vocab": cases.VOCAB_SIZES, "rounds": (7, 5)},
+}  # fmt: skip
+
+
+def gpu_target_cases(tiny: bool = False) -> list[cases.Case]:
+    """The ``gpu-targets`` preset (module docstring), grouped by V so each V compiles once."""
+    shapes = [*TARGET_SHAPES, *((1024, v) for v in cases.VOCAB_SIZES), HOST_SHAPE]
+    order = list(dict.fromkeys(v for _, v in shapes))
+    out = []
+    for n, v in sorted(shapes, key=lambda s: order.index(s[1])):
+        for dtype in ("bf16", "fp32"):
+            out += [cases.Case(n, v, dtype, mode, 0.1) for mode in MODES]
+            if (n, v) in TARGET_SHAPES:
+                out.append(cases.Case(n, v, dtype, FWD_BWD, 0.0, impls=("smoothce", "torch-eager", "liger",
+                                                                        "flash-attn", "quack")))  # fmt: skip
+    return [_shrunk(case) for case in out] if tiny else out
+
+
+def _shrunk(case: cases.Case) -> cases.Case:
+    return cases.Case(max(2, case.n // 256), max(2, case.v // 256), case.dtype, case.mode, case.label_smoothing,
+                      case.impls)  # fmt: skip
+
+
+def _list(kind, what: str, choices=None):
+    """An argparse type for comma-separated lists of ``kind``, each item checked against ``choices``."""
+
+    def parse(text: str) -> list:
+        items = [kind(item.strip()) for item in text.split(",")]
+        bad = [i for i in items if (choices is not None and i not in choices) or (isinstance(i, int) and i < 1)]
+        if bad:
+            raise ValueError(f"{bad[0]!r}")
+        return items
+
+    parse.__name__ = what  # argparse's error: "invalid <what> value: 'fp8'"
+    return parse
+
+
+def _positive(kind):
+    def parse(text: str):
+        if kind(text) <= 0:
+            raise ValueError(text)
+        return kind(text)
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    if not 0.0 <= float(text) <= 1.0:
+        raise ValueError(text)
+    return float(text)
+
+
+_fraction.__name__ = "label smoothing in [0, 1]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,115 +100,103 @@ def build_parser() -> argparse.ArgumentParser:
         "torch.compile) and, on GPUs where installed, other libraries' kernels.",
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", const="quick", dest="preset", help="a ~1 minute run")
-    size.add_argument("--full", action="store_const", const="full", dest="preset", help="the long sweep")
-    parser.add_argument("--shapes", help="exact shapes NxV, comma separated, e.g. 2048x32000,512x128256")
-    parser.add_argument("--tokens", help="token counts N of the sweep, comma separated")
-    parser.add_argument("--vocab", help="vocabulary sizes V of the sweep, comma separated")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="of fp32, bf16, fp16 (default: fp32,bf16)")
-    parser.add_argument("--modes", default=",".join(MODES), help="of fwd+bwd, fwd (default: both)")
-    parser.add_argument(
-        "--impls",
-        help=f"implementations, comma separated (default: all available of {', '.join(IMPLEMENTATIONS)})",
-    )
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="lambda (default 0.1)")
+    size.add_argument("--preset", choices=[*PRESETS, "gpu-targets"], default="default")
+    size.add_argument("--quick", action="store_const", const="quick", dest="preset", help="--preset quick")
+    size.add_argument("--full", action="store_const", const="full", dest="preset", help="--preset full")
+    parser.add_argument("--tiny", action="store_true", help="every shape divided by 256 both ways (a quick try)")
+    parser.add_argument("--shapes", type=_list(cases.shape, "NxV shape"), action="extend",
+                        help="exact shapes NxV, comma separated, e.g. 2048x32000,512x128256")  # fmt: skip
+    parser.add_argument("--tokens", type=_list(int, "token count"), help="token counts N, comma separated")
+    parser.add_argument("--vocab", type=_list(int, "vocabulary size"), help="vocabulary sizes V, comma separated")
+    parser.add_argument("--dtypes", type=_list(str, "dtype", cases.DTYPES), default=["fp32", "bf16"],
+                        help=f"of {', '.join(cases.DTYPES)} (default: fp32,bf16)")  # fmt: skip
+    parser.add_argument("--modes", type=_list(str, "mode", MODES), default=list(MODES), help="of fwd+bwd, fwd")
+    parser.add_argument("--impls", type=_list(str, "implementation", IMPLEMENTATIONS),
+                        help=f"of {', '.join(IMPLEMENTATIONS)} (default: all that can run here)")  # fmt: skip
+    parser.add_argument("--label-smoothing", type=_fraction, default=0.1, help="λ (default 0.1)")
+    parser.add_argument("--ignore-every", type=int, default=0, help="ignore every k-th target (default: none)")
     parser.add_argument("--device", help="torch device (default: cuda, else xpu, else cpu)")
-    parser.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's choice)")
-    parser.add_argument("--reps", type=int, help="most timed repetitions per case")
-    parser.add_argument("--min-reps", type=int, help="fewest timed repetitions per case")
-    parser.add_argument("--warmup", type=int, help="warm-up runs per implementation and case")
-    parser.add_argument("--budget", type=float, help="seconds of timed repetitions per case before stopping early")
-    parser.add_argument("--copy-mib", type=int, help="MiB copied to measure the copy bandwidth")
+    parser.add_argument("--threads", type=_positive(int), help="torch threads on CPU (default: torch's choice)")
+    parser.add_argument("--rounds", type=_positive(int), help="interleaved rounds per case")
+    parser.add_argument("--warmup-ms", type=_positive(float), default=25.0, help="do_bench warm-up per round")
+    parser.add_argument("--rep-ms", type=float, help="ms of timed runs per round (default: 100 on GPUs, 0 = one "
+                        "run on CPU)")  # fmt: skip
+    parser.add_argument("--time-limit", type=_positive(float), help="start no case after this many seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>/...)")
     return parser
 
 
+def _device(text: str | None) -> torch.device:
+    if text is None:
+        return machine.default_device()
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise ValueError(f"--device {text!r} is not a torch device: {error}") from None
+    module = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (module is not None and hasattr(module, "is_available") and module.is_available()):
+        raise ValueError(f"--device {text!r}: no {device.type} device is available here")
+    if device.type != "cpu" and device.index is not None and device.index >= module.device_count():
+        raise ValueError(f"--device {text!r}: there are only {module.device_count()} {device.type} devices")
+    return device
+
+
 def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]:
     """Validated settings and the output folder; ValueError naming the bad option."""
-    preset_name = args.preset or "default"
-    preset = PRESETS[preset_name]
-    try:
-        device = torch.device(args.device) if args.device else machine.default_device()
-    except RuntimeError as error:
-        raise ValueError(f"--device {args.device!r} is not a torch device: {error}") from None
+    device = _device(args.device)
     on_cpu = device.type == "cpu"
-    module = getattr(torch, device.type, None)
-    if not on_cpu and not (module is not None and hasattr(module, "is_available") and module.is_available()):
-        raise ValueError(f"--device {args.device!r}: no {device.type} device is available here")
-    if not on_cpu and device.index is not None and device.index >= module.device_count():
-        raise ValueError(f"--device {args.device!r}: there are only {module.device_count()} {device.type} devices")
-    pick = 0 if on_cpu else 1
     if args.shapes and (args.tokens or args.vocab):
         raise ValueError("give either --shapes or --tokens/--vocab, not both")
-    if args.shapes:
-        shapes = cases.parse_shapes(args.shapes)
-    else:
-        tokens = (
-            cases.parse_ints(args.tokens, "--tokens")
-            if args.tokens
-            else preset["cpu_tokens" if on_cpu else "accel_tokens"]
-        )
-        vocab = cases.parse_ints(args.vocab, "--vocab") if args.vocab else preset["vocab"]
-        shapes = [(n, v) for n in tokens for v in vocab]
     custom = bool(args.shapes or args.tokens or args.vocab)
-    if not 0.0 <= args.label_smoothing <= 1.0:
-        raise ValueError(f"--label-smoothing must be in [0, 1], got {args.label_smoothing}")
+    targets = args.preset == "gpu-targets"
+    if targets and custom:
+        raise ValueError("--preset gpu-targets runs fixed shapes: leave out --shapes/--tokens/--vocab")
+    preset = PRESETS.get(args.preset, PRESETS["default"])
+    if targets:
+        case_list = gpu_target_cases(args.tiny)
+    else:
+        tokens = args.tokens or preset["cpu_tokens" if on_cpu else "accel_tokens"]
+        shapes = args.shapes or [(n, v) for n in tokens for v in (args.vocab or preset["vocab"])]
+        case_list = cases.grid(shapes, args.dtypes, args.modes, args.label_smoothing)
+        case_list = [_shrunk(case) for case in case_list] if args.tiny else case_list
+    least_lam = min(case.label_smoothing for case in case_list)
     skipped = {}
     if args.impls:
-        impls = [get(name).name for name in cases.parse_choices(args.impls, IMPLEMENTATIONS, "implementation")]
+        impls = args.impls
         for name in impls:
-            reason = IMPLEMENTATIONS[name].unavailable_reason(device.type, args.label_smoothing)
+            reason = IMPLEMENTATIONS[name].unavailable_reason(device.type, least_lam)
             if reason is not None:
                 raise ValueError(f"implementation {name!r} cannot run here: {reason}")
     else:
         impls = []
         for name, impl in IMPLEMENTATIONS.items():
-            reason = impl.unavailable_reason(device.type, args.label_smoothing)
+            reason = impl.unavailable_reason(device.type, least_lam)
             if reason is None:
                 impls.append(name)
             elif impl.module is not None and device.type in (impl.device_types or (device.type,)):
                 skipped[name] = reason  # worth a line only where it could have run
-    reps = args.reps if args.reps is not None else preset["reps"][pick]
-    min_reps = args.min_reps if args.min_reps is not None else min(preset["min_reps"][pick], reps)
-    warmup = args.warmup if args.warmup is not None else preset["warmup"][pick]
-    for option, value, least in (("--reps", reps, 1), ("--min-reps", min_reps, 1), ("--warmup", warmup, 1)):
-        if value < least:
-            raise ValueError(f"{option} must be at least {least}, got {value}")
-    if min_reps > reps:
-        raise ValueError(f"--min-reps ({min_reps}) must not exceed --reps ({reps})")
-    if args.copy_mib is not None and args.copy_mib < 1:
-        raise ValueError(f"--copy-mib must be at least 1, got {args.copy_mib}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     settings = runner.Settings(
         device=device,
-        shapes=shapes,
-        dtypes=cases.parse_dtypes(args.dtypes),
-        modes=cases.parse_modes(args.modes),
+        cases=case_list,
         impls=impls,
-        label_smoothing=args.label_smoothing,
-        warmup=warmup,
-        reps=reps,
-        min_reps=min_reps,
-        budget_s=args.budget if args.budget is not None else preset["budget_s"],
+        rounds=args.rounds or (3 if targets else preset["rounds"][0 if on_cpu else 1]),
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms if args.rep_ms is not None else (0.0 if on_cpu else 100.0),
+        ignore_every=10 if targets else args.ignore_every,
         memory=not args.no_memory,
         seed=args.seed,
         threads=args.threads or torch.get_num_threads(),
-        copy_bytes=(args.copy_mib if args.copy_mib is not None else preset["copy_mib"][pick]) << 20,
-        preset="custom" if custom else preset_name,
+        time_limit_s=args.time_limit or (165.0 if targets else None),
+        preset=("custom" if custom else args.preset) + (" (tiny)" if args.tiny else ""),
         skipped_impls=skipped,
     )
     if args.out is not None:
-        out = args.out
-    else:
-        out = Path("benchmarks", "results", machine.device_kind(device))
-        if settings.preset != "default":
-            out = out / settings.preset
-    return settings, out
+        return settings, args.out
+    out = Path("benchmarks", "results", machine.device_kind(device))
+    return settings, out if settings.preset == "default" else out / settings.preset.replace(" (tiny)", "-tiny")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,17 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         settings, out = settings_from_args(args)
     except ValueError as error:
         parser.error(str(error))
-    record = runner.run(settings, show_progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
-    report.write_json(record, out / "results.json")
-    written = [out / "results.json"]
+
+    def write(record: dict, pngs: list[str]) -> list[Path]:
+        report.write_json(record, out / "results.json")
+        return [*report.write_markdown(record, out, pngs), out / "results.json"]
+
+    record = runner.run(settings, checkpoint=lambda partial: write(partial, []))
     pngs: list[str] = []
     if not args.no_plots:
         pngs, why_not = plots.write_plots(record, out)
         if why_not:
             print(why_not, file=sys.stderr)
-        written += [out / name for name in pngs]
-    written = report.write_markdown(record, out, pngs) + written
+    written = write(record, pngs) + [out / name for name in pngs]
     print("\n".join(report.summary_lines(record)))
     print("\nwrote " + ", ".join(str(path) for path in written))
     return 0

@@ -8,8 +8,10 @@ of logits (N, V) against int64 targets (N,):
 * ``smoothce``: ``smoothce.cross_entropy`` (the backend the registry selects).
 * ``torch-eager``: ``torch.nn.functional.cross_entropy`` on the logits as given, which
   is what users call (PyTorch decides per device how it upcasts half inputs).
-* ``torch-compile``: ``torch.compile(F.cross_entropy, dynamic=False)``, compiled afresh
-  for each case; compilation happens in the warm-up, never in a timed run.
+* ``torch-compile``: ``torch.compile(F.cross_entropy, dynamic=False)`` with the rows
+  (dim 0) marked dynamic, so one compilation per vocabulary size, dtype and mode serves
+  every token count; V stays static, as Inductor likes it. Compilation happens in the
+  untimed first run.
 * ``liger``, ``flash-attn``, ``quack``: the Triton/CuTe kernels of other libraries,
   imported only when installed and only on the GPUs they support. They are never
   dependencies of smoothce. quack has no label smoothing, so it runs only at lam = 0.
@@ -18,7 +20,8 @@ A ``Step`` is the unit the timer measures: the forward under ``torch.no_grad()``
 ("fwd"), or forward and ``loss.backward()`` on a leaf that requires grad ("fwd+bwd").
 ``prepare()`` runs outside the timed region: it drops the previous gradient (so each
 timed run allocates its gradient, as a training step does) and restores the logits for
-implementations that overwrite their input (Liger writes the gradient into it).
+implementations that overwrite their input (Liger writes the gradient into them; such
+an implementation gets a copy of its own, so the others never see its writes).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Implementation:
     module: str | None = None  # the module that must be importable, for optional libraries
     supports_label_smoothing: bool = True
     mutates_input: bool = False  # writes into the logits (restored before every run)
+    dynamic_rows: bool = False  # mark dim 0 of the inputs dynamic for torch.compile
 
     def unavailable_reason(self, device_type: str, label_smoothing: float) -> str | None:
         """None when this implementation can run here; otherwise a short reason."""
@@ -85,9 +89,9 @@ def _eager_loss_fn(label_smoothing: float, ignore_index: int) -> LossFn:
 
 
 def _build_compile(label_smoothing: float, ignore_index: int) -> LossFn:
-    # Dynamo's caches hang on the code object, so a sweep with many shapes would hit
-    # the recompile limit and silently fall back to eager; the runner resets the
-    # compiler before each case and this compiles a fresh closure with static shapes.
+    # Dynamo's caches hang on the code object, so a sweep over many vocabulary sizes would
+    # hit the recompile limit and silently fall back to eager: the runner resets the
+    # compiler whenever V changes. Step marks the rows dynamic (dynamic=False keeps V static).
     return torch.compile(_eager_loss_fn(label_smoothing, ignore_index), dynamic=False)
 
 
@@ -118,8 +122,12 @@ def _build_quack(label_smoothing: float, ignore_index: int) -> LossFn:
 
     if "reduction" in inspect.signature(cross_entropy).parameters:
         return lambda logits, target: cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean")
-    # Older quack returns per-row losses and has no ignore_index.
-    return lambda logits, target: cross_entropy(logits, target).mean()
+    # Older quack returns per-row losses and has no ignore_index: mask the ignored rows.
+    def loss_fn(logits, target):
+        counted = target != ignore_index
+        return (cross_entropy(logits, target.clamp_min(0)) * counted).sum() / counted.sum().clamp_min(1)
+
+    return loss_fn
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
@@ -129,8 +137,10 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         Implementation("torch-eager", "torch.nn.functional.cross_entropy", _eager_loss_fn),
         Implementation(
             "torch-compile",
-            "torch.compile(F.cross_entropy, dynamic=False), compiled per case, compilation not timed",
+            "torch.compile(F.cross_entropy, dynamic=False), rows marked dynamic: compiled per V, dtype and mode, "
+            "compilation not timed",
             _build_compile,
+            dynamic_rows=True,
         ),
         Implementation(
             "liger",
@@ -189,9 +199,14 @@ class Step:
         self.ignore_index = ignore_index
         self.target = target
         self.loss_fn = impl.build(label_smoothing, ignore_index)
-        # A leaf of its own per step (sharing the logits' storage), so gradients never mix.
-        self.logits = logits.detach().requires_grad_(mode == FWD_BWD)
-        self._pristine = logits.detach().clone() if impl.mutates_input else None
+        # A leaf of its own per step (sharing the logits' storage unless the implementation
+        # writes into them), so gradients never mix.
+        self._pristine = logits.detach() if impl.mutates_input else None
+        source = logits.detach().clone() if impl.mutates_input else logits.detach()
+        self.logits = source.requires_grad_(mode == FWD_BWD)
+        if impl.dynamic_rows and logits.shape[0] > 1:  # size 1 is always specialised
+            torch._dynamo.mark_dynamic(self.logits, 0)
+            torch._dynamo.mark_dynamic(self.target, 0)
 
     def release(self) -> None:
         """Drop the gradient of the last run (frees it)."""
@@ -214,6 +229,6 @@ class Step:
         return loss.detach()
 
     def close(self) -> None:
-        """Drop the gradient and the pristine copy."""
+        """Drop the gradient and the implementation's own copy of the logits."""
         self.release()
-        self._pristine = None
+        self._pristine = self.logits = None

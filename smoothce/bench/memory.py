@@ -5,32 +5,28 @@ every implementation has to produce: an implementation that needs nothing else s
 1.0x the logits' size. For a no-grad forward the ideal is close to 0.
 
 Accelerators (CUDA, XPU), in the benchmark's own process, from the device module's
-allocator statistics (``getattr(torch, device.type)``): after ``reset_peak_memory_stats``,
-extra = ``max_memory_allocated`` during the run - ``memory_allocated`` before it.
+allocator statistics: after ``reset_peak_memory_stats``, extra = ``max_memory_allocated``
+during the run - ``memory_allocated`` before it.
 
-CPU, in a fresh process per implementation, shape and dtype (``python -m
-smoothce.bench._memprobe``), so no other implementation has run there, from the kernel's
+CPU (Linux), in a fresh process per implementation, shape, dtype and λ (``python -m
+smoothce.bench.memory``), so no other implementation has run there, from the kernel's
 resident-set high-water mark. For each mode:
 
 1. (once) allocate and fill the logits, so their pages are resident;
-2. run the implementation once at the full shape (loads libraries, compiles, starts
-   thread pools), then free the gradient;
+2. run the implementation once (loads libraries, compiles, starts thread pools), then
+   free the gradient;
 3. reset the high-water mark to the current resident set (write "5" to
    ``/proc/self/clear_refs``) and read the resident set: base;
 4. run once more: extra = high-water mark (VmHWM) - base.
 
 The probe makes glibc's malloc give every block over 64 KiB back to the system when it
 is freed (``MALLOC_MMAP_THRESHOLD_``), so memory freed earlier and reused in step 4
-cannot hide what step 4 needs. Where the high-water mark cannot be reset (not Linux),
-each mode gets a process of its own, warmed up on 8 rows, and the number is the
-``ru_maxrss`` growth; torch-compile's then includes compiling the full shape.
+cannot hide what step 4 needs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
+import argparse
 import gc
 import json
 import os
@@ -39,21 +35,15 @@ import sys
 
 import torch
 
-PROBE_MARKER = "SMOOTHCE_MEMPROBE "
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-
 ACCELERATOR_METHOD = (
-    "allocator statistics in the benchmark process: max_memory_allocated during one run "
-    "minus memory_allocated before it"
+    "allocator statistics in the benchmark process: max_memory_allocated during one run minus "
+    "memory_allocated before it"
 )
 CPU_METHOD = (
-    "a fresh process per implementation, shape and dtype: logits filled; per mode one warm-up run "
-    "at the full shape, peak RSS reset (/proc/self/clear_refs), then one run; extra = VmHWM - "
-    "VmRSS before the run; malloc returns blocks over 64 KiB to the system on free"
-)
-CPU_FALLBACK_METHOD = (
-    "a fresh process per implementation and case: logits filled, warm-up on 8 rows, then one run; "
-    "extra = ru_maxrss growth (torch-compile includes compiling the full shape)"
+    "a fresh process per implementation, shape, dtype and λ: logits filled; per mode one warm-up run, "
+    "peak RSS reset (/proc/self/clear_refs), then one run; extra = VmHWM - VmRSS before the run; "
+    "malloc returns blocks over 64 KiB to the system on free"
 )
 
 
@@ -72,104 +62,83 @@ def accelerator_peak_extra(step, device: torch.device) -> int:
     return peak - before
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's resident-set high-water mark to its current resident set (Linux)."""
+    """Reset this process's resident-set high-water mark to its current resident set (Linux only)."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
+        _status_kib("VmHWM")
     except OSError:
         return False
-    return _status_kib("VmHWM") is not None
+    return True
 
 
-def release_free_memory() -> None:
-    """Collect garbage and ask glibc to give freed heap memory back (best effort)."""
+def rss_growth(run) -> int:
+    """Bytes by which the resident set peaks above its current size while ``run()`` runs."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(name).malloc_trim(0)
-
-
-def rss_growth(run) -> int | None:
-    """Bytes by which the resident set peaks above its current size while ``run()`` runs.
-
-    None where the high-water mark cannot be reset.
-    """
-    release_free_memory()
     if not reset_peak_rss():
-        return None
+        raise OSError("the peak resident set cannot be reset here (needs Linux's /proc/self/clear_refs)")
     base = _status_kib("VmRSS")
     run()
-    peak = _status_kib("VmHWM")
-    return (peak - base) * 1024
+    return (_status_kib("VmHWM") - base) * 1024
 
 
-def maxrss_bytes() -> int:
-    """``ru_maxrss`` in bytes (kilobytes on Linux, bytes on macOS)."""
-    import resource
+def probe_in_fresh_process(impl, n, v, dtype, modes, label_smoothing, threads, seed, ignore_every=0, timeout_s=1800.0):
+    """Run this module in a fresh process for one implementation, shape, dtype and λ.
 
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return value if sys.platform == "darwin" else value * 1024
-
-
-def probe_in_fresh_process(
-    impl: str,
-    n: int,
-    v: int,
-    dtype: str,
-    modes: list[str],
-    label_smoothing: float,
-    threads: int,
-    seed: int,
-    timeout_s: float = 1800.0,
-) -> dict[str, dict]:
-    """Run ``smoothce.bench._memprobe`` for one implementation, shape and dtype.
-
-    Returns, per mode, {"peak_extra_bytes": ..., "method": ...} or {"error": ...}.
+    Returns, per mode, {"peak_extra_bytes": ...} or {"error": ...}.
     """
-    request = {
-        "impl": impl,
-        "n": n,
-        "v": v,
-        "dtype": dtype,
-        "modes": list(modes),
-        "label_smoothing": label_smoothing,
-        "threads": threads,
-        "seed": seed,
-    }
-    env = dict(os.environ, **MALLOC_ENV)
+    argv = [impl, str(n), str(v), dtype, str(label_smoothing), str(ignore_every), str(threads), str(seed), *modes]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "smoothce.bench._memprobe", json.dumps(request)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout_s,
-            check=False,
-        )
+            [sys.executable, "-m", "smoothce.bench.memory", *argv],
+            capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV), timeout=timeout_s, check=False,
+        )  # fmt: skip
+        return json.loads(done.stdout.strip().splitlines()[-1])
     except subprocess.TimeoutExpired:
         return {mode: {"error": f"memory probe timed out after {timeout_s:.0f} s"} for mode in modes}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(PROBE_MARKER):
-            answer = json.loads(line[len(PROBE_MARKER) :])
-            if "error" in answer:
-                return {mode: {"error": answer["error"]} for mode in modes}
-            return {
-                mode: {**result, "method": answer["method"]} if "error" not in result else result
-                for mode, result in answer["modes"].items()
-            }
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    error = f"memory probe exited with status {done.returncode}: {tail}"[:300]
-    return {mode: {"error": error} for mode in modes}
+    except (IndexError, json.JSONDecodeError):
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {mode: {"error": f"memory probe exited with status {done.returncode}: {tail}"[:300]} for mode in modes}
+
+
+def _probe(argv: list[str]) -> dict:
+    from smoothce.bench.cases import make_inputs
+    from smoothce.bench.impls import MODES, Step, get
+
+    parser = argparse.ArgumentParser(prog="python -m smoothce.bench.memory", description="CPU peak-memory probe")
+    for name, kind in (("impl", str), ("n", int), ("v", int), ("dtype", str), ("label_smoothing", float),
+                       ("ignore_every", int), ("threads", int), ("seed", int)):  # fmt: skip
+        parser.add_argument(name, type=kind)
+    parser.add_argument("modes", nargs="+", choices=MODES)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logits, target = make_inputs(args.n, args.v, args.dtype, torch.device("cpu"), args.seed, args.ignore_every)
+    results = {}
+    for mode in args.modes:
+        try:
+            step = Step(get(args.impl), logits, target, mode, args.label_smoothing)
+
+            def measured_run(step=step):
+                step.prepare()
+                step.run()
+
+            measured_run()  # warm-up at the full shape: imports, compilation, thread pools
+            step.release()
+            results[mode] = {"peak_extra_bytes": rss_growth(measured_run)}
+            step.close()
+        except Exception as error:  # recorded for this mode; the others are still measured
+            results[mode] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(_probe(sys.argv[1:])), flush=True)

@@ -1,6 +1,6 @@
 """PNG plots of a benchmark record: time and peak memory against V, one line per implementation.
 
-One figure per (mode, dtype), named by ``report.plot_name``; one column per token count N,
+One figure per (mode, dtype, λ), named by ``report.plot_name``; one column per token count N,
 time on the top row, peak memory beyond the logits below it. matplotlib is optional:
 without it, ``write_plots`` returns no files and says why.
 """
@@ -24,10 +24,10 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
     names = list(record["implementations"])
     memory = record["settings"]["memory_measured"]
     written = []
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, float], list[dict]] = {}
     for case in record["cases"]:
-        groups.setdefault((case["mode"], case["dtype"]), []).append(case)
-    for (mode, dtype), cases in groups.items():
+        groups.setdefault((case["mode"], case["dtype"], case["label_smoothing"]), []).append(case)
+    for (mode, dtype, lam), cases in groups.items():
         tokens = sorted({c["n"] for c in cases})
         rows = 2 if memory else 1
         fig, axes = plt.subplots(rows, len(tokens), figsize=(4.2 * len(tokens) + 0.8, 3.4 * rows), squeeze=False)
@@ -49,7 +49,7 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
                     ]
                     if points:
                         axes[1][col].plot(*zip(*points, strict=False), marker="o", label=name)
-            axes[0][col].set_title(f"{mode}, {dtype}, N = {n}")
+            axes[0][col].set_title(f"{mode}, {dtype}, λ = {lam:g}, N = {n}")
             axes[0][col].set_ylabel("time per call (ms)")
             if memory:
                 axes[1][col].set_ylabel("peak memory beyond logits (MiB)")
@@ -68,7 +68,7 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
         env = record["environment"]
         fig.suptitle(f"{env['device_name']}, {env['date']}", fontsize=9)
         fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-        name = plot_name(mode, dtype)
+        name = plot_name(mode, dtype, lam)
         fig.savefig(directory / name, dpi=110)
         plt.close(fig)
         written.append(name)

@@ -4,6 +4,7 @@ Ratios always compare smoothce with each baseline measured in the same run:
 
     speed-up        = baseline median time / smoothce median time
     memory saving   = baseline peak memory beyond the logits / smoothce's
+    of limit        = the case's limit time / the implementation's time (1.00 = as fast as the limit)
 
 Above 1 means smoothce is faster, or needs less memory. Peaks under 1 MiB are below
 what the measurement resolves and count as 1 MiB: a saving is then a bound ("≥" when
@@ -19,11 +20,14 @@ from smoothce.bench.impls import BASELINE_FOR_RATIOS
 
 MIB = 1 << 20
 MEMORY_FLOOR = MIB
+DEFAULT_LABEL_SMOOTHING = 0.1
+HOST_BOUND_S = 10e-6  # a limit this short on an accelerator: the device waits for the host's launches
 
 
-def plot_name(mode: str, dtype: str) -> str:
-    """The PNG of one (mode, dtype): "fwd_bwd-bf16.png", "fwd-fp32.png"."""
-    return f"{mode.replace('+', '_')}-{dtype}.png"
+def plot_name(mode: str, dtype: str, label_smoothing: float = DEFAULT_LABEL_SMOOTHING) -> str:
+    """The PNG of one (mode, dtype, λ): "fwd_bwd-bf16.png", "fwd-fp32-ls0.png"."""
+    suffix = "" if label_smoothing == DEFAULT_LABEL_SMOOTHING else f"-ls{label_smoothing:g}"
+    return f"{mode.replace('+', '_')}-{dtype}{suffix}.png"
 
 
 def ratios(case: dict) -> dict:
@@ -53,9 +57,6 @@ def write_json(record: dict, path: Path) -> None:
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
-# -- formatting ---------------------------------------------------------------------------
-
-
 def _time(seconds: float) -> str:
     """Three significant digits in s, ms or µs, whichever keeps the number in [1, 1000)."""
     for unit, scale in (("s", 1.0), ("ms", 1e3)):
@@ -69,8 +70,7 @@ def _time_cell(entry: dict) -> str:
     if "median_s" not in entry:
         return "error" if "error" in entry else "—"
     spread = (entry["q3_s"] - entry["q1_s"]) / 2 / entry["median_s"]
-    flag = "" if entry.get("loss_ok", True) else " ⚠"
-    return f"{_time(entry['median_s'])} ±{spread:.0%}{flag}"
+    return f"{_time(entry['median_s'])} ±{spread:.0%}" + ("" if entry.get("loss_ok", True) else " ⚠")
 
 
 def _ratio(value: float | None, bound: str | None = None) -> str:
@@ -84,6 +84,10 @@ def _saving(ratio: dict) -> str:
     return _ratio(ratio.get("memory_saving"), ratio.get("memory_saving_bound"))
 
 
+def _of_limit(entry: dict) -> str:
+    return f"{entry['of_limit']:.2f}" if entry.get("of_limit") else "—"
+
+
 def _mib(nbytes: float) -> str:
     mib = nbytes / MIB
     return f"{mib:.0f} MiB" if mib >= 100 else f"{mib:.3g} MiB"
@@ -92,52 +96,70 @@ def _mib(nbytes: float) -> str:
 def _memory_cell(entry: dict, logits_bytes: int) -> str:
     if "peak_extra_bytes" not in entry:
         return "error" if "memory_error" in entry or "error" in entry else "—"
-    extra = entry["peak_extra_bytes"]
-    return f"{_mib(extra)} ({extra / logits_bytes:.2f}×)"
+    return f"{_mib(entry['peak_extra_bytes'])} ({entry['peak_extra_bytes'] / logits_bytes:.2f}×)"
 
 
 def _shape(case: dict) -> str:
     return f"{case['n']} × {case['v']}"
 
 
+def _label(case: dict) -> str:
+    return f"{case['mode']} {case['dtype']} {_shape(case)} λ={case['label_smoothing']:g}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _impl_names(record: dict) -> tuple[list[str], list[str]]:
     names = list(record["implementations"])
-    baselines = [n for n in names if n != BASELINE_FOR_RATIOS] if BASELINE_FOR_RATIOS in names else []
-    return names, baselines
+    return names, [n for n in names if n != BASELINE_FOR_RATIOS] if BASELINE_FOR_RATIOS in names else []
 
 
-def _groups(record: dict) -> list[tuple[str, str, list[dict]]]:
-    order: list[tuple[str, str]] = []
+def _host_bound(record: dict, case: dict) -> bool:
+    limit = case.get("limit", {}).get("median_s")
+    return record["environment"]["device_type"] != "cpu" and limit is not None and limit < HOST_BOUND_S
+
+
+def summary_lines(record: dict) -> list[str]:
+    """One table with every case's time, share of the limit, speed-ups and memory savings (for the README)."""
+    baselines = _impl_names(record)[1]
+    if not baselines:
+        return ["(smoothce and at least one baseline are needed for ratios.)"]
+    header = ["case", "smoothce time", "of limit"]
+    header += [f"speed-up vs {b}" for b in baselines] + [f"memory saving vs {b}" for b in baselines]
+    rows = []
     for case in record["cases"]:
-        key = (case["mode"], case["dtype"])
-        if key not in order:
-            order.append(key)
-    return [(m, d, [c for c in record["cases"] if (c["mode"], c["dtype"]) == (m, d)]) for m, d in order]
-
-
-# -- the documents ------------------------------------------------------------------------
+        label = _label(case) + (" (host-bound)" if _host_bound(record, case) else "")
+        if case.get("skipped"):
+            rows.append([label, case["skipped"]] + ["—"] * (1 + 2 * len(baselines)))
+            continue
+        ours, ratio = case["results"].get(BASELINE_FOR_RATIOS, {}), case.get("ratios", {})
+        row = [label, _time_cell(ours), _of_limit(ours)]
+        row += [_ratio(ratio.get(b, {}).get("speedup")) for b in baselines]
+        rows.append(row + [_saving(ratio.get(b, {})) for b in baselines])
+    return _table(header, rows)
 
 
 def _header(record: dict) -> list[str]:
     env, settings = record["environment"], record["settings"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     memory_gib = f", {env['device_memory_bytes'] / 2**30:.0f} GiB" if env.get("device_memory_bytes") else ""
-    machine = f"{env['device_name']}{memory_gib}"
-    if env["device_type"] != "cpu":
-        machine += f"; host CPU {env['cpu']}"
+    machine = f"{env['device_name']}{memory_gib}" + (f"; host CPU {env['cpu']}" if env["device_type"] != "cpu" else "")
     machine += f"; {env['logical_cores']} logical cores, {settings['threads']} torch threads; {env['platform']}"
     backend = env["smoothce_backend"] + (" (set by SMOOTHCE_BACKEND)" if env.get("smoothce_backend_env") else "")
+    commit = f"; smoothce commit {env['commit']}" if env.get("commit") else ""
+    if settings["warmup_ms"] is None:
+        timer = f"`time.perf_counter` around each run, runs repeated for {settings['rep_ms']:g} ms, median"
+    else:
+        timer = (f"`triton.testing.do_bench` (runs back to back between device events, L2 flushed before each; "
+                 f"{settings['warmup_ms']:g} ms warm-up, {settings['rep_ms']:g} ms of runs, median)")  # fmt: skip
+    ignored = f"every {settings['ignore_every']}th target ignored" if settings["ignore_every"] else "no ignored rows"
     lines = [
         f"Measured {env['date']} on **{machine}**.",
         "",
-        f"Versions: {versions}" + (f"; smoothce commit {env['commit']}" if env.get("commit") else "") + ".",
-        f"smoothce backend: `{backend}`.",
+        f"Versions: {versions}{commit}. smoothce backend: `{backend}`.",
     ]
     if env.get("load_average_at_start") is not None:
         lines.append(
@@ -147,119 +169,85 @@ def _header(record: dict) -> list[str]:
         )
     lines += [
         "",
-        f'Loss: label_smoothing={settings["label_smoothing"]}, reduction="mean", int64 targets, no '
-        f"ignored rows, logits ~ N(0, 1) (seed {settings['seed']}). Each implementation is warmed up "
-        f"(at least {settings['warmup']} run(s) and {settings['warmup_s']:g} s; compilation happens there), "
-        f"then the implementations run interleaved, up to {settings['reps']} repetitions (at least "
-        f"{settings['min_reps']}, fewer once {settings['budget_s']:g} s are spent on a case). "
-        "Times are medians, ± half the interquartile range.",
+        f'Loss: reduction="mean", int64 targets, {ignored}, logits ~ N(0, 1) (seed {settings["seed"]}); '
+        "λ (label smoothing) per table. Each implementation runs once untimed (compilation happens there), then "
+        f"{settings['rounds']} rounds each time every implementation once, in a rotating order; one round's "
+        f"number: {timer}. Times are medians over rounds, ± half their interquartile range.",
         "",
         "Speed-up = baseline time / smoothce time; memory saving = baseline peak memory beyond the "
-        "logits / smoothce's. Above 1: smoothce is faster / needs less. All from this one run.",
+        "logits / smoothce's; of limit = limit time / implementation time. All from this one run.",
         "",
         "Implementations:",
         "",
     ]
     lines += [f"- **{name}**: {text}" for name, text in record["implementations"].items()]
-    lines += [f"- not run: **{name}**, {why}" for name, why in record.get("not_run", {}).items()]
-    return lines
-
-
-def summary_lines(record: dict) -> list[str]:
-    """One table with every case's speed-ups and memory savings (for the README)."""
-    names, baselines = _impl_names(record)
-    if BASELINE_FOR_RATIOS not in names:
-        return ["(smoothce was not among the implementations, so there are no ratios.)"]
-    if not baselines:
-        return ["(no baseline was among the implementations, so there are no ratios.)"]
-    header = ["case", "smoothce time"]
-    header += [f"speed-up vs {b}" for b in baselines]
-    header += [f"memory saving vs {b}" for b in baselines]
-    rows = []
-    for case in record["cases"]:
-        label = f"{case['mode']} {case['dtype']} {_shape(case)}"
-        if case.get("skipped"):
-            rows.append([label, case["skipped"]] + ["—"] * (2 * len(baselines)))
-            continue
-        row = [label, _time_cell(case["results"].get(BASELINE_FOR_RATIOS, {}))]
-        ratio = case.get("ratios", {})
-        row += [_ratio(ratio.get(b, {}).get("speedup")) for b in baselines]
-        row += [_saving(ratio.get(b, {})) for b in baselines]
-        rows.append(row)
-    return _table(header, rows)
+    return lines + [f"- not run: **{name}**, {why}" for name, why in record.get("not_run", {}).items()]
 
 
 def markdown(record: dict, plots: list[str]) -> str:
     env, settings = record["environment"], record["settings"]
     names, baselines = _impl_names(record)
-    copy_gbps = record["copy_bandwidth_gbps"]
-    lines = [f"# smoothce benchmark: {env['device_name']} ({env['device_type']})", ""]
-    lines += _header(record)
+    lines = [f"# smoothce benchmark: {env['device_name']} ({env['device_type']})", "", *_header(record)]
     lines += ["", "## Summary", "", *summary_lines(record)]
-    for mode, dtype, cases in _groups(record):
-        lines += ["", f"## {mode}, {dtype}", ""]
-        time_rows, bw_rows, mem_rows = [], [], []
+    groups: dict[tuple, list[dict]] = {}
+    for case in record["cases"]:
+        groups.setdefault((case["mode"], case["dtype"], case["label_smoothing"]), []).append(case)
+    for (mode, dtype, lam), cases in groups.items():
+        kind = "copy" if mode == "fwd+bwd" else "read"
+        lines += ["", f"## {mode}, {dtype}, λ = {lam:g}", ""]
+        time_rows, limit_rows, mem_rows = [], [], []
         for case in cases:
-            shape = _shape(case)
+            shape, results, ratio = _shape(case), case["results"], case.get("ratios", {})
             if case.get("skipped"):
-                time_rows.append([shape] + [case["skipped"]] + ["—"] * (len(names) + len(baselines) - 1))
+                time_rows.append([shape, case["skipped"]] + ["—"] * (len(names) + len(baselines)))
                 continue
-            results, ratio = case["results"], case.get("ratios", {})
+            limit = case["limit"]["median_s"]
             time_rows.append(
-                [shape]
+                [shape, _time(limit) if limit else "—"]
                 + [_time_cell(results.get(n, {})) for n in names]
                 + [_ratio(ratio.get(b, {}).get("speedup")) for b in baselines]
             )
-            bw_rows.append(
-                [shape]
-                + [
-                    f"{results[n]['gbps']:.1f} ({results[n]['gbps'] / copy_gbps:.0%})"
-                    if "gbps" in results.get(n, {})
-                    else "—"
-                    for n in names
-                ]
-            )
+            limit_rows.append([shape] + [
+                f"{_of_limit(results[n])} ({results[n]['gbps']:.1f} GB/s)" if "gbps" in results.get(n, {}) else "—"
+                for n in names
+            ])  # fmt: skip
             mem_rows.append(
                 [shape, _mib(case["logits_bytes"])]
                 + [_memory_cell(results.get(n, {}), case["logits_bytes"]) for n in names]
                 + [_saving(ratio.get(b, {})) for b in baselines]
             )
         lines += ["Time per call (median ± half the interquartile range) and smoothce's speed-up:", ""]
-        lines += _table(["N × V"] + names + [f"speed-up vs {b}" for b in baselines], time_rows)
-        if bw_rows:
-            lines += [
-                "",
-                f"Effective bandwidth, GB/s (share of the {copy_gbps:.1f} GB/s copy bandwidth), "
-                f"bytes = {settings['bytes_model'][mode]}:",
-                "",
-            ]
-            lines += _table(["N × V", *names], bw_rows)
+        lines += _table(["N × V", f"{kind} limit", *names] + [f"speed-up vs {b}" for b in baselines], time_rows)
+        if limit_rows:
+            lines += ["", f"Share of the {kind} limit (limit time / time) and effective bandwidth, bytes = "
+                      f"{settings['bytes_model'][mode]}:", ""]  # fmt: skip
+            lines += _table(["N × V", *names], limit_rows)
         if settings["memory_measured"] and mem_rows:
-            lines += [
-                "",
-                "Peak memory beyond the logits (in brackets: as a multiple of the logits' size):",
-                "",
-            ]
+            lines += ["", "Peak memory beyond the logits (in brackets: as a multiple of the logits' size):", ""]
             lines += _table(["N × V", "logits"] + names + [f"memory saving vs {b}" for b in baselines], mem_rows)
-        plot = plot_name(mode, dtype)
-        if plot in plots:
-            lines += ["", f"![time and memory against V, {mode} {dtype}]({plot})"]
-    lines += ["", "## Notes", "", *_notes(record)]
-    return "\n".join(lines) + "\n"
+        if plot_name(mode, dtype, lam) in plots:
+            lines += ["", f"![time and memory against V, {mode} {dtype} λ={lam:g}]({plot_name(mode, dtype, lam)})"]
+    return "\n".join([*lines, "", "## Notes", "", *_notes(record)]) + "\n"
 
 
 def _notes(record: dict) -> list[str]:
     settings = record["settings"]
     notes = [
-        f"- Copy bandwidth: `dst.copy_(src)` of a {record['copy_bytes'] >> 20} MiB buffer on the same device "
-        f"in the same run, 2 bytes moved per byte copied (read + write), median of 10: "
-        f"{record['copy_bandwidth_gbps']:.1f} GB/s.",
+        "- Limits, timed in the same rounds as the implementations: copy = `out.copy_(logits)` (reads the logits "
+        "once, writes a gradient-sized buffer once: the least any forward+backward moves), read = "
+        "`torch.amax(logits)` (one reduction reading every logit once: the least any forward moves).",
         "- Effective bandwidth counts the least traffic any implementation needs: "
         + "; ".join(f"{mode}: {text}" for mode, text in settings["bytes_model"].items())
-        + "; b = bytes per logit. fwd+bwd runs `loss.backward()` on logits that require grad, with "
-        "the previous gradient freed before each run, so each timed run allocates its gradient; "
-        "fwd runs under `torch.no_grad()`.",
+        + "; b = bytes per logit. fwd+bwd runs `loss.backward()` on logits that require grad, the previous "
+        "gradient dropped before each run (untimed), so each timed run allocates its gradient; fwd runs under "
+        "`torch.no_grad()`.",
     ]
+    host = [_label(c) for c in record["cases"] if _host_bound(record, c)]
+    if host:
+        notes.append(
+            f"- Host-bound rows ({'; '.join(host)}): the limit takes under {HOST_BOUND_S * 1e6:.0f} µs, so the "
+            "device waits for the host's launches and these times are each implementation's launch overhead per call."
+        )
     if settings["memory_measured"]:
         notes.append(
             f"- Peak memory beyond the logits: {settings['memory_method']}. For fwd+bwd it includes "
@@ -272,33 +260,21 @@ def _notes(record: dict) -> list[str]:
     problems = []
     for case in record["cases"]:
         for name, entry in case["results"].items():
-            for key in ("error", "memory_error"):
-                if key in entry:
-                    problems.append(f"  - {case['mode']} {case['dtype']} {_shape(case)}, {name}: {entry[key]}")
+            where = f"  - {_label(case)}, {name}: "
+            problems += [where + entry[key] for key in ("error", "memory_error") if key in entry]
             if entry.get("loss_ok") is False:
                 problems.append(
-                    f"  - {case['mode']} {case['dtype']} {_shape(case)}, {name}: loss {entry['loss']:.6g} vs "
-                    f"reference {case['reference_loss']:.6g} (relative error {entry['loss_rel_error']:.1e})"
+                    f"  - {_label(case)}, {name}: loss {entry['loss']:.6g} vs reference {case['reference_loss']:.6g} "
+                    f"(relative error {entry['loss_rel_error']:.1e})"
                 )
-    if problems:
-        notes += ["- Problems:", *problems]
-    return notes
+    return notes + (["- Problems:", *problems] if problems else [])
 
 
 def write_markdown(record: dict, directory: Path, plots: list[str]) -> list[Path]:
     """results.md (everything) and summary.md (the README's table); returns their paths."""
-    results = directory / "results.md"
+    results, summary = directory / "results.md", directory / "summary.md"
     results.write_text(markdown(record, plots))
     env = record["environment"]
-    summary = directory / "summary.md"
-    summary.write_text(
-        "\n".join(
-            [
-                f"{env['device_name']} ({env['device_type']}), {env['date']}; details in results.md.",
-                "",
-                *summary_lines(record),
-            ]
-        )
-        + "\n"
-    )
+    head = f"{env['device_name']} ({env['device_type']}), {env['date']}; details in results.md."
+    summary.write_text("\n".join([head, "", *summary_lines(record)]) + "\n")
     return [results, summary]
