@@ -3,7 +3,7 @@
 Every implementation computes the same thing, the mean label-smoothed cross-entropy
 of logits (N, V) against int64 targets (N,):
 
-    loss = mean over rows of  logsumexp(z) - (1 - lam) z_k - (lam / V) sum_j z_j
+    loss = mean over counted rows of  logsumexp(z) - (1 - lam) z_k - (lam / V) sum_j z_j
 
 * ``smoothce``: ``smoothce.cross_entropy`` (the backend the registry selects).
 * ``torch-eager``: ``torch.nn.functional.cross_entropy`` on the logits as given, which
@@ -75,17 +75,11 @@ class Implementation:
 def _build_smoothce(label_smoothing: float, ignore_index: int) -> LossFn:
     import smoothce
 
-    def loss_fn(logits, target):
-        return smoothce.cross_entropy(logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
-
-    return loss_fn
+    return lambda z, t: smoothce.cross_entropy(z, t, label_smoothing=label_smoothing, ignore_index=ignore_index)
 
 
 def _eager_loss_fn(label_smoothing: float, ignore_index: int) -> LossFn:
-    def loss_fn(logits, target):
-        return F.cross_entropy(logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
-
-    return loss_fn
+    return lambda z, t: F.cross_entropy(z, t, label_smoothing=label_smoothing, ignore_index=ignore_index)
 
 
 def _build_compile(label_smoothing: float, ignore_index: int) -> LossFn:
@@ -98,12 +92,8 @@ def _build_compile(label_smoothing: float, ignore_index: int) -> LossFn:
 def _build_liger(label_smoothing: float, ignore_index: int) -> LossFn:
     from liger_kernel.transformers.functional import liger_cross_entropy
 
-    def loss_fn(logits, target):
-        return liger_cross_entropy(
-            logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="mean"
-        )
-
-    return loss_fn
+    return lambda z, t: liger_cross_entropy(z, t, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                            reduction="mean")  # fmt: skip
 
 
 def _build_flash_attn(label_smoothing: float, ignore_index: int) -> LossFn:

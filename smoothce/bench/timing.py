@@ -6,6 +6,8 @@ the L2 cache flushed before each, the previous gradient dropped before each (out
 the events); a round's number is the median over ``rep_ms`` of runs, after ``warmup_ms``
 of warm-up. The host's launch time is hidden wherever the device is the bottleneck; it
 shows only in shapes so small that the device waits for the host (a tiny-shape row).
+Liger, which writes its gradient into the logits, is not restored between these runs:
+its later runs read its own gradient in place of the logits, the same work.
 
 CPU: ``time.perf_counter`` around each run, runs repeated for ``rep_ms``, median. Not
 ``torch.utils.benchmark.Timer``: it times blocks of back-to-back calls with nothing

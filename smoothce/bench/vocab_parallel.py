@@ -28,16 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from smoothce.bench.spawn import launch
 
-COLLECTIVES = {
-    "all_reduce",
-    "all_reduce_",
-    "all_reduce_coalesced",
-    "all_gather_into_tensor",
-    "all_gather_into_tensor_coalesced",
-    "reduce_scatter_tensor",
-    "all_to_all_single",
-    "broadcast",
-}
+COLLECTIVES = {"all_reduce", "all_reduce_", "all_reduce_coalesced", "all_gather_into_tensor", "broadcast",
+               "all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "all_to_all_single"}  # fmt: skip
 LABEL_SMOOTHING = 0.1
 
 
