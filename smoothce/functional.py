@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from smoothce._ops import check_arguments
+from smoothce.checks import check_tensors_given, option_values
 
 
 def cross_entropy(
@@ -24,7 +24,10 @@ def cross_entropy(
     The result is float32 (float64 for float64 logits); the gradient, computed in this
     forward pass and kept, has the logits' dtype.
     """
-    check_arguments(logits, target, label_smoothing, ignore_index, reduction)  # Python types, before dispatch
+    # What the op's schema would coerce unseen (bool, numpy scalars, ints beyond int64) or reject
+    # with a RuntimeError; the op checks everything else, once (smoothce/checks.py).
+    check_tensors_given(logits, target)
+    label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
     return torch.ops.smoothce.cross_entropy(
         logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction
     )

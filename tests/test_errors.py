@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +116,103 @@ def test_device_mismatch():
     logits = torch.randn(2, 3, device="meta")
     with pytest.raises(ValueError, match="logits are on meta but target is on cpu"):
         smoothce.cross_entropy(logits, torch.zeros(2, dtype=torch.int64))
+
+
+# --- one set of option rules for every entry point -------------------------------------------
+
+ENTRY_POINTS = {
+    "function": lambda logits, target, **options: smoothce.cross_entropy(logits, target, **options),
+    "module": lambda logits, target, **options: smoothce.CrossEntropyLoss(**options)(logits, target),
+    "op": lambda logits, target, **options: torch.ops.smoothce.cross_entropy(logits, target, **options),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(label_smoothing=np.float32(0.25)),
+        dict(label_smoothing=np.float64(0.25)),
+        dict(label_smoothing=torch.tensor(0.25)),
+        dict(ignore_index=np.int64(3)),
+        dict(ignore_index=np.int32(3)),
+        dict(ignore_index=torch.tensor(3)),
+        dict(label_smoothing=np.float32(0.25), ignore_index=np.int64(3), reduction="sum"),
+    ],
+    ids=["np.float32", "np.float64", "0-d-float-tensor", "np.int64", "np.int32", "0-d-int-tensor", "all"],
+)
+def test_numpy_and_tensor_options_are_accepted_everywhere(entry, options):
+    # As F.cross_entropy takes them: numpy scalars and 0-d tensors mean their value.
+    logits, target = logits_and_target()
+    target[0] = 3
+    plain = {name: (float(value) if name == "label_smoothing" else value) for name, value in options.items()}
+    if "ignore_index" in plain:
+        plain["ignore_index"] = int(plain["ignore_index"])
+    result = ENTRY_POINTS[entry](logits, target, **options)
+    expected = smoothce.cross_entropy(logits, target, **plain)
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+    reference = torch.nn.functional.cross_entropy(logits, target, **options)
+    torch.testing.assert_close(result, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("entry", ["function", "module"])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(label_smoothing=True), "label_smoothing must be a float, got bool"),
+        (dict(label_smoothing=np.True_), "label_smoothing must be a float, got bool"),
+        (dict(label_smoothing=torch.tensor(True)), "label_smoothing must be a float, got Tensor"),
+        (dict(label_smoothing="0.1"), "label_smoothing must be a float, got str"),
+        (dict(label_smoothing=None), "label_smoothing must be a float, got NoneType"),
+        (dict(ignore_index=True), "ignore_index must be an int, got bool"),
+        (dict(ignore_index=np.False_), "ignore_index must be an int, got bool"),
+        (dict(ignore_index=1.0), "ignore_index must be an int, got float"),
+        (dict(ignore_index=np.float64(1.0)), "ignore_index must be an int, got float64"),
+        (dict(ignore_index=torch.tensor(1.0)), "ignore_index must be an int, got Tensor"),
+    ],
+)
+def test_option_types_rejected(entry, options, message):
+    # A bool is a mistake, not 1 or 0 (PyTorch rejects ignore_index=True as well).
+    logits, target = logits_and_target()
+    with pytest.raises(TypeError, match=re.escape(message)):
+        ENTRY_POINTS[entry](logits, target, **options)
+
+
+@pytest.mark.parametrize("entry", ["function", "module"])
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 10**30])
+def test_ignore_index_beyond_int64_names_the_range(entry, ignore_index):
+    logits, target = logits_and_target()
+    expected = rf"ignore_index must be in the int64 range \[-2\*\*63, 2\*\*63 - 1\], got {ignore_index}"
+    with pytest.raises(ValueError, match=expected):
+        ENTRY_POINTS[entry](logits, target, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_option_values_rejected_everywhere(entry):
+    logits, target = logits_and_target()
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        ENTRY_POINTS[entry](logits, target, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="reduction must be one of 'none', 'mean', 'sum', got 'avg'"):
+        ENTRY_POINTS[entry](logits, target, reduction="avg")
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_arguments_checked_once_per_call(entry, monkeypatch):
+    # Every entry point reaches the op's composite implementation, which checks once; the
+    # function and the module only convert what the op's schema would coerce unseen.
+    import smoothce._ops
+    import smoothce.functional
+
+    calls = []
+    for module, name in ((smoothce._ops, "check_arguments"), (smoothce.functional, "option_values")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    logits, target = logits_and_target()
+    loss_fn = ENTRY_POINTS[entry]
+    if entry == "module":
+        module = smoothce.CrossEntropyLoss(label_smoothing=0.1)
+        loss_fn = lambda logits, target: module(logits, target)
+    calls.clear()
+    loss_fn(logits, target).backward()
+    assert calls.count("check_arguments") == 1
+    assert calls.count("option_values") == (0 if entry == "op" else 1)

@@ -223,7 +223,7 @@ def test_no_gradient_buffer_without_grad(monkeypatch):
     assert seen[1] is None
     assert isinstance(seen[2], torch.Tensor)
     assert seen[2].shape == (4, 10)
-    _, kept = torch.ops.smoothce.cross_entropy_fwd(logits, target, 0.0, -100, "mean", False)
+    kept = torch.ops.smoothce.cross_entropy_fwd(logits, target, 0.0, -100, "mean", False)[1]
     assert kept.numel() == 0
 
 
@@ -245,20 +245,20 @@ def test_second_backward_after_inplace_scaling_is_a_clear_error():
         loss.backward()
 
 
-def test_repeated_backward_with_unit_upstream_or_inplace_off():
+def test_repeated_backward_with_inplace_off():
+    # Inside inplace_backward(False) every backward returns a new tensor and the kept gradient
+    # stays intact, for dO = 1 and otherwise (tests/test_recipes.py edits .grad in between).
     logits = make_logits((4, 10), torch.float32)
     target = make_target((4,), 10, ignore_fraction=0.0)
     _, ref_grad = cross_entropy_reference(logits, target)
     leaf = logits.clone().requires_grad_(True)
-    loss = smoothce.cross_entropy(leaf, target)
-    first = torch.autograd.grad(loss, leaf, retain_graph=True)[0].clone()  # dO = 1: kept intact
-    second = torch.autograd.grad(loss, leaf)[0]
-    torch.testing.assert_close(first, second, rtol=0, atol=0)
-    with smoothce.inplace_backward(False):
-        loss = smoothce.cross_entropy(leaf, target) * 3.0
-    for _ in range(2):
-        grad = torch.autograd.grad(loss, leaf, retain_graph=True)[0]
-        torch.testing.assert_close(grad.double(), 3 * ref_grad, rtol=1e-5, atol=1e-7)
+    for factor in (1.0, 3.0):
+        with smoothce.inplace_backward(False):
+            loss = smoothce.cross_entropy(leaf, target) * factor
+        grads = [torch.autograd.grad(loss, leaf, retain_graph=True)[0] for _ in range(3)]
+        for grad in grads:
+            torch.testing.assert_close(grad.double(), factor * ref_grad, rtol=1e-5, atol=1e-7)
+        assert grads[0].data_ptr() != grads[1].data_ptr()
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -341,8 +341,9 @@ def test_target_column_with_full_smoothing(dtype):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_confident_rows_keep_the_remainder(label_smoothing):
     # One logit dominates: sum_j exp(z_j - m) is 1 plus a remainder far below fp32's ulp of 1.
-    # -log p_k must come from log1p(remainder), not log(1 + remainder) rounded (PyTorch's
-    # fp32 kernel is 6% off on the first row); likewise p_k - 1 in the target column.
+    # -log p_k = log1p(remainder) must keep it (PyTorch's fp32 kernel is 6% off on the first
+    # row), and so must the target column p_k - 1 = -remainder / (1 + remainder). The float64
+    # reference itself cancels r - z_k here, so the exact values are formed with log1p.
     rows = [
         torch.cat([torch.tensor([19.45]), torch.zeros(69999)]),  # loss 2.5004e-4
         torch.cat([torch.tensor([30.0, 0.0, 0.0]), torch.full((69997,), -30.0)]),  # 1.9e-13
@@ -351,13 +352,18 @@ def test_confident_rows_keep_the_remainder(label_smoothing):
     ]
     logits = torch.stack(rows)
     target = torch.tensor([0, 0, 1, 69999])
-    options = dict(label_smoothing=label_smoothing, reduction="none")
-    loss, grad = run_smoothce(logits, target, **options)
-    ref_loss, ref_grad = cross_entropy_reference(logits, target, **options)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0.0)
-    if label_smoothing == 0.0:  # the target column is -(remainder) / d: tiny, and exact to fp32
-        rows = torch.arange(4)
-        torch.testing.assert_close(grad[rows, target].double(), ref_grad[rows, target], rtol=1e-5, atol=0.0)
+    loss, grad = run_smoothce(logits, target, label_smoothing=label_smoothing, reduction="none")
+    z = logits.double()
+    index = torch.arange(4)
+    z_k = z[index, target]
+    others = (z - z_k.unsqueeze(1)).exp()
+    others[index, target] = 0.0
+    remainder = others.sum(1)  # sum_{j != k} exp(z_j - z_k)
+    expected = torch.log1p(remainder) + label_smoothing * (z_k - z.mean(1))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0.0)
+    expected_target_col = -remainder / (1 + remainder) + label_smoothing * (1 - 1 / z.shape[1])
+    torch.testing.assert_close(grad[index, target].double(), expected_target_col, rtol=1e-5, atol=0.0)
+    _, ref_grad = cross_entropy_reference(logits, target, label_smoothing=label_smoothing, reduction="none")
     assert_grad_close(grad, ref_grad, torch.float32)
 
 

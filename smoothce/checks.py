@@ -1,0 +1,115 @@
+"""The argument rules of smoothce's cross-entropy: one set for every entry point, PyTorch's.
+
+Each rule is checked once per call, where it can be seen:
+
+* ``option_values`` holds what the op's schema cannot see, because it coerces first: a bool
+  (``True`` would become 1.0 or 1), numpy scalars and 0-d tensors (converted, as
+  ``F.cross_entropy`` converts them), and the int64 range of ``ignore_index`` (the schema's
+  own message for 2**63 names no range). ``smoothce.cross_entropy`` and
+  ``smoothce.CrossEntropyLoss`` apply it before calling the op, and ``check_tensors_given``
+  (PyTorch's TypeError for a non-tensor, where the schema raises a RuntimeError).
+* ``check_arguments`` holds the rest: tensors, dtypes, shapes, devices, the range of
+  ``label_smoothing`` and the name of ``reduction``. The public op's composite implementation
+  runs it, so ``torch.ops.smoothce.cross_entropy`` and everything above it pass here once.
+
+Only metadata is read, so the checks work on fake and meta tensors (torch.compile).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _is_bool(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")  # numpy's bool is no subclass
+
+
+def _is_real(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex()
+    return isinstance(value, numbers.Real)
+
+
+def _is_integer(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not (value.is_floating_point() or value.is_complex())
+    return isinstance(value, numbers.Integral)  # numpy integers are registered as Integral
+
+
+def option_values(label_smoothing, ignore_index) -> tuple[float, int]:
+    """``(float(label_smoothing), int(ignore_index))``, or TypeError/ValueError naming the value.
+
+    label_smoothing: a real number (float, int, numpy scalar, 0-d floating or integer tensor).
+    ignore_index: an integer (int, numpy integer, 0-d integer tensor) in the int64 range.
+    A bool is neither: ``label_smoothing=True`` or ``ignore_index=False`` is a mistake, not 1 or 0.
+    """
+    if type(label_smoothing) is not float:
+        if _is_bool(label_smoothing) or not _is_real(label_smoothing):
+            raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+        label_smoothing = float(label_smoothing)
+    if type(ignore_index) is not int:
+        if _is_bool(ignore_index) or not _is_integer(ignore_index):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        ignore_index = int(ignore_index)
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must be in the int64 range [-2**63, 2**63 - 1], got {ignore_index}")
+    return label_smoothing, ignore_index
+
+
+def check_tensors_given(logits, target) -> None:
+    """TypeError unless both are tensors (the schema would say so with a RuntimeError instead)."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"logits and target must be tensors, got {type(logits).__name__} and {type(target).__name__}"
+        )
+
+
+def check_option_values(label_smoothing: float, reduction) -> None:
+    """The value rules of the options: label_smoothing in [0, 1], a known reduction."""
+    if not 0.0 <= label_smoothing <= 1.0:  # False for NaN too
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+
+
+def check_arguments(logits, target, label_smoothing, ignore_index, reduction) -> torch.Tensor:
+    """Raise TypeError/ValueError naming the bad argument; return ``target`` ready to compare.
+
+    The returned target is ``target`` itself, or an int64 copy where an int32 target meets an
+    ``ignore_index`` outside the int32 range (which no int32 target equals, and which an int32
+    comparison would wrap onto a real class: 2**32 + 1 onto 1). Options that are not yet a
+    plain float and int (a direct Python caller) go through ``option_values`` first.
+    """
+    check_tensors_given(logits, target)  # always true behind the schema; direct Python callers
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, float16, bfloat16 or float64, got {logits.dtype}")
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(f"target must be int64 or int32 class indices, got {target.dtype}")
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (..., V), got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have at least one class (V >= 1), got shape {tuple(logits.shape)}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}: "
+            f"expected target of shape {tuple(logits.shape[:-1])} (logits without the class dimension, "
+            "which is last)"
+        )
+    if logits.device != target.device:
+        raise ValueError(f"logits are on {logits.device} but target is on {target.device}")
+    if type(label_smoothing) is not float or type(ignore_index) is not int:
+        label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
+    check_option_values(label_smoothing, reduction)
+    if target.dtype == torch.int32 and not INT32_MIN <= ignore_index <= INT32_MAX:
+        return target.long()
+    return target
