@@ -27,7 +27,8 @@ is left in the loss or the gradient:
   where they cancel, for every lam (p_k - 1/V at lam = 1, -(1 - p_k) at lam = 0).
 * the smoothing term lam (z_k - s / V), s = sum_j z_j: fp32's error in s, a few eps x
   sum_j |z_j|, only shows where the row shares a large offset; rows where lam |s / V| exceeds
-  four times the loss sum s again in fp64, where the offset cancels exactly.
+  four times the loss sum s again in fp64, where the offset cancels exactly (inputs of up to
+  64K logits sum in fp64 from the start).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ _TINY = 1e-30
 # Rows where lam |s / V| exceeds this multiple of the loss sum s again in fp64. Elsewhere fp32's
 # error in s, a few eps x sum_j |z_j| <= a few eps x (|s| + 2 V loss / lam), is a few ulps of the loss.
 _OFFSET_RATIO = 4.0
+# Up to this many logits the sums s are taken in fp64 outright: per-call overhead dominates there.
+_EXACT_SUM_ELEMENTS = 1 << 16
 
 
 def _softmax_(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -80,13 +83,16 @@ class CpuBackend(Backend):
         valid = target != ignore_index
         k = torch.where(valid, target, 0)
         low, high = torch.aminmax(k)
-        if low < 0 or high >= num_classes:
+        if int(low) < 0 or int(high) >= num_classes:
             check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
         k = k.unsqueeze(1)
         z_k = logits.gather(1, k).to(acc).squeeze(1)
-        # Per row: p_k, q = sum_{j != k} p_j, and s = sum_j z_j.
-        stats = torch.empty((3, n_rows, 1), dtype=acc)
-        p_k, rest, row_sum = stats[0], stats[1], stats[2]
+        # Per row: p_k and q = sum_{j != k} p_j; s = sum_j z_j, in fp64 where that costs nothing.
+        stats = torch.empty((2, n_rows, 1), dtype=acc)
+        p_k, rest = stats[0], stats[1]
+        exact_sums = acc == torch.float64 or n_rows * num_classes <= _EXACT_SUM_ELEMENTS
+        if lam != 0.0:
+            row_sum = torch.empty((n_rows, 1), dtype=torch.float64 if exact_sums else acc)
 
         rows_per_block = min(n_rows, max(torch.get_num_threads(), self.block_elements // num_classes, 1))
         in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
@@ -104,7 +110,7 @@ class CpuBackend(Backend):
                 if x.dtype != acc:
                     x = p.copy_(x)  # half inputs: upcast once, then work in place
             if lam != 0.0:
-                torch.sum(x, 1, keepdim=True, dtype=acc, out=row_sum[start:stop])
+                torch.sum(x, 1, keepdim=True, dtype=row_sum.dtype, out=row_sum[start:stop])
             p = _softmax_(p, x)
             torch.gather(p, 1, k_block, out=p_k[start:stop])
             p.scatter_(1, k_block, 0.0)  # the target column is written after the loop
@@ -112,22 +118,22 @@ class CpuBackend(Backend):
             if grad is None:
                 continue
             # p <- scale * p / (p_k + q) - scale * lam / V: renormalised, in fp32/fp64
-            torch.addcmul(offset, p, total.reciprocal_().mul_(scale), out=p)
+            torch.addcmul(offset, p, scale / total, out=p)
             if not in_place:
                 grad[start:stop].copy_(p)  # rounded to the gradient's dtype once
 
-        p_k, rest, row_sum = p_k.squeeze(1), rest.squeeze(1), row_sum.squeeze(1)
+        p_k, rest = p_k.squeeze(1), rest.squeeze(1)
         loss = torch.log1p(rest / p_k)
-        tiny = p_k < _TINY
-        any_tiny = bool(tiny.any())
+        any_tiny = float(p_k.min()) < _TINY
         if any_tiny:  # z_k far below the max: -log p_k from logsumexp of the logits instead
+            tiny = p_k < _TINY
             rows = logits[tiny].to(acc)
             m = rows.amax(1, keepdim=True)
             loss[tiny] = (m.squeeze(1) - z_k[tiny]) + (rows - m).exp().sum(1).log()
         if lam != 0.0:
-            mean_term = row_sum / num_classes
-            smoothing = lam * (z_k - mean_term)
-            if acc != torch.float64:
+            mean_term = row_sum.squeeze(1) / num_classes
+            smoothing = (z_k - mean_term).mul_(lam).to(acc)
+            if not exact_sums:
                 refine = (mean_term.abs() * lam > _OFFSET_RATIO * (loss + smoothing)) & valid
                 if bool(refine.any()):  # a large common offset: the mean again, summed in fp64
                     exact_mean = logits[refine].to(torch.float64).mean(1)
@@ -137,13 +143,15 @@ class CpuBackend(Backend):
             loss = torch.where(z_k == -math.inf, math.inf, loss)  # p_k = 0 whatever lam: not inf - inf
         loss = torch.where(valid, loss, 0.0)
         if grad is not None:
-            # p_k - c, in fp64 and rounded once, as a difference of two terms that carry only
-            # relative errors: p_k = 1 / (1 + q / p_k) minus c, or for p_k >= 1/2 (q <= p_k)
-            # 1 - c = lam (1 - 1/V) minus 1 - p_k = 1 / (1 + p_k / q).
+            # p_k - c = (1 - c) - (1 - p_k), 1 - c = lam (1 - 1/V), 1 - p_k = 1 / (1 + p_k / q): two
+            # terms with relative errors only, subtracted in fp64 and rounded once. fp64 logits
+            # need more: for p_k < 1/2 (q > p_k) p_k = 1 / (1 + q / p_k) minus c instead.
             p_k64 = p_k.double()
-            from_p_k = (rest / p_k64).add_(1.0).reciprocal_().sub_(1.0 - lam + lam / num_classes)
-            from_rest = (p_k64 / rest).add_(1.0).reciprocal_().neg_().add_(lam * (1.0 - 1.0 / num_classes))
-            target_col = torch.where(p_k64 >= rest, from_rest, from_p_k).mul_(scale)
+            target_col = (p_k64 / rest).add_(1.0).reciprocal_().neg_().add_(lam * (1.0 - 1.0 / num_classes))
+            if acc == torch.float64:
+                from_p_k = (rest / p_k64).add_(1.0).reciprocal_().sub_(1.0 - lam + lam / num_classes)
+                target_col = torch.where(p_k64 >= rest, target_col, from_p_k)
+            target_col.mul_(scale)
             grad.scatter_(1, k, target_col.to(grad.dtype).unsqueeze(1))
             if not bool(valid.all()):
                 grad[~valid] = 0.0

@@ -2,7 +2,9 @@
 
 1. Versions (python, torch, triton) and which backend each present device selects.
 2. The op against PyTorch's F.cross_entropy and the float64 reference, per dtype and
-   reduction, on the best device present: loss and gradient error, pass or fail.
+   reduction, on the best device present: loss and gradient error, pass or fail; then the
+   hard cases for rounding (a large common offset, lam = 1, a confident row, fp16 with a
+   loss scale of 65536), each with PyTorch's error alongside.
 3. A short benchmark there (forward+backward, label_smoothing=0.1): ms, speed-up against
    PyTorch eager and torch.compile, peak memory beyond the logits.
 Exits non-zero when a check fails. ``--no-bench`` skips step 3.
@@ -11,6 +13,7 @@ Exits non-zero when a check fails. ``--no-bench`` skips step 3.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 
@@ -69,8 +72,9 @@ def check(device: torch.device) -> bool:
     target = torch.randint(0, num_classes, (rows,), generator=generator)
     target[::7] = -100
     ok = True
-    print(f"\ncheck on {device} ({rows}x{num_classes}, label_smoothing=0.1, every 7th row ignored):")
-    print(f"  {'dtype':5s} {'reduction':9s} {'loss err':>10s} {'grad err':>10s} {'torch grad err':>14s}  result")
+    print(f"\ncheck on {device} ({rows}x{num_classes}, label_smoothing=0.1, every 7th row ignored),")
+    print("max |error| against float64, smoothce and PyTorch's F.cross_entropy:")
+    print(f"  {'dtype':5s} {'reduction':9s} {'loss err':>10s} {'torch':>10s} {'grad err':>10s} {'torch':>10s}  result")
     for name, dtype in DTYPES.items():
         for reduction in ("mean", "sum", "none"):
             logits = base.to(dtype)
@@ -82,6 +86,7 @@ def check(device: torch.device) -> bool:
             expected = F.cross_entropy(torch_leaf, target.to(device), label_smoothing=0.1, reduction=reduction)
             expected.backward(torch.ones_like(expected))
             loss_err = (loss.double().cpu() - ref_loss).abs().max().item()
+            torch_loss_err = (expected.double().cpu() - ref_loss).abs().max().item()
             grad_err = (leaf.grad.double().cpu() - ref_grad).abs().max().item()
             torch_err = (torch_leaf.grad.double().cpu() - ref_grad).abs().max().item()
             scale = ref_grad.abs().max().item()
@@ -89,9 +94,83 @@ def check(device: torch.device) -> bool:
             good = loss_err <= 1e-5 * loss_scale and grad_err <= GRAD_BOUND[name] * scale
             ok &= good
             print(
-                f"  {name:5s} {reduction:9s} {loss_err:10.2e} {grad_err:10.2e} {torch_err:14.2e}  "
-                f"{'ok' if good else 'FAIL'}"
+                f"  {name:5s} {reduction:9s} {loss_err:10.2e} {torch_loss_err:10.2e} {grad_err:10.2e} "
+                f"{torch_err:10.2e}  {'ok' if good else 'FAIL'}"
             )
+    return check_hard_cases(device) and ok
+
+
+def _fp16_ulps(values: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |values - expected| in units of fp16's spacing at |expected| (subnormals: 2**-24)."""
+    spacing = torch.exp2(torch.floor(torch.log2(expected.abs().clamp_min(2.0**-14))) - 10)
+    return ((values.double() - expected).abs() / spacing).max().item()
+
+
+def _hard_cases(device: torch.device):
+    """(label, what is measured, bound, smoothce's error, PyTorch's error) per case."""
+    generator = torch.Generator().manual_seed(1)
+
+    def both(logits, target, backward_scale=None, autocast=False, **options):
+        results = []
+        for fn in (smoothce.cross_entropy, F.cross_entropy):
+            leaf = logits.to(device, copy=True).requires_grad_(True)
+            with torch.autocast(device.type, dtype=logits.dtype, enabled=autocast):
+                loss = fn(leaf, target.to(device), **options)
+            if backward_scale is not None:
+                (loss * backward_scale).backward()
+            results.append((loss.detach().double().cpu(), None if leaf.grad is None else leaf.grad.cpu()))
+        return results
+
+    # fp32 logits sharing a large offset, lam > 0: the smoothing term's sum must not carry the offset.
+    logits = (-3e4 + torch.randn(16, 32000, generator=generator, dtype=torch.float64)).float()
+    target = torch.randint(0, 32000, (16,), generator=generator)
+    ref, _ = cross_entropy_reference(logits, target, label_smoothing=0.1, reduction="none")
+    errors = [((loss - ref).abs() / ref).max().item() for loss, _ in both(logits, target, label_smoothing=0.1,
+                                                                           reduction="none")]
+    yield "fp32 -3e4 + randn, lam=0.1", "loss rel. err", 1e-6, *errors
+
+    equal = torch.full((1, 70000), 30000.0)
+    errors = [abs(loss.item() - math.log(70000)) / math.log(70000)
+              for loss, _ in both(equal, torch.tensor([0]), label_smoothing=1.0)]
+    yield "fp32 70000 logits all 3e4, lam=1", "loss rel. err", 1e-6, *errors
+
+    # lam = 1: the target column is p_k - 1/V, about 1e-5; it must keep its relative precision.
+    logits = torch.randn(8, 65536, generator=generator)
+    target = torch.randint(0, 65536, (8,), generator=generator)
+    _, ref_grad = cross_entropy_reference(logits, target, label_smoothing=1.0, reduction="sum")
+    rows = torch.arange(8)
+    col = ref_grad[rows, target]
+    errors = [((grad[rows, target].double() - col).abs() / col.abs()).max().item()
+              for _, grad in both(logits, target, backward_scale=1.0, label_smoothing=1.0, reduction="sum")]
+    yield "fp32 V=65536 randn, lam=1", "target col rel. err", 1e-5, *errors
+
+    # A confident row: loss = log1p(69999 exp(-19.45)) = 2.5004e-4, far below fp32's ulp of 1.
+    confident = torch.zeros(1, 70000)
+    confident[0, 0] = 19.45
+    exact = math.log1p(69999 * math.exp(-float(confident[0, 0])))
+    errors = [abs(loss.item() - exact) / exact for loss, _ in both(confident, torch.tensor([0]))]
+    yield "fp32 confident row (loss 2.5e-4)", "loss rel. err", 1e-6, *errors
+
+    # fp16 logits, mean over 4096 rows, loss x 65536 (loss scaling), PyTorch under autocast: the
+    # scaled gradient in fp16 ulps of float64 x 65536. Folding 1/N in first would flush most of it.
+    num_classes = 32000 if device.type != "cpu" else 2048
+    logits = (torch.randn(4096, num_classes, generator=generator) * 3).half()
+    target = torch.randint(0, num_classes, (4096,), generator=generator)
+    _, ref_grad = cross_entropy_reference(logits, target, label_smoothing=0.1)
+    errors = [_fp16_ulps(grad, ref_grad * 65536)
+              for _, grad in both(logits, target, backward_scale=65536.0, autocast=True, label_smoothing=0.1)]
+    yield f"fp16 4096x{num_classes} mean, loss x 65536", "grad err, fp16 ulps", 2.0, *errors
+
+
+def check_hard_cases(device: torch.device) -> bool:
+    """The cases where rounding is easiest to get wrong: smoothce must be within its bound."""
+    print(f"\nhard cases on {device}, error against float64 (PyTorch: F.cross_entropy, fp32 math):")
+    print(f"  {'case':36s} {'measure':20s} {'smoothce':>10s} {'torch':>10s} {'bound':>8s}  result")
+    ok = True
+    for label, measure, bound, ours, theirs in _hard_cases(device):
+        good = ours <= bound
+        ok &= good
+        print(f"  {label:36s} {measure:20s} {ours:10.2e} {theirs:10.2e} {bound:8.0e}  {'ok' if good else 'FAIL'}")
     return ok
 
 

@@ -301,23 +301,34 @@ def test_cpu_backend_block_boundaries(dtype, block_elements):
 # --- precision: offsets, full smoothing, confident rows, -inf ------------------------------
 
 
+# Rows x classes: above and below the CPU backend's 64K logits, where its sums go fp64 outright.
+@pytest.mark.parametrize("shape", [(8, 32000), (4, 1000)], ids=str)
 @pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
-def test_large_common_offset_with_smoothing(label_smoothing):
+def test_large_common_offset_with_smoothing(label_smoothing, shape):
     # Logits sharing a large offset: the smoothing term (lam / V) sum_j z_j must be formed
     # relative to the row (the offset cancels exactly), not summed over raw logits whose sum
     # fp32 cannot hold to the loss's precision.
-    num_classes = 70000
-    equal = torch.full((1, num_classes), 30000.0)  # uniform softmax: loss = log V for any lam
-    loss, _ = run_smoothce(equal, torch.tensor([0]), label_smoothing=label_smoothing, reduction="none")
-    assert abs(loss.item() - math.log(num_classes)) <= 2e-6, f"{loss.item():.7f} vs log V {math.log(num_classes):.7f}"
-    logits = (-3e4 + make_logits((8, 32000), torch.float64, scale=1.0)).float()
-    target = make_target((8,), 32000, ignore_fraction=0.0)
+    logits = (-3e4 + make_logits(shape, torch.float64, scale=1.0)).float()
+    target = make_target(shape[:1], shape[1], ignore_fraction=0.0)
     options = dict(label_smoothing=label_smoothing, reduction="none")
     loss, grad = run_smoothce(logits, target, **options)
     ref_loss, ref_grad = cross_entropy_reference(logits, target, **options)
     relative = ((loss.double() - ref_loss).abs() / ref_loss).max().item()
     assert relative <= 1e-6, f"relative loss error {relative:.2e} (PyTorch's fp32 kernel: about 2e-7)"
     assert_grad_close(grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+def test_equal_logits_with_large_offset(label_smoothing):
+    # 70000 logits all 30000: a uniform softmax, loss = log V for every lam (the raw fp32 sum
+    # of the logits gave 11.15820 against log V = 11.15625 at lam = 1).
+    num_classes = 70000
+    equal = torch.full((1, num_classes), 30000.0)
+    loss, grad = run_smoothce(equal, torch.tensor([0]), label_smoothing=label_smoothing, reduction="none")
+    assert abs(loss.item() - math.log(num_classes)) <= 2e-6, f"{loss.item():.7f} vs log V {math.log(num_classes):.7f}"
+    _, ref_grad = cross_entropy_reference(equal, torch.tensor([0]), label_smoothing=label_smoothing, reduction="none")
+    # p_j = 1/V in fp32 minus lam / V: a few ulps of 1/V (at lam = 1 the exact gradient is 0).
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=4 * 2.0**-24 / num_classes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
