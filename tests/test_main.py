@@ -15,5 +15,6 @@ def test_main_job_checks_pass(tmp_path):
     assert "torch " in out
     assert "triton " in out
     assert "backend cpu" in out
-    assert out.count(" ok") == 12  # 4 dtypes x 3 reductions
+    assert out.count(" ok") == 12 + 5  # 4 dtypes x 3 reductions, then the 5 hard cases for rounding
+    assert "hard cases" in out
     assert "all checks passed" in out
