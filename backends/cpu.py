@@ -81,7 +81,7 @@ class CpuBackend(Backend):
         logits = logits.detach()
         target = target.long()  # compare in int64: an int32 target never equals a wider ignore_index
         valid = target != ignore_index
-        k = torch.where(valid, target, 0)
+        k = target * valid  # ignored rows read class 0, harmlessly
         low, high = torch.aminmax(k)
         if int(low) < 0 or int(high) >= num_classes:
             check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
@@ -91,8 +91,7 @@ class CpuBackend(Backend):
         stats = torch.empty((2, n_rows, 1), dtype=acc)
         p_k, rest = stats[0], stats[1]
         exact_sums = acc == torch.float64 or n_rows * num_classes <= _EXACT_SUM_ELEMENTS
-        if lam != 0.0:
-            row_sum = torch.empty((n_rows, 1), dtype=torch.float64 if exact_sums else acc)
+        row_sum = torch.empty((n_rows, 1), dtype=torch.float64 if exact_sums else acc) if lam != 0.0 else None
 
         rows_per_block = min(n_rows, max(torch.get_num_threads(), self.block_elements // num_classes, 1))
         in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
@@ -101,26 +100,30 @@ class CpuBackend(Backend):
         offset = torch.tensor(-scale * lam / num_classes, dtype=acc)
         for start in range(0, n_rows, rows_per_block):
             stop = min(start + rows_per_block, n_rows)
-            x = logits[start:stop]
-            k_block = k[start:stop]
-            if in_place:
-                p = grad[start:stop]
+            if stop - start == n_rows:  # one block: the whole tensors, no views (small inputs)
+                x, k_block, p_k_block, rest_block, sum_block, grad_block = logits, k, p_k, rest, row_sum, grad
             else:
-                p = scratch[: stop - start]
+                x, k_block, p_k_block, rest_block = logits[start:stop], k[start:stop], p_k[start:stop], rest[start:stop]
+                sum_block = None if row_sum is None else row_sum[start:stop]
+                grad_block = None if grad is None else grad[start:stop]
+            if in_place:
+                p = grad_block
+            else:
+                p = scratch if stop - start == rows_per_block else scratch[: stop - start]
                 if x.dtype != acc:
                     x = p.copy_(x)  # half inputs: upcast once, then work in place
             if lam != 0.0:
-                torch.sum(x, 1, keepdim=True, dtype=row_sum.dtype, out=row_sum[start:stop])
+                torch.sum(x, 1, keepdim=True, dtype=sum_block.dtype, out=sum_block)
             p = _softmax_(p, x)
-            torch.gather(p, 1, k_block, out=p_k[start:stop])
+            torch.gather(p, 1, k_block, out=p_k_block)
             p.scatter_(1, k_block, 0.0)  # the target column is written after the loop
-            total = torch.sum(p, 1, keepdim=True, out=rest[start:stop]).add(p_k[start:stop])
+            total = torch.sum(p, 1, keepdim=True, out=rest_block).add(p_k_block)
             if grad is None:
                 continue
             # p <- scale * p / (p_k + q) - scale * lam / V: renormalised, in fp32/fp64
             torch.addcmul(offset, p, scale / total, out=p)
             if not in_place:
-                grad[start:stop].copy_(p)  # rounded to the gradient's dtype once
+                grad_block.copy_(p)  # rounded to the gradient's dtype once
 
         p_k, rest = p_k.squeeze(1), rest.squeeze(1)
         loss = torch.log1p(rest / p_k)
@@ -147,11 +150,10 @@ class CpuBackend(Backend):
             # terms with relative errors only, subtracted in fp64 and rounded once. fp64 logits
             # need more: for p_k < 1/2 (q > p_k) p_k = 1 / (1 + q / p_k) minus c instead.
             p_k64 = p_k.double()
-            target_col = (p_k64 / rest).add_(1.0).reciprocal_().neg_().add_(lam * (1.0 - 1.0 / num_classes))
+            target_col = torch.div(-scale, (p_k64 / rest).add_(1.0)).add_(scale * lam * (1.0 - 1.0 / num_classes))
             if acc == torch.float64:
-                from_p_k = (rest / p_k64).add_(1.0).reciprocal_().sub_(1.0 - lam + lam / num_classes)
+                from_p_k = torch.div(scale, (rest / p_k64).add_(1.0)).sub_(scale * (1.0 - lam + lam / num_classes))
                 target_col = torch.where(p_k64 >= rest, target_col, from_p_k)
-            target_col.mul_(scale)
             grad.scatter_(1, k, target_col.to(grad.dtype).unsqueeze(1))
             if not bool(valid.all()):
                 grad[~valid] = 0.0
