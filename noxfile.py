@@ -52,7 +52,8 @@ def triton_interpret(session: nox.Session) -> None:
     """
     _install(session, "test,triton")
     session.install(TRITON)
-    session.run(*PYTEST, "tests/test_triton_kernels.py", *session.posargs, env={"TRITON_INTERPRET": "1"})
+    session.run(*PYTEST, "tests/test_triton_kernels.py", "tests/test_triton_shard_kernels.py", *session.posargs,
+                env={"TRITON_INTERPRET": "1"})
     for backend in ("cuda-triton", "xpu-triton"):
         env = {"TRITON_INTERPRET": "1", "SMOOTHCE_BACKEND": backend}
         session.run(*PYTEST, "tests/test_op.py", *session.posargs, env=env)

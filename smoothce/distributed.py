@@ -6,21 +6,30 @@ the logits of classes [start_i, start_i + V_i), where start_i = V_0 + ... + V_{i
 computed without ever gathering the full (N, V) logits: each rank reduces its
 slice to a few numbers per row, and only those travel.
 
-For a row z with target k and smoothing lam, the spec's loss is
+For a row z with target k and smoothing lam, the spec's loss
+r - (1 - lam) z_k - (lam / V) sum_j z_j, with r = logsumexp(z) = M + log S, written
+relative to the global row max M (M~ = M where finite, else 0) is
 
-    r = logsumexp(z),  s = sum_j z_j,  loss = r - (1 - lam) z_k - (lam / V) s
+    loss = log S + (1 - lam)(M~ - z_k) - (lam / V) sum_j (z_j - M~),   S = sum_j exp(z_j - M~)
 
-and, with the global row max M and the local parts of rank i's slice
-(sums over j in slice i only)
+where each term is >= 0, so nothing cancels and a large offset shared by the logits costs
+no digits. Each rank first reduces its slice (``Backend.shard_stats``, the backend's kernel)
+to its max m_i, R_i = sum exp(z_j - m_i) over the slice apart from one max's exact 1,
+t_i = sum (z_j - m~_i) and z_k where it holds k. Then, with a_i = [m_i = M] (rank i holds a
+global max):
 
-    m_i = max_j z_j,  S_i = sum_j exp(z_j - m_i),  c_i = (1 - lam) z_k [k in slice i] + (lam / V) sum_j z_j,
+    S = sum_i (1 + R_i) exp(m_i - M~),   so its excess over the max's own 1 is
+    e = S - 1 = (sum_i a_i - 1) + sum_i (R_i if a_i else (1 + R_i) exp(m_i - M~))
 
-    S = sum_i S_i exp(m_i - M),  r = M + log S,  loss = r - sum_i c_i
-    grad_j = softmax(z)_j - lam / V - (1 - lam) [j = k] = exp(z_j - M) / S - lam / V - (1 - lam) [j = k]
+(an all -inf slice adds 0), summed without ever adding a 1 to the small terms, and log S = log1p(e): rows
+whose max dominates (S = 1 + tiny) keep their loss to float32 rounding. The partial loss
 
-V is the GLOBAL vocabulary size everywhere (smoothing by the local V_i is the
-classic bug). Each call issues exactly three all-reduces (only the first when
-there are no rows), all O(rows) or O(1), never O(V):
+    c_i = (1 - lam)(M~ - z_k) [k in slice i] - (lam / V)(t_i + V_i (m~_i - M~)),   loss = log1p(e) + sum_i c_i
+
+and the gradient of the slice (``Backend.shard_grad``, the backend's kernel) is
+p_j - lam / V - (1 - lam) [j = k], p_j = exp(z_j - M~) / S. V is the GLOBAL vocabulary
+size everywhere (smoothing by the local V_i is the classic bug). Each call issues exactly
+three all-reduces (only the first when there are no rows), all O(rows) or O(1), never O(V):
 
 1. SUM of a (world, 10) int64 table, one row per rank (an all-gather done as an
    all-reduce): shard sizes give every rank its start and V, and the same table
@@ -28,19 +37,22 @@ there are no rows), all O(rows) or O(1), never O(V):
    the targets, their range), so a bad input raises the same clear error on every
    rank instead of hanging in the next collective.
 2. MAX of the local row maxima m_i: (N,).
-3. SUM of [S_i exp(m_i - M), c_i] packed as one (N, 2) tensor.
+3. SUM of [the excess terms, a_i, c_i] packed as one (N, 3) tensor.
 
-That is 12 bytes per row for float32/float16/bfloat16 logits (24 for float64),
-plus 80 * world bytes per call. Why not fewer: summing exp(z) across ranks needs a
-shift common to all ranks, which is the MAX; and nothing whose size depends on the
-rows may be sent before every rank knows that all ranks agree on the rows, which is
-the table. The table is read on the host (one small device-to-host copy per call on
-accelerators). The local work is three custom ops
-(``smoothce::vp_offsets``, ``smoothce::vp_stats``, ``smoothce::vp_loss_grad``) with
-fake functions, and the collectives are ``torch.distributed._functional_collectives``,
-so the whole function traces under torch.compile. As in the single-process op, the
-gradient of the local slice is computed in the forward pass and kept; backward
-multiplies it by dO.
+That is 16 bytes per row for float32/float16/bfloat16 logits (32 for float64), plus
+80 * world bytes per call. Why not fewer: summing exp(z) across ranks needs a shift
+common to all ranks, which is the MAX; the count of ranks holding the max is what lets
+the excess leave out exactly one 1; and nothing whose size depends on the rows may be
+sent before every rank knows that all ranks agree on the rows, which is the table. The
+table is read on the host (one small device-to-host copy per call on accelerators). The
+local work is three custom ops (``smoothce::vp_offsets``, ``smoothce::vp_stats``,
+``smoothce::vp_loss_grad``) with fake functions, whose per-element work runs on the
+registry's backend for the logits' device (``registry.select``: the Triton kernels on
+GPUs, vectorised torch on CPU); the collectives are
+``torch.distributed._functional_collectives``, so the whole function traces under
+torch.compile. As in the single-process op, the gradient of the local slice is computed
+in the forward pass and kept (for float16 as 2**15 times it, ``kept_gradient_scale``);
+backward multiplies it by dO and the factor the forward returns.
 
 Data parallelism and gradient accumulation: "mean" divides by the non-ignored rows
 of this call only, which is wrong when micro-batches hold different numbers of real
@@ -60,8 +72,9 @@ import torch.distributed as dist
 if dist.is_available():  # builds without torch.distributed can still import smoothce
     import torch.distributed._functional_collectives as funcol
 
+from smoothce import registry
 from smoothce._ops import REDUCTIONS, check_arguments, register_kept_gradient_autograd
-from smoothce.backends.base import bad_target_message, loss_dtype
+from smoothce.backends.base import bad_target_message, kept_gradient_scale, loss_dtype
 
 __all__ = ["count_tokens", "vocab_parallel_cross_entropy"]
 
@@ -73,18 +86,6 @@ _TABLE_COLUMNS = 10
 _NO_ERROR, _TYPE_ERROR, _VALUE_ERROR = 0, 1, 2
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 _LAM_SCALE = 2**52  # lam in [0, 1] as an exact-enough int64 for the agreement check
-
-# Elements of one block of rows: 1M on CPU (4 MiB of fp32 scratch), 16M elsewhere (64 MiB).
-_BLOCK_ELEMENTS = {"cpu": 1 << 20}
-_BLOCK_ELEMENTS_DEFAULT = 1 << 24
-
-
-def _row_blocks(n_rows: int, num_classes: int, device: torch.device):
-    budget = _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS_DEFAULT)
-    rows = max(1, budget // max(num_classes, 1))
-    for start in range(0, n_rows, rows):
-        yield start, min(start + rows, n_rows)
-
 
 def _all_reduce(tensor: torch.Tensor, op: str, group) -> torch.Tensor:
     # PyTorch's functional collective: traceable by torch.compile; in eager it returns
@@ -212,15 +213,15 @@ def _(table, rank, ignore_index):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Local statistics of this rank's slice.
+# 2. Local statistics of this rank's slice, and what each rank adds to the global sums.
 
 
-def _unpack_offsets(offsets, acc):
-    # (start, V): Python ints on CPU, where reading them is free; 0-d tensors elsewhere (no sync).
+def _unpack_offsets(offsets):
+    # (start, V): Python ints on CPU, where reading them is free; 0-d int64 tensors elsewhere (no sync).
     if offsets.device.type == "cpu":
         start, num_classes = offsets.tolist()
         return start, num_classes
-    return offsets[0], offsets[1].to(acc)
+    return offsets[0], offsets[1]
 
 
 @torch.library.custom_op("smoothce::vp_stats", mutates_args=())
@@ -230,43 +231,52 @@ def vp_stats(
     offsets: torch.Tensor,
     label_smoothing: float,
     ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (m_i, S_i, c_i) of this rank's slice (N, V_i); each (N,), float32 (float64 for float64).
+) -> torch.Tensor:
+    """Rows (m_i, R_i, t_i, z_k) of this rank's slice (N, V_i): (4, N), float32 (float64 for float64).
 
-        m_i = max_j z_j,  S_i = sum_j exp(z_j - m_i),
-        c_i = (1 - lam) z_k [start <= k < start + V_i] + (lam / V) sum_j z_j
-    (sums over this slice, k the global target, V the global vocabulary size).
-    An all -inf slice has m_i = -inf and S_i = 0.
+    ``Backend.shard_stats`` of the registry's backend for the logits' device, which says
+    what each row means (all relative to the slice's own max m_i).
     """
-    n_rows, local_classes = logits.shape
-    acc = loss_dtype(logits.dtype)
-    start, num_classes = _unpack_offsets(offsets, acc)
-    lam = float(label_smoothing)
-    row_max = torch.empty(n_rows, dtype=acc, device=logits.device)
-    sum_exp = torch.empty_like(row_max)
-    partial = torch.empty_like(row_max)
-    for lo, hi in _row_blocks(n_rows, local_classes, logits.device):
-        x = logits[lo:hi].to(acc)
-        m = x.amax(dim=1)
-        shift = torch.where(torch.isfinite(m), m, 0.0).unsqueeze(1)
-        sum_exp[lo:hi] = torch.exp(x - shift).sum(dim=1)
-        row_max[lo:hi] = m
-        k = target[lo:hi].to(torch.int64) - start
-        owned = (target[lo:hi] != ignore_index) & (k >= 0) & (k < local_classes)
-        z_k = x.gather(1, torch.where(owned, k, 0).unsqueeze(1)).squeeze(1)
-        c = (1.0 - lam) * torch.where(owned, z_k, 0.0)
-        if lam != 0.0:
-            c = c + x.sum(dim=1) * (lam / num_classes)
-        partial[lo:hi] = c
-    return row_max, sum_exp, partial
+    start, _ = _unpack_offsets(offsets)
+    backend = registry.select(logits.device)
+    return backend.shard_stats(logits, target, start, float(label_smoothing), ignore_index)
 
 
 @vp_stats.register_fake
 def _(logits, target, offsets, label_smoothing, ignore_index):
-    # Three (N,) vectors in the accumulation dtype.
+    # A (4, N) tensor in the accumulation dtype.
     torch._check(logits.dim() == 2, lambda: f"vp_stats expects 2-D logits, got {logits.dim()}-D")
-    out = logits.new_empty(logits.shape[0], dtype=loss_dtype(logits.dtype))
-    return out, torch.empty_like(out), torch.empty_like(out)
+    return logits.new_empty(4, logits.shape[0], dtype=loss_dtype(logits.dtype))
+
+
+def _contributions(stats, global_max, target, offsets, local_classes, label_smoothing, ignore_index):
+    """This rank's terms of the global sums, (N, 3): [excess term, a_i, c_i] (see the module docstring).
+
+        a_i = [m_i = M],  excess term = R_i if a_i else (1 + R_i) exp(m_i - M~),
+        c_i = (1 - lam)(M~ - z_k) [k in slice i] - (lam / V)(t_i + V_i (m~_i - M~))
+    Plain torch on (N,) vectors, so torch.compile traces it; lam = 1 and lam = 0 leave out
+    the term they zero, which would otherwise be 0 * inf = nan for a -inf logit.
+    """
+    row_max, remainder, sums, z_k = stats.unbind(0)
+    acc = stats.dtype
+    lam = float(label_smoothing)
+    start, num_classes = _unpack_offsets(offsets)
+    finite = torch.isfinite(global_max)
+    shift = torch.where(finite, global_max, 0.0)
+    holds_max = (row_max == global_max) & finite
+    scale = torch.exp(row_max - shift)  # 0 for an all -inf slice, 1 where it holds the max
+    excess = torch.where(holds_max, remainder, remainder * scale + scale)
+    partial = torch.zeros_like(row_max)
+    if lam != 1.0:
+        k = target.to(torch.int64) - start
+        owned = (target != ignore_index) & (k >= 0) & (k < local_classes)
+        partial = torch.where(owned, (1.0 - lam) * (shift - z_k), 0.0)
+    if lam != 0.0:
+        own_shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        total = sums + local_classes * (own_shift - shift)
+        vocab = num_classes.to(acc) if isinstance(num_classes, torch.Tensor) else num_classes
+        partial = partial - (lam / vocab) * total
+    return torch.stack([excess, holds_max.to(acc), partial], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,32 +289,30 @@ def vp_loss_grad(
     target: torch.Tensor,
     offsets: torch.Tensor,
     row_max: torch.Tensor,
-    sum_exp: torch.Tensor,
+    excess: torch.Tensor,
     partial: torch.Tensor,
     denominator: torch.Tensor,
     label_smoothing: float,
     ignore_index: int,
     reduction: str,
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (reduced as asked) and, when ``compute_grad``, d loss / d (this slice).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss (reduced as asked), the kept gradient of this slice and backward's factor.
 
-    With the global M (``row_max``), S (``sum_exp``) and sum_i c_i (``partial``), M~ = M
-    where finite else 0, and D the ``denominator`` (1 for "none"/"sum"):
+    With the global M (``row_max``), e = S - 1 (``excess``), sum_i c_i (``partial``) and
+    D the ``denominator`` (1 for "none"/"sum"), g = 1/D (0 if D == 0):
 
-        loss_row = M~ + log S - sum_i c_i   (0 on ignored rows);  "sum": sum of rows;
+        loss_row = log1p(e) + sum_i c_i   (0 on ignored rows);  "sum": sum of rows;
         "mean": sum of rows / D (0 when D == 0)
-        grad_j = g (exp(z_j - M~) / S - lam / V - (1 - lam) [j = k - start]),  g = 1/D (0 if D == 0)
+        kept = ``Backend.shard_grad`` scaled by g, factor = 1; for float16 logits scaled by
+        2**15 instead and factor = g / 2**15 (``kept_gradient_scale``: small entries are
+        rounded to float16 only after backward's dO, a loss scale, has reached them)
 
-    Returns (loss, grad); grad has the logits' dtype, or is empty without ``compute_grad``.
+    Returns (loss, kept, factor); kept has the logits' dtype, or is empty without ``compute_grad``.
     """
-    n_rows, local_classes = logits.shape
     acc = loss_dtype(logits.dtype)
-    start, num_classes = _unpack_offsets(offsets, acc)
-    lam = float(label_smoothing)
     valid = target != ignore_index
-    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    rows = torch.where(valid, shift + torch.log(sum_exp) - partial, 0.0)
+    rows = torch.where(valid, torch.log1p(excess) + partial, 0.0)
     denominator = denominator.to(acc)
     positive = denominator > 0
     if reduction == "none":
@@ -313,37 +321,31 @@ def vp_loss_grad(
         loss = rows.sum()
     else:
         loss = torch.where(positive, rows.sum() / torch.where(positive, denominator, 1.0), 0.0)
-    if not compute_grad:
-        return loss, logits.new_empty(0)
     scale = torch.where(positive, 1.0 / torch.where(positive, denominator, 1.0), 0.0)
-    row_scale = torch.where(valid, scale, 0.0)
-    # Ignored rows get exactly 0, even where S == 0 (a row of -inf logits).
-    prob_scale = torch.where(valid, row_scale / sum_exp, 0.0)
+    kept_scale, fold = kept_gradient_scale(logits.dtype)
+    if fold:
+        factor = torch.ones_like(scale)
+    else:
+        scale, factor = torch.full_like(scale, kept_scale), scale / kept_scale
+    if not compute_grad:
+        return loss, logits.new_empty(0), factor
     grad = torch.empty_like(logits)
-    for lo, hi in _row_blocks(n_rows, local_classes, logits.device):
-        e = torch.exp(logits[lo:hi].to(acc) - shift[lo:hi].unsqueeze(1))
-        e.mul_(prob_scale[lo:hi].unsqueeze(1))
-        if lam != 0.0:
-            e.sub_((row_scale[lo:hi] * (lam / num_classes)).unsqueeze(1))
-        k = target[lo:hi].to(torch.int64) - start
-        owned = valid[lo:hi] & (k >= 0) & (k < local_classes)
-        e.scatter_add_(
-            1,
-            torch.where(owned, k, 0).unsqueeze(1),
-            torch.where(owned, -row_scale[lo:hi] * (1.0 - lam), 0.0).unsqueeze(1).to(acc),
-        )
-        grad[lo:hi] = e
-    return loss, grad
+    start, num_classes = _unpack_offsets(offsets)
+    backend = registry.select(logits.device)
+    backend.shard_grad(
+        logits, target, start, num_classes, row_max, excess, float(label_smoothing), ignore_index, scale, grad
+    )
+    return loss, grad, factor
 
 
 @vp_loss_grad.register_fake
-def _(logits, target, offsets, row_max, sum_exp, partial, denominator, label_smoothing, ignore_index,
+def _(logits, target, offsets, row_max, excess, partial, denominator, label_smoothing, ignore_index,
       reduction, compute_grad):
-    # Shapes and dtypes only: loss (N,) or 0-d in the accumulation dtype; grad like logits.
+    # Shapes and dtypes only: loss (N,) or 0-d and the 0-d factor in the accumulation dtype; grad like logits.
     acc = loss_dtype(logits.dtype)
     loss = logits.new_empty(logits.shape[0] if reduction == "none" else (), dtype=acc)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    return loss, grad
+    return loss, grad, logits.new_empty((), dtype=acc)
 
 
 # The kept gradient's autograd, shared with smoothce.cross_entropy (in place in eager).
@@ -405,7 +407,7 @@ def vocab_parallel_cross_entropy(
         (float32; float64 for float64 logits). Its gradient w.r.t. ``logits_shard`` is this
         rank's slice of the single-process gradient, computed in this forward pass and kept.
 
-    Issues three all-reduces over ``group`` (12 bytes per row for 16/32-bit logits, plus
+    Issues three all-reduces over ``group`` (16 bytes per row for 16/32-bit logits, plus
     80 bytes per rank), never O(V). Inputs that do not fit together across ranks (row
     counts, dtypes, options, targets, a target outside [0, V)) raise the same ValueError or
     TypeError on every rank; an uninitialised process group raises RuntimeError. Only a
@@ -439,14 +441,15 @@ def vocab_parallel_cross_entropy(
     z = logits_shard.reshape(-1, local_classes)
     t = target.reshape(-1)
     acc = loss_dtype(z.dtype)
-    row_max, sum_exp, partial = vp_stats(z.detach(), t, offsets, float(label_smoothing), ignore_index)
+    stats = vp_stats(z.detach(), t, offsets, float(label_smoothing), ignore_index)
+    global_max = stats[0]
     if z.shape[0] > 0:
-        global_max = _all_reduce(row_max, "max", group)
-        shift = torch.where(torch.isfinite(global_max), global_max, 0.0)
-        packed = torch.stack([sum_exp * torch.exp(row_max - shift), partial], dim=1)
+        global_max = _all_reduce(global_max, "max", group)
+    packed = _contributions(stats, global_max, t, offsets, local_classes, float(label_smoothing), ignore_index)
+    if z.shape[0] > 0:
         packed = _all_reduce(packed, "sum", group)
-        sum_exp, partial = packed[:, 0], packed[:, 1]
-        row_max = global_max
+    # e = (number of ranks holding the max - 1) + the summed terms: exact when one rank holds it.
+    excess = (packed[:, 1] - 1.0) + packed[:, 0]
     if reduction != "mean":
         denominator = torch.ones((), dtype=acc, device=z.device)
     elif normalizer is None:
@@ -456,8 +459,8 @@ def vocab_parallel_cross_entropy(
     else:
         denominator = torch.tensor(float(normalizer), dtype=acc, device=z.device)
     compute_grad = torch.is_grad_enabled() and logits_shard.requires_grad
-    loss, _ = vp_loss_grad(
-        z, t, offsets, row_max, sum_exp, partial, denominator,
+    loss, _, _ = vp_loss_grad(
+        z, t, offsets, global_max, excess, packed[:, 2], denominator,
         float(label_smoothing), ignore_index, reduction, compute_grad,
     )
     if reduction == "none":

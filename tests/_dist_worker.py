@@ -250,8 +250,135 @@ def _check_minus_inf_slice(rank, world, device):
     return failures
 
 
+def _split(num_classes, world):
+    # Uneven slices (weights 3, 4, 2, 5, ...) that add up to num_classes.
+    weights = [(3, 4, 2, 5)[r % 4] for r in range(world)]
+    sizes = [num_classes * w // sum(weights) for w in weights]
+    sizes[-1] += num_classes - sum(sizes)
+    return sizes
+
+
+def _vp_case(rank, world, full, target, lam, reduction, sizes, device, grad_out=None):
+    """Loss and this rank's gradient slice of ``full`` (2-D) through the vocabulary-parallel loss."""
+    from smoothce.distributed import vocab_parallel_cross_entropy
+
+    shard = full[:, _slices(sizes)[rank]].to(device).clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, target.to(device), label_smoothing=lam, reduction=reduction)
+    (loss if grad_out is None else loss * grad_out).sum().backward()
+    return loss.detach().cpu(), shard.grad.cpu()
+
+
+def job_precision(rank, world, device):
+    """Rows where float32 loses digits unless everything is relative to the row max (issue 9 section 3)."""
+    import math
+
+    from smoothce.reference import cross_entropy_reference
+
+    failures = []
+    num_classes = 70000
+    sizes = _split(num_classes, world)
+    own = _slices(sizes)[rank]
+    last = num_classes - 1
+
+    # 70000 equal logits at 30000 with lam = 1: the loss is log V, to float32 rounding (raw sums of
+    # z gave 11.15820 for log V = 11.15625); every rank holds the max. lam = 0.1 gives log V too.
+    full = torch.full((2, num_classes), 30000.0)
+    target = torch.tensor([0, last])
+    for lam in (1.0, 0.1):
+        loss, grad = _vp_case(rank, world, full, target, lam, "none", sizes, device)
+        _close(f"offset rows lam={lam} loss", loss, torch.full((2,), math.log(num_classes)), failures,
+               rtol=2**-23, atol=0.0)
+        _, ref_grad = cross_entropy_reference(full, target, label_smoothing=lam, reduction="none")
+        _close(f"offset rows lam={lam} grad", grad, ref_grad[:, own], failures, rtol=1e-5, atol=1e-11)
+
+    # -3e4 + randn: relative error of the loss near float32 rounding (raw sums of z gave 3.1e-5).
+    gen = torch.Generator().manual_seed(3)
+    full = -3e4 + torch.randn(4, num_classes, generator=gen)
+    target = torch.tensor([5, last, 40000, -100])
+    loss, grad = _vp_case(rank, world, full, target, 0.1, "none", sizes, device)
+    ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=0.1, reduction="none")
+    _close("offset randn loss", loss, ref_loss, failures, rtol=1e-6, atol=0.0)
+    _close("offset randn grad", grad, ref_grad[:, own], failures, rtol=1e-5, atol=1e-11)
+
+    # Confident rows: zeros and one 19.45, so S = 1 + 2.5e-4 (float32 adding the terms to 1 gave
+    # 2.3433e-4 for 2.5004e-4). The max on the first rank, on the last, on both (two ranks hold it:
+    # S = 2 + ...), and a target away from the max. The target column's gradient is p_k - 1 = -e / S.
+    full = torch.zeros(5, num_classes)
+    full[0, 0] = full[1, last] = full[2, 0] = full[2, last] = full[3, 0] = 19.45
+    full[4, 17] = 19.45
+    target = torch.tensor([0, last, 0, 1, 17])
+    for lam in (0.0, 0.1):
+        loss, grad = _vp_case(rank, world, full, target, lam, "none", sizes, device)
+        ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=lam, reduction="none")
+        _close(f"confident rows lam={lam} loss", loss, ref_loss, failures, rtol=1e-6, atol=0.0)
+        _close(f"confident rows lam={lam} grad", grad, ref_grad[:, own], failures, rtol=1e-5, atol=1e-12)
+
+    # A target on a -inf column with 0 < lam < 1: the loss is +inf (not NaN); the gradient is finite.
+    sizes_small = _layouts(world)["uneven" if world > 1 else "single"]
+    full, target = _case_data(sizes_small, 4, torch.float32, torch.device("cpu"), ignored=())
+    full[0, target[0]] = float("-inf")
+    full[2, 0] = float("-inf")  # another -inf logit, not the target: +inf too with lam > 0
+    loss, grad = _vp_case(rank, world, full, target, 0.3, "none", sizes_small, device)
+    ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=0.3, reduction="none")
+    if not (loss[0] == float("inf") and loss[2] == float("inf") and torch.isfinite(loss[[1, 3]]).all()):
+        failures.append(f"-inf target column: loss {loss.tolist()}, expected +inf in rows 0 and 2 only")
+    _close("-inf target column loss", loss, ref_loss, failures, rtol=1e-5, atol=1e-5)
+    _close("-inf target column grad", grad, ref_grad[:, _slices(sizes_small)[rank]], failures,
+           **_tolerances(torch.float32))
+
+    # float16, "mean" over many rows, loss scale 65536: the kept gradient holds 2**15 x the gradient
+    # and the 1/count comes in backward, so entries near 1 / (V N) are not flushed to zero.
+    full, target = _case_data([32] * world, 2048, torch.float16, torch.device("cpu"))
+    loss, grad = _vp_case(rank, world, full, target, 0.1, "mean", [32] * world, device, grad_out=65536.0)
+    ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=0.1, reduction="mean")
+    expected = (ref_grad[:, _slices([32] * world)[rank]] * 65536).to(torch.float16)
+    flushed = int(((grad == 0) & (expected != 0)).sum())
+    if flushed:
+        failures.append(f"float16 loss scale: {flushed} gradient entries flushed to zero")
+    _close("float16 loss scale loss", loss, ref_loss, failures, rtol=1e-5, atol=1e-5)
+    _close("float16 loss scale grad", grad, expected, failures, rtol=2 * 2**-10, atol=2 * 2**-24)
+    return failures
+
+
+def job_triton_interpret(rank, world, device):
+    """The vocabulary-parallel loss through the cuda-triton backend in Triton's interpreter (CPU tensors)."""
+    os.environ["TRITON_INTERPRET"] = "1"  # before this process's first Triton launch
+    os.environ["SMOOTHCE_BACKEND"] = "cuda-triton"
+    from smoothce import registry
+
+    failures = []
+    backend = registry.get("cuda-triton")
+    if registry.select(device) is not backend:
+        return [f"CPU tensors go to {registry.select(device).name}, not cuda-triton"]
+    backend.max_block_v = 16  # small slices still take several blocks
+    # The single-process op it is compared with takes its loop kernel: the split kernel's programs
+    # wait on each other, which the interpreter, running one program at a time, cannot do.
+    backend.kernel = "loop"
+    sizes = _layouts(world)["uneven"]
+    for dtype in (torch.float32, torch.bfloat16):
+        for lam in (0.0, 0.1):
+            _check_case(f"{sizes} {dtype} lam={lam}", rank, sizes, 7, dtype, device, lam, "mean", failures)
+    failures += _check_minus_inf_slice(rank, world, device)
+    # Confident rows and a shared offset over slices of a few blocks each.
+    from smoothce.reference import cross_entropy_reference
+
+    sizes = _split(200, world)
+    full = torch.zeros(3, 200)
+    full[0, 0] = 19.45
+    full[1] = 30000.0
+    full[2, 199] = 19.45
+    target = torch.tensor([0, 150, 199])
+    for lam in (0.0, 1.0):
+        loss, grad = _vp_case(rank, world, full, target, lam, "none", sizes, device)
+        ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=lam, reduction="none")
+        _close(f"edge rows lam={lam} loss", loss, ref_loss, failures, rtol=1e-6, atol=0.0)
+        _close(f"edge rows lam={lam} grad", grad, ref_grad[:, _slices(sizes)[rank]], failures, rtol=1e-5,
+               atol=1e-11)
+    return failures
+
+
 def job_comm(rank, world, device):
-    """Three all-reduces, 12 bytes per row plus a fixed table: the same for every V."""
+    """Three all-reduces, 16 bytes per row plus a fixed table: the same for every V."""
     from smoothce.bench.vocab_parallel import CollectiveRecorder
     from smoothce.distributed import vocab_parallel_cross_entropy
 
@@ -265,7 +392,7 @@ def job_comm(rank, world, device):
             with recorder:
                 vocab_parallel_cross_entropy(shard, target, label_smoothing=0.1).backward()
             seen[(num_classes, rows)] = (len(recorder.calls), recorder.total_bytes)
-            expected = (3, rows * 12 + world * 10 * 8)
+            expected = (3, rows * 16 + world * 10 * 8)
             if seen[(num_classes, rows)] != expected:
                 failures.append(
                     f"V={num_classes} rows={rows}: (all-reduces, bytes) {seen[(num_classes, rows)]}, "
@@ -444,6 +571,8 @@ JOBS = {
     "comm": job_comm,
     "errors": job_errors,
     "normalizer": job_normalizer,
+    "precision": job_precision,
+    "triton_interpret": job_triton_interpret,
     "compile_aot_eager": _compile_job("aot_eager"),
     "compile_inductor": _compile_job("inductor"),
 }

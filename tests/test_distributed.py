@@ -32,8 +32,8 @@ def _report(results):
 # World sizes 2 and 4 (the issue's); 4 ranks on a 2-core machine also shows nothing relies on
 # ranks running in lockstep. The tensor x data parallel job needs exactly 4 ranks.
 WORLD_JOBS = {
-    2: ["values", "comm", "errors", "compile_aot_eager"],
-    4: ["values", "comm", "errors", "normalizer"],
+    2: ["values", "precision", "comm", "errors", "compile_aot_eager"],
+    4: ["values", "precision", "comm", "errors", "normalizer"],
 }
 
 
@@ -44,7 +44,8 @@ def test_gloo(world, tmp_path):
     # values: loss and gradient slice against smoothce.cross_entropy and the float64 reference for
     # every reduction x lam in {0, 0.1} x {fp32, bf16} x {even, uneven} slices with ignored rows;
     # comm: 3 all-reduces and 12 B/row for two V; errors: bad input raises on every rank, no hang;
-    # normalizer: count_tokens over a DP group and an accumulation window; compile: fullgraph trace.
+    # normalizer: count_tokens over a DP group and an accumulation window; compile: fullgraph trace;
+    # precision: offsets, confident rows, ties across ranks, a -inf target column, float16 loss scaling.
     results = _dist_worker.launch(world, WORLD_JOBS[world], timeout=200, tmp_path=tmp_path)
     assert len(results) == world
     failures = _report(results)
@@ -70,7 +71,7 @@ def test_gloo_inductor(tmp_path):
 def test_nccl(tmp_path):
     # One rank per GPU, at most two (one rank if that is all there is).
     world = min(2, torch.cuda.device_count())
-    results = _dist_worker.launch(world, ["values", "comm", "errors"], backend="nccl", timeout=280,
+    results = _dist_worker.launch(world, ["values", "precision", "comm", "errors"], backend="nccl", timeout=280,
                                   tmp_path=tmp_path)
     failures = _report(results)
     assert not failures, f"failures on {world} NCCL ranks:\n{failures}"
@@ -113,7 +114,10 @@ def test_local_ops_opcheck(dtype, reduction, compute_grad):
     offsets = torch.ops.smoothce.vp_offsets(table, 1, -100)
     assert offsets.tolist() == [5, 12]
     torch.library.opcheck(torch.ops.smoothce.vp_stats.default, (z, target, offsets, 0.1, -100))
-    m, s, c = torch.ops.smoothce.vp_stats(z, target, offsets, 0.1, -100)
-    args = (z.requires_grad_(compute_grad), target, offsets, m, s, c, torch.tensor(3.0), 0.1, -100, reduction,
-            compute_grad)
+    stats = torch.ops.smoothce.vp_stats(z, target, offsets, 0.1, -100)
+    # Shapes and dtypes of the real inputs; the partial loss -(lam / V) t >= 0 as in a real call, since opcheck
+    # backpropagates |loss.sum()|, and the eager backward's dO = -1 would scale its output in place.
+    m, excess, c = stats[0].clone(), stats[1].clone(), -0.1 / 12 * stats[2]
+    args = (z.requires_grad_(compute_grad), target, offsets, m, excess, c, torch.tensor(3.0), 0.1, -100,
+            reduction, compute_grad)
     torch.library.opcheck(torch.ops.smoothce.vp_loss_grad.default, args)
