@@ -2,29 +2,27 @@
 
 Each block of rows (a few MiB of logits) is read from memory once; the work on it
 runs in fp32 (fp64 for fp64 logits) while it is in cache: one fused softmax (one exp
-per element), a sum for the smoothing term, a sum of the probabilities, and one pass
-that writes the gradient, rounding each element to the logits' dtype once. For contiguous
-fp32/fp64 gradients the softmax is written straight into the gradient buffer and finished
-there in place; otherwise one block-sized scratch buffer (reused for every block, never a
-full-size copy) holds it. Per-row work (targets, the loss, the target column) is done once
-for all rows, outside the block loop. Torch's intra-op threads split each block's rows
+per element), a sum for the smoothing term, and one pass that writes the gradient,
+rounding each element to the logits' dtype once. For contiguous fp32/fp64 gradients
+the softmax is written straight into the gradient buffer and finished there in place;
+otherwise one block-sized scratch buffer (reused for every block, never a full-size
+copy) holds it. Per-row work (targets, the loss, the target column) is done once for
+all rows, outside the block loop. Torch's intra-op threads split each block's rows
 over the cores, so a block has at least one row per thread.
 
-Precision: every per-row quantity carries only relative rounding errors, so no cancellation
-is left in the loss or the gradient:
+Precision: the loss and the target column are built from terms that carry relative
+rounding errors only, so no cancellation is left in them:
 
-* ATen's softmax divides exp(z_j - m) by a denominator it sums in a few running fp32 lanes,
-  off by up to ~1e-5 relative for large V (all of a confident row's remainder can be lost).
-  A cascade sum of the other probabilities, q = sum_{j != k} p_j, taken with the target
-  column zeroed, fixes both: the row renormalises by p_k + q, and the ratio
-  rho = q / p_k = sum_{j != k} exp(z_j - m) / exp(z_k - m) no longer depends on that sum.
-* -log p_k = log1p(rho): exact to fp32 rounding for confident rows too, where 1 - p_k is far
-  below fp32's ulp of 1 (PyTorch's fp32 kernel loses it). Where p_k < 1e-30 (z_k far below
-  the max) the row's (m - z_k) + log sum_j exp(z_j - m) is taken from the logits instead.
-* the target column p_k - c, c = 1 - lam + lam / V, in fp64 from the fp32 p_k and q: as
-  1 / (1 + q / p_k) - c, or for p_k >= 1/2 as (1 - c) - 1 / (1 + p_k / q) with 1 - c =
-  lam (1 - 1/V). Each side carries only relative errors and the one subtraction is exact
-  where they cancel, for every lam (p_k - 1/V at lam = 1, -(1 - p_k) at lam = 0).
+* a confident row (p_k >= 1/2): 1 - p_k can lie far below fp32's ulp of 1, and ATen's softmax
+  sums its denominator in a few running fp32 lanes, which drop such a remainder. A block
+  holding such a row also sums q = sum_{j != k} p_j directly (a cascade sum with the target
+  column zeroed); rho = q / p_k = sum_{j != k} exp(z_j - m) / exp(z_k - m) does not depend on
+  that denominator, and -log p_k = log1p(rho), 1 - p_k = 1 / (1 + p_k / q).
+* elsewhere -log p_k; where p_k < 1e-30 (z_k far below the max) the row's
+  (m - z_k) + log sum_j exp(z_j - m) is taken from the logits instead.
+* the target column p_k - c, c = 1 - lam + lam / V, in fp64 from fp32 p_k (or as
+  lam (1 - 1/V) - (1 - p_k) for a confident row): its error is p_k's own, for every lam
+  (p_k - 1/V at lam = 1, -(1 - p_k) at lam = 0).
 * the smoothing term lam (z_k - s / V), s = sum_j z_j: fp32's error in s, a few eps x
   sum_j |z_j|, only shows where the row shares a large offset; rows where lam |s / V| exceeds
   four times the loss sum s again in fp64, where the offset cancels exactly (inputs of up to
@@ -42,8 +40,10 @@ from smoothce.backends.base import Backend, check_targets_on_host, loss_dtype
 # Elements per block: 1M fp32 is 4 MiB of scratch, which stays in the L2/L3 caches and
 # keeps the per-block Python overhead (half a dozen op calls) small against the work.
 BLOCK_ELEMENTS = 1 << 20
-# Below this p_k the row's loss is recomputed from logsumexp instead of log1p(q / p_k).
+# Below this p_k the row's loss is recomputed from logsumexp instead of -log p_k.
 _TINY = 1e-30
+# From this p_k on, a row's loss and target column come from q = sum_{j != k} p_j.
+_CONFIDENT = 0.5
 # Rows where lam |s / V| exceeds this multiple of the loss sum s again in fp64. Elsewhere fp32's
 # error in s, a few eps x sum_j |z_j| <= a few eps x (|s| + 2 V loss / lam), is a few ulps of the loss.
 _OFFSET_RATIO = 4.0
@@ -69,10 +69,12 @@ class CpuBackend(Backend):
     def forward(self, logits, target, label_smoothing, ignore_index, grad, grad_scale):
         """Per-row loss, and the gradient written into ``grad`` when it is given.
 
-        With p = softmax(z) relative to the row max, q = sum_{j != k} p_j, rho = q / p_k,
-        s = sum_j z_j and c = 1 - lam + lam / V (the target's smoothed label):
-            loss   = log1p(rho) + lam (z_k - s / V)      (= r - (1 - lam) z_k - (lam / V) s)
-            grad_j = scale * (p_j / (p_k + q) - lam / V),   grad_k = scale * (p_k - c)
+        With p = softmax(z) relative to the row max, s = sum_j z_j, c = 1 - lam + lam / V (the
+        target's smoothed label), and q = sum_{j != k} p_j for a confident row (p_k >= 1/2):
+            loss   = -log p_k + lam (z_k - s / V)    (= r - (1 - lam) z_k - (lam / V) s)
+                     with -log p_k = log1p(q / p_k) for a confident row
+            grad_j = scale * (p_j - lam / V),   grad_k = scale * (p_k - c)
+                     with p_k - c = lam (1 - 1/V) - 1 / (1 + p_k / q) for a confident row
         A target on a -inf column has p_k = 0 and loss +inf, for every lam.
         """
         n_rows, num_classes = logits.shape
@@ -87,9 +89,11 @@ class CpuBackend(Backend):
             check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
         k = k.unsqueeze(1)
         z_k = logits.gather(1, k).to(acc).squeeze(1)
-        # Per row: p_k and q = sum_{j != k} p_j; s = sum_j z_j, in fp64 where that costs nothing.
+        # Per row: p_k, and q = sum_{j != k} p_j in blocks with a confident row; s = sum_j z_j,
+        # in fp64 where that costs nothing.
         stats = torch.empty((2, n_rows, 1), dtype=acc)
         p_k, rest = stats[0], stats[1]
+        any_confident = False
         exact_sums = acc == torch.float64 or n_rows * num_classes <= _EXACT_SUM_ELEMENTS
         row_sum = torch.empty((n_rows, 1), dtype=torch.float64 if exact_sums else acc) if lam != 0.0 else None
 
@@ -98,6 +102,7 @@ class CpuBackend(Backend):
         scratch = None if in_place else torch.empty((rows_per_block, num_classes), dtype=acc)
         scale = float(grad_scale)
         offset = torch.tensor(-scale * lam / num_classes, dtype=acc)
+        affine = scale != 1.0 or lam != 0.0
         for start in range(0, n_rows, rows_per_block):
             stop = min(start + rows_per_block, n_rows)
             if stop - start == n_rows:  # one block: the whole tensors, no views (small inputs)
@@ -116,17 +121,22 @@ class CpuBackend(Backend):
                 torch.sum(x, 1, keepdim=True, dtype=sum_block.dtype, out=sum_block)
             p = _softmax_(p, x)
             torch.gather(p, 1, k_block, out=p_k_block)
-            p.scatter_(1, k_block, 0.0)  # the target column is written after the loop
-            total = torch.sum(p, 1, keepdim=True, out=rest_block).add(p_k_block)
+            if bool((p_k_block >= _CONFIDENT).any()):
+                any_confident = True
+                p.scatter_(1, k_block, 0.0)  # the target column is written after the loop
+                torch.sum(p, 1, keepdim=True, out=rest_block)
             if grad is None:
                 continue
-            # p <- scale * p / (p_k + q) - scale * lam / V: renormalised, in fp32/fp64
-            torch.addcmul(offset, p, scale / total, out=p)
+            if affine:  # p <- scale * p - scale * lam / V, in fp32/fp64
+                torch.add(offset, p, alpha=scale, out=p)
             if not in_place:
                 grad_block.copy_(p)  # rounded to the gradient's dtype once
 
         p_k, rest = p_k.squeeze(1), rest.squeeze(1)
-        loss = torch.log1p(rest / p_k)
+        confident = (p_k >= _CONFIDENT) if any_confident else None
+        loss = -torch.log(p_k)
+        if confident is not None:
+            loss = torch.where(confident, torch.log1p(rest / p_k), loss)
         any_tiny = float(p_k.min()) < _TINY
         if any_tiny:  # z_k far below the max: -log p_k from logsumexp of the logits instead
             tiny = p_k < _TINY
@@ -146,15 +156,15 @@ class CpuBackend(Backend):
             loss = torch.where(z_k == -math.inf, math.inf, loss)  # p_k = 0 whatever lam: not inf - inf
         loss = torch.where(valid, loss, 0.0)
         if grad is not None:
-            # p_k - c = (1 - c) - (1 - p_k), 1 - c = lam (1 - 1/V), 1 - p_k = 1 / (1 + p_k / q): two
-            # terms with relative errors only, subtracted in fp64 and rounded once. fp64 logits
-            # need more: for p_k < 1/2 (q > p_k) p_k = 1 / (1 + q / p_k) minus c instead.
+            # p_k - c in fp64, rounded once: p_k's relative error only, for every lam. A confident
+            # row takes (1 - c) - (1 - p_k), 1 - c = lam (1 - 1/V), 1 - p_k = 1 / (1 + p_k / q).
             p_k64 = p_k.double()
-            target_col = torch.div(-scale, (p_k64 / rest).add_(1.0)).add_(scale * lam * (1.0 - 1.0 / num_classes))
-            if acc == torch.float64:
-                from_p_k = torch.div(scale, (rest / p_k64).add_(1.0)).sub_(scale * (1.0 - lam + lam / num_classes))
-                target_col = torch.where(p_k64 >= rest, target_col, from_p_k)
-            grad.scatter_(1, k, target_col.to(grad.dtype).unsqueeze(1))
+            target_col = (p_k64 - (1.0 - lam + lam / num_classes)).mul_(scale)
+            if confident is not None:
+                from_rest = torch.div(-scale, (p_k64 / rest).add_(1.0)).add_(scale * lam * (1.0 - 1.0 / num_classes))
+                target_col = torch.where(confident, from_rest, target_col)
+            # (index_put_, not scatter_: torch 2.13's CPU scatter_ into half tensors copies them whole)
+            grad.index_put_((torch.arange(n_rows), k.squeeze(1)), target_col.to(grad.dtype))
             if not bool(valid.all()):
                 grad[~valid] = 0.0
         return loss
