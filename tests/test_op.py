@@ -276,11 +276,13 @@ def test_float64_gradcheck(reduction, label_smoothing):
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("confident", [False, True], ids=["", "confident-rows"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_elements", [1, 64, 1000])
-def test_cpu_backend_block_boundaries(dtype, block_elements):
+def test_cpu_backend_block_boundaries(dtype, block_elements, confident):
     # Tiny blocks: every block boundary, a last block shorter than the rest, ignored rows
     # inside and at the edges of blocks; the fp32/fp64 in-place path and the scratch path.
+    # With confident rows (p_k near 1) in some blocks only: those blocks sum q, others don't.
     from smoothce.backends.cpu import CpuBackend
 
     backend = CpuBackend(block_elements=block_elements)
@@ -288,6 +290,9 @@ def test_cpu_backend_block_boundaries(dtype, block_elements):
     target = make_target((23,), 37)
     target[0] = -100
     target[-1] = 36
+    if confident:
+        rows = (target != -100).nonzero().squeeze(1)[::4]
+        logits[rows, target[rows]] += 12.0
     grad = torch.empty_like(logits)
     scale = torch.tensor(1 / 7, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     loss = backend.forward(logits, target, 0.1, -100, grad, scale)
