@@ -202,6 +202,7 @@ def test_translation_invariance():
         torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=1e-7)
 
 
+@pytest.mark.skipif(INTERPRETED_TRITON, reason="spies on the CPU backend's forward, which a Triton backend replaces")
 def test_no_gradient_buffer_without_grad(monkeypatch):
     # Under no_grad, or with logits that do not require grad, the backend gets grad=None.
     backend = smoothce.registry.select("cpu")
