@@ -1,15 +1,16 @@
-"""The "cuda-triton" backend: smoothce's Triton kernel on CUDA (and ROCm) GPUs.
+"""The "cuda-triton" backend: smoothce's Triton kernels on CUDA (and ROCm) GPUs.
 
-Only what is NVIDIA-specific lives here: the launch configuration and the device
-check. The kernel and its launcher are shared with the XPU backend
-(``triton_kernels``, ``triton_backend``). Under ``SMOOTHCE_BACKEND=cuda-triton
-TRITON_INTERPRET=1`` the same kernel runs on CPU tensors in Triton's interpreter,
-which is how the tests check it without a GPU. ROCm builds of torch expose their
-GPUs as "cuda" devices, so this backend serves them too.
+Only what is NVIDIA-specific lives here: the launch table, the load hints, the core count
+that bounds the split kernel, and the device check. The kernels and their launchers are
+shared with the XPU backend (``triton_kernels``, ``triton_backend``). Under
+``SMOOTHCE_BACKEND=cuda-triton TRITON_INTERPRET=1`` the same kernels run on CPU tensors in
+Triton's interpreter, which is how the tests check them without a GPU. ROCm builds of torch
+expose their GPUs as "cuda" devices, so this backend serves them too.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -17,18 +18,37 @@ import torch
 from smoothce.backends.triton_backend import TritonBackend
 
 
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 class CudaTritonBackend(TritonBackend):
-    """The Triton kernel on CUDA/ROCm tensors (and CPU tensors under TRITON_INTERPRET=1)."""
+    """The Triton kernels on CUDA/ROCm tensors (and CPU tensors under TRITON_INTERPRET=1)."""
 
     name = "cuda-triton"
     device_type = "cuda"
-    # Columns per loop step by element size: 16 KiB of 16-bit logits or fp32, 16 values
-    # per thread at 512 values per warp, which stays in registers without spills.
-    MAX_BLOCK_V: ClassVar[dict[int, int]] = {2: 8192, 4: 4096, 8: 2048}
+    # The launch table (see TritonBackend.LAUNCH_TABLE). Rows that fit one program take it whole
+    # (16 values per thread, one read); longer rows take the loop kernel. Chosen by
+    # benchmarks/tune_cuda.py on an NVIDIA H200 (benchmarks/results/h200/tuning.md): at every
+    # target shape (V = 32000 to 262144) the loop kernel beat every split configuration tried,
+    # by 1.3-1.5x (bf16 8192 x 128256: loop 8192/16 2.38 ms, best split 4096/4 3.36 ms).
+    # BEGIN LAUNCH TABLE
+    LAUNCH_TABLE: ClassVar[dict[int, tuple[tuple[int, str, int, int], ...]]] = {
+        2: ((8192, "split", 0, 0), (2**31, "loop", 8192, 16)),
+        4: ((4096, "split", 0, 0), (2**31, "loop", 4096, 16)),
+        8: ((2048, "split", 0, 0), (2**31, "loop", 2048, 8)),
+    }
+    # END LAUNCH TABLE
     VALUES_PER_WARP = 512
     MAX_NUM_WARPS = 16
+    ROW_SPLIT = True  # CUDA starts thread blocks in grid order
+    EVICTION = ("evict_last", "evict_first")
 
     def device_unavailable_reason(self) -> str | None:
         if not torch.cuda.is_available():
             return "no CUDA device is available (torch.cuda.is_available() is False)"
         return None
+
+    def cores(self, device: torch.device) -> int | None:
+        return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())

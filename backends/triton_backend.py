@@ -1,9 +1,10 @@
 """What the two Triton backends share, without importing Triton: availability checks,
-the launch-configuration heuristic, and the call into ``triton_kernels``.
+the launch configuration from each backend's table, and the calls into ``triton_kernels``.
 
-``cuda_triton`` and ``xpu_triton`` subclass ``TritonBackend`` and set only what differs:
-block-size caps, values per warp, the warp limit, extra compile options and the
-device checks. ``triton_kernels`` (and with it Triton) is imported at the first launch.
+``cuda_triton`` and ``xpu_triton`` subclass ``TritonBackend`` and set only what differs: the
+launch table, whether rows may be split over programs that wait on each other, load hints,
+extra compile options and the device checks. ``triton_kernels`` (and with it Triton) is
+imported at the first launch.
 """
 
 from __future__ import annotations
@@ -49,20 +50,30 @@ def next_power_of_2(n: int) -> int:
 
 
 class TritonBackend(Backend):
-    """The shared Triton kernel on one GPU device type (and CPU tensors under TRITON_INTERPRET=1).
+    """The shared Triton kernels on one GPU device type (and CPU tensors under TRITON_INTERPRET=1).
 
-    ``max_block_v`` caps the columns per loop step (a power of two); tests set it
-    low so that small rows still span several blocks.
+    ``max_block_v`` caps the columns per program or block (a power of two) and ``kernel``
+    forces "split" or "loop"; tests use both so that small rows take every path.
     """
 
-    MAX_BLOCK_V: ClassVar[dict[int, int]] = {}  # columns per loop step, by element size in bytes
+    # Rows of (largest V, kernel, columns per program or loop block, num_warps), by element size in
+    # bytes; the first row whose largest V >= V applies. Columns 0 means the whole row in one
+    # program (next_power_of_2(V) columns) and num_warps 0 one warp per VALUES_PER_WARP columns.
+    LAUNCH_TABLE: ClassVar[dict[int, tuple[tuple[int, str, int, int], ...]]] = {}
     MIN_BLOCK_V = 16  # below this a block is mostly masked lanes anyway
-    VALUES_PER_WARP = 512  # num_warps = BLOCK_V / VALUES_PER_WARP, clamped to [1, MAX_NUM_WARPS]
+    VALUES_PER_WARP = 512
     MAX_NUM_WARPS = 16
-    NUM_STAGES = 2
+    # Whether programs start in grid order and run alongside each other here, which the split
+    # kernel's waiting relies on; without it rows too long for one program take the loop kernel.
+    ROW_SPLIT = False
+    EVICTION = ("", "")  # the loop kernel's load hints: (sweep 1, sweep 2)
+    SCALE_GRAD: ClassVar[dict[str, int]] = {"block": 4096, "num_warps": 8, "programs_per_core": 8}
 
-    def __init__(self, max_block_v: int | None = None):
+    def __init__(self, max_block_v: int | None = None, kernel: str | None = None):
+        if kernel not in (None, "split", "loop"):
+            raise ValueError(f"kernel must be 'split', 'loop' or None, got {kernel!r}")
         self.max_block_v = max_block_v
+        self.kernel = kernel
 
     def device_unavailable_reason(self) -> str | None:
         """None when a device of ``device_type`` is present, else why not."""
@@ -75,6 +86,10 @@ class TritonBackend(Backend):
     def check_inputs(self, logits: torch.Tensor) -> None:
         """Raise for inputs this device cannot compute (called before the launch)."""
 
+    def cores(self, device: torch.device) -> int | None:
+        """Programs that surely run at once on ``device`` (one per core), or None for no limit."""
+        return None
+
     def unavailable_reason(self, device_type: str) -> str | None:
         if device_type not in ("cpu", self.device_type):
             return f"it serves {self.device_type!r} tensors (and CPU tensors under TRITON_INTERPRET=1)"
@@ -85,12 +100,25 @@ class TritonBackend(Backend):
             return interpreter_reason()
         return self.device_unavailable_reason()
 
-    def launch_config(self, num_classes: int, dtype: torch.dtype) -> dict:
-        """BLOCK_V, num_warps, num_stages and compile options for rows of ``num_classes`` values."""
-        cap = self.max_block_v or self.MAX_BLOCK_V[dtype.itemsize]
-        block_v = min(cap, max(self.MIN_BLOCK_V, next_power_of_2(num_classes)))
-        num_warps = min(self.MAX_NUM_WARPS, max(1, block_v // self.VALUES_PER_WARP))
-        config = {"block_v": block_v, "num_warps": num_warps, "num_stages": self.NUM_STAGES}
+    def launch_config(self, num_classes: int, dtype: torch.dtype, device: torch.device | None = None) -> dict:
+        """The kernel, columns per program (``block``), num_warps and compile options for rows of V values."""
+        table = self.LAUNCH_TABLE[dtype.itemsize]
+        _, kernel, block, num_warps = next((row for row in table if num_classes <= row[0]), table[-1])
+        if block == 0:
+            block = next_power_of_2(num_classes)
+        if self.max_block_v:
+            block = min(block, self.max_block_v)
+        block = max(self.MIN_BLOCK_V, block)
+        if num_warps == 0:
+            num_warps = min(self.MAX_NUM_WARPS, max(1, block // self.VALUES_PER_WARP))
+        kernel = self.kernel or kernel
+        if self.kernel is None and kernel == "split":
+            cores = self.cores(device) if device is not None and device.type != "cpu" else None
+            chunks = -(-num_classes // block)
+            if chunks > 1 and (not self.ROW_SPLIT or (cores is not None and chunks > cores)):
+                kernel = "loop"
+        keep, drop = self.EVICTION
+        config = {"kernel": kernel, "block": block, "num_warps": num_warps, "keep": keep, "drop": drop}
         options = self.compile_options()
         if options:
             config["options"] = options
@@ -100,7 +128,46 @@ class TritonBackend(Backend):
         from smoothce.backends import triton_kernels
 
         self.check_inputs(logits)
-        config = self.launch_config(logits.shape[1], logits.dtype)
-        return triton_kernels.cross_entropy_fwd(
-            logits, target, label_smoothing, ignore_index, grad, grad_scale, **config
+        config = self.launch_config(logits.shape[1], logits.dtype, logits.device)
+        return triton_kernels.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale, config)
+
+    def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad):
+        from smoothce.backends import triton_kernels
+
+        self.check_inputs(logits)
+        config = self.launch_config(logits.shape[1], logits.dtype, logits.device)
+        return triton_kernels.loss_and_grad(
+            logits, target, label_smoothing, ignore_index, reduction, compute_grad, config
+        )
+
+    def scale_grad(self, grad, grad_out, factor, per_row, inplace):
+        from smoothce.backends import triton_kernels
+
+        settings = self.SCALE_GRAD
+        cores = self.cores(grad.device) if grad.device.type != "cpu" else None
+        return triton_kernels.scale_grad(
+            grad, grad_out, factor, per_row, inplace, block=settings["block"], num_warps=settings["num_warps"],
+            programs=cores * settings["programs_per_core"] if cores else None,
+        )
+
+    def shard_stats(self, logits, target, start, label_smoothing, ignore_index):
+        from smoothce.backends import triton_shard_kernels
+
+        self.check_inputs(logits)
+        config = triton_shard_kernels.launch_config(
+            logits.shape[1], logits.dtype, max_block_v=self.max_block_v, options=self.compile_options()
+        )
+        return triton_shard_kernels.shard_stats(logits, target, start, label_smoothing, ignore_index, config)
+
+    def shard_grad(self, logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index,
+                   grad_scale, grad):
+        from smoothce.backends import triton_shard_kernels
+
+        self.check_inputs(logits)
+        config = triton_shard_kernels.launch_config(
+            logits.shape[1], logits.dtype, max_block_v=self.max_block_v, options=self.compile_options()
+        )
+        triton_shard_kernels.shard_grad(
+            logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index, grad_scale, grad,
+            config,
         )

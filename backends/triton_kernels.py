@@ -1,40 +1,58 @@
-"""The Triton kernel of smoothce's cross-entropy and its launcher, shared by the CUDA and XPU backends.
+"""The Triton kernels of smoothce's cross-entropy and their launchers, shared by the CUDA and XPU backends.
 
-One program per row of logits z (N, V). It reads the row in fixed blocks of
-``BLOCK_V`` columns, so any V (1 up to 262144 and beyond) runs in the same
-registers, and computes in float32 (float64 for float64 logits) whatever the
-input dtype. For a row with target k and smoothing lam:
+For a row z of V logits with target k and smoothing lam, everything relative to the row max M:
 
-    sweep 1 (online logsumexp, relative to the running max m):
-        m' = max(m, max_j z_j),  d' = d exp(m - m') + sum_j exp(z_j - m'),  s' = s + sum_j z_j
-    after it:  r = m + log d,   loss = r - (1 - lam) z_k - (lam / V) s
-                                     = log d + (m - z_k) + lam (z_k - s / V)
-    sweep 2 (only when a gradient is wanted; a constexpr switch removes it otherwise):
-        grad_j = grad_scale * (p_j - lam / V)                     for j != k
-        grad_k = grad_scale * ((p_k - 1) + lam (1 - 1/V)),        p_j = exp(z_j - m) / d
+    R     = sum_j exp(z_j - M) - 1        the remainder beside the max's exact 1, summed without it
+    s_rel = sum_j (z_j - M) <= 0
+    loss  = log1p(R) + (1 - lam) (M - z_k) + (lam / V) (-s_rel)        (three terms >= 0: no cancellation)
+    grad_j = scale ((p_j - lam / V) ),   grad_k = scale ((p_k - c_hi) - c_lo),   p_j = exp(z_j - M) / (1 + R)
 
-``grad_scale`` (1/count for "mean", 1 otherwise) is a 0-d tensor on the device,
-read by the kernel, so the host never waits for the count. Each gradient element
-is rounded to the output dtype once; p_k - 1 is taken in float32 first (exact for
-p_k >= 1/2, by Sterbenz), because p - 1 near p = 1 is where half precision would lose
-the most, and a single class (V = 1) gets exactly 0. Ignored rows
-(target == ignore_index) read no logits, get loss 0 and a zero gradient row.
-Row offsets and column offsets are 64-bit: N * V > 2**31 elements, and transposed
-logits whose column stride is N, both work.
+which is the spec's loss = logsumexp(z) - (1 - lam) z_k - (lam / V) sum_j z_j and gradient
+softmax(z) - lam / V - (1 - lam) onehot(k), with c = 1 - lam + lam / V split into two float32
+halves c_hi + c_lo: p_k - c_hi is exact wherever the two are close (Sterbenz), so the target column
+is rounded once for every lam (lam / V is split the same way). R is summed over every element but
+one maximum, so a confident row (one dominant logit) keeps its tiny remainder and log1p(R) its
+digits, where log(sum exp) would round the remainder away.
 
-Out-of-range targets (neither ignore_index nor in [0, V)) never cause an
-out-of-bounds access: the kernel clamps the index and treats the row as ignored.
-They are still an error, raised before the launch without a host sync on the hot
-path: for CPU tensors (Triton's interpreter) ``check_targets_on_host`` raises a
-ValueError naming the value, which costs nothing there; on a GPU a reduced bool is
-checked with ``torch._assert_async`` (a device-side assert: the failing launch
-reports the message and the device context is unusable afterwards, like an
-out-of-range index in ``torch.nn.functional.cross_entropy``). Naming the value on
-a GPU would need a sync, so the message names the valid range instead.
+Three launches make a forward+backward, none of them waits on the host:
 
-This module imports Triton at import time; the backends import it only when a
-kernel is first launched. Triton reads ``TRITON_INTERPRET`` when the kernel is
-decorated, that is when this module is imported: set it before the first launch.
+1. ``prologue_kernel`` (one program): reads the targets, asserts on the device that each is
+   ignore_index or in [0, V), counts the non-ignored ones, zeroes the row counters, and writes the
+   three scalars: the gradient's factor in the forward pass, the factor backward applies, and the
+   factor of the summed loss (1/count for "mean").
+2. ``split_kernel`` (the rows in chunks) or ``loop_kernel`` (a row per program): loss and gradient.
+   ``split_kernel`` gives each chunk of CHUNK columns of a row its own program, which loads the
+   chunk into registers once. The programs of a row exchange their (max, remainder, relative sum)
+   through a small workspace and an arrival counter per row, then each writes its gradient from
+   registers: the logits are read from memory once and the gradient written once. Without a
+   gradient nobody waits: the last program of a row to arrive computes its loss. The waiting
+   programs of a row are adjacent in the grid, and GPUs start programs in grid order, so a row's
+   chunks are all running while any of them waits as long as the GPU can hold as many programs as
+   a row has chunks (the launcher checks this). Triton's interpreter runs programs one after
+   another, so there the kernel runs in two launches (PHASE 1 publishes the statistics, PHASE 2
+   reads them and writes the gradient) over the same protocol. ``loop_kernel`` reads the row in
+   blocks twice (statistics, then gradient; the second sweep walks backwards so it starts on what
+   the first left in the cache), for devices without the split and rows too long for it.
+   For "sum" and "mean" the last program of the launch to finish sums the per-row losses in a
+   fixed order (a deterministic result) and scales them.
+3. ``scale_grad_kernel`` (backward): multiplies the kept gradient by dO times the backward factor,
+   in place, and returns at once when that product is exactly 1 (``loss.backward()`` of a "mean"
+   or "sum" loss of bfloat16/float32/float64 logits). Per-row dO for "none".
+
+Half precision: float16 gradients are kept as 2**15 (p - ybar) (|p - ybar| <= 1, so at most
+32768 < 65504) and backward applies dO / (2**15 count) in float32: a loss scale (GradScaler's
+65536) reaches every entry before anything is rounded to float16 for the last time, so small
+entries are not flushed to zero. bfloat16 shares float32's exponent range and keeps 1/count folded
+into the forward pass (then ``loss.backward()`` needs no pass at all).
+
+Offsets of rows and columns are 64-bit (N * V > 2**31 elements and transposed logits work).
+Out-of-range targets never index out of bounds: the kernels clamp the index and treat the row as
+ignored, after the prologue's device-side assert (compiled with ``debug=True``) has reported it;
+on CPU tensors (the interpreter) the launcher raises a ValueError naming the value first.
+
+This module imports Triton at import time; the backends import it when a kernel is first
+launched. Triton reads ``TRITON_INTERPRET`` when the kernels are decorated, that is when this
+module is imported: set it before the first launch.
 """
 
 from __future__ import annotations
@@ -46,102 +64,409 @@ import torch
 import triton
 import triton.language as tl
 
-from smoothce.backends.base import check_targets_on_host, loss_dtype
+from smoothce.backends.base import check_targets_on_host, kept_gradient_scale, loss_dtype
+
+NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))  # a constexpr: kernels may read only those globals
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces shared by the kernels.
 
 
 @triton.jit
-def cross_entropy_fwd_kernel(
-    # pointers
-    logits_ptr,  # (N, V) float16/bfloat16/float32/float64
-    target_ptr,  # (N,) int32/int64, contiguous
-    loss_ptr,  # (N,) float32 (float64 for float64 logits), written
-    grad_ptr,  # (N, V) in the logits' dtype, written when COMPUTE_GRAD
-    grad_scale_ptr,  # 0-d: the gradient's factor (1/count for "mean")
-    # strides, in elements
-    stride_logits_row,
-    stride_logits_col,
-    stride_grad_row,
-    stride_grad_col,
-    # sizes and scalars
-    num_classes,  # V
+def _log1p(x):
+    # log(1 + x) to a few ulps for x >= 0: log(u) * x / (u - 1) with u = 1 + x (Goldberg).
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _block_stats(z, mask, SMOOTHING: tl.constexpr):
+    """(m, rem, s) of a block: m = max z, rem = sum of exp(z - m) over all but one maximum,
+    s = sum of (z - m); masked lanes hold -inf. A block with no finite value has m = -inf."""
+    m = tl.max(z, axis=0)
+    shift = tl.where(m == NEG_INF, 0.0, m)
+    e = tl.exp(z - shift)
+    is_max = (z == m) & mask
+    ties = tl.sum(is_max.to(z.dtype), axis=0)
+    rem = tl.sum(tl.where(is_max, 0.0, e), axis=0) + tl.maximum(ties - 1.0, 0.0)
+    s = tl.zeros_like(m)
+    if SMOOTHING:
+        s = tl.sum(tl.where(mask, z - shift, 0.0), axis=0)
+    return m, rem, s
+
+
+@triton.jit
+def _row_loss(R, M, z_k, s_rel, oml, lov, SMOOTHING: tl.constexpr):
+    """loss = log1p(R) + (1 - lam) (M - z_k) + (lam / V) (-s_rel); oml = 1 - lam, lov = lam / V."""
+    loss = _log1p(R)
+    # (1 - lam) (M - z_k) is left out at lam = 1, where z_k = -inf would make it 0 * inf.
+    loss += tl.where(oml == 0.0, 0.0, oml * (M - z_k))
+    if SMOOTHING:
+        loss += lov * (-s_rel)
+    return loss
+
+
+@triton.jit
+def _grad_values(z, is_k, shift, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo):
+    # scale ((p - c_hi) - c_lo): c = lam / V off the target, 1 - lam + lam / V on it.
+    p = tl.exp(z - shift) * inv_d
+    g = (p - tl.where(is_k, tgt_hi, off_hi)) - tl.where(is_k, tgt_lo, off_lo)
+    return g * scale
+
+
+@triton.jit
+def _reduce_rows(rows_ptr, loss_ptr, scalars_ptr, sync_ptr, n_rows, n_programs, ACC_DTYPE: tl.constexpr):
+    # The last of the launch's programs to get here sums the per-row losses in a fixed order.
+    tl.debug_barrier()
+    done = tl.atomic_add(sync_ptr + n_rows, 1, sem="acq_rel")
+    if done == n_programs - 1:
+        offsets = tl.arange(0, 1024)
+        acc = tl.zeros((1024,), ACC_DTYPE)
+        for start in range(0, n_rows, 1024):
+            cols = start + offsets
+            acc += tl.load(rows_ptr + cols, mask=cols < n_rows, other=0.0, cache_modifier=".cg")
+        total = tl.sum(acc, axis=0) * tl.load(scalars_ptr + 2).to(ACC_DTYPE)
+        tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. The prologue.
+
+
+@triton.jit(debug=True)
+def prologue_kernel(
+    target_ptr,  # (N,) int32/int64
+    sync_ptr,  # (n_sync,) int32: row counters and the done counter, zeroed here
+    scalars_ptr,  # (3,) accumulation dtype, written
+    n_rows,
+    n_sync,
+    num_classes,
     ignore_index,
-    lam_hi,  # lam = lam_hi + lam_lo, both exact in float32, so float64 rows see lam to ~48 bits
-    lam_lo,
+    kept_scale,  # 2**15 for float16 gradients, else 1
+    MEAN: tl.constexpr,
+    FOLD: tl.constexpr,  # fold 1/count into the forward's gradient (all but float16)
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.arange(0, BLOCK)
+    count = tl.zeros((BLOCK,), tl.int64)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + offsets
+        inside = rows < n_rows
+        t = tl.load(target_ptr + rows, mask=inside, other=0).to(tl.int64)
+        counted = inside & (t != ignore_index)
+        bad = counted & ((t < 0) | (t >= num_classes))
+        tl.device_assert(bad == 0, "smoothce.cross_entropy: a target is out of range: expected [0, V) or ignore_index")
+        count += counted.to(tl.int64)
+    zeros = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, n_sync, BLOCK):
+        tl.store(sync_ptr + start + offsets, zeros, mask=start + offsets < n_sync)
+    acc_dtype = scalars_ptr.dtype.element_ty
+    denominator = tl.full((), 1.0, acc_dtype)
+    if MEAN:
+        denominator = tl.maximum(tl.sum(count, axis=0), 1).to(acc_dtype)  # no target: loss 0, not NaN
+    if FOLD:
+        forward_factor = 1.0 / denominator
+        backward_factor = tl.full((), 1.0, acc_dtype)
+    else:
+        forward_factor = tl.full((), 1.0, acc_dtype) * kept_scale
+        backward_factor = 1.0 / (denominator * kept_scale)
+    tl.store(scalars_ptr, forward_factor)
+    tl.store(scalars_ptr + 1, backward_factor)
+    tl.store(scalars_ptr + 2, 1.0 / denominator)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2a. Rows split into chunks: one read, one write.
+
+
+@triton.jit
+def split_kernel(
+    # pointers
+    logits_ptr,  # (N, V) float16/bfloat16/float32/float64, any strides
+    target_ptr,  # (N,) int32/int64
+    rows_ptr,  # (N,) per-row loss, written (the result for "none")
+    grad_ptr,  # (N, V) gradient in the logits' dtype, written when COMPUTE_GRAD
+    scalars_ptr,  # [forward factor, backward factor, loss factor]
+    stats_ptr,  # (N, num_chunks, 3) workspace: (m, rem, s) per chunk
+    sync_ptr,  # (N + 1,) int32 zeros: arrivals per row, then the done counter
+    loss_ptr,  # 0-d reduced loss, written when REDUCE
+    # strides, in elements
+    stride_lr,
+    stride_lc,
+    stride_gr,
+    stride_gc,
+    # sizes and constants
+    n_rows,
+    num_classes,
+    num_chunks,
+    ignore_index,
+    oml,  # 1 - lam
+    lov,  # lam / V, for the loss
+    off_hi,  # lam / V = off_hi + off_lo, for the gradient
+    off_lo,
+    tgt_hi,  # 1 - lam + lam / V = tgt_hi + tgt_lo, for the target column
+    tgt_lo,
     # compile-time switches
-    BLOCK_V: tl.constexpr,
-    SMOOTHING: tl.constexpr,  # lam > 0; without it s and every lam term are left out
+    CHUNK: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,  # a power of two >= num_chunks; 1: the whole row in one program
+    PHASE: tl.constexpr,  # 0: one launch; 1 then 2: two launches (the interpreter)
+    SMOOTHING: tl.constexpr,  # lam > 0
     COMPUTE_GRAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
+    REDUCE: tl.constexpr,  # "sum"/"mean": also write the reduced loss
+    ACC_DTYPE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // num_chunks
+    chunk = pid - row * num_chunks
+    target = tl.load(target_ptr + row).to(tl.int64)
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    k = tl.where(valid, target, 0)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = cols < tl.where(valid, num_classes, 0)  # ignored rows read nothing
+    logits_row = logits_ptr + row * stride_lr
+    z = tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF).to(ACC_DTYPE)
+    M, R, s_rel = _block_stats(z, mask, SMOOTHING)
+    # The program holding column k writes the row's loss, with z_k from its registers (the
+    # gradient may overwrite the logits in place, so nobody reads another chunk's columns).
+    z_k = tl.sum(tl.where(cols == k, z, 0.0), axis=0)
+    writer = chunk == k // CHUNK
+    if MAX_CHUNKS > 1:
+        slot = stats_ptr + (row * num_chunks + chunk) * 3
+        if PHASE != 2:  # publish this chunk's statistics, then arrive
+            tl.store(slot, M)
+            tl.store(slot + 1, R)
+            tl.store(slot + 2, s_rel)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(sync_ptr + row, 1, sem="acq_rel") + 1
+        else:
+            arrived = tl.atomic_add(sync_ptr + row, 0, sem="acquire")
+        if COMPUTE_GRAD:
+            # Wait for the row's other chunks (adjacent programs, running: see the module docstring).
+            # PHASE 1 only publishes; PHASE 2 finds every chunk arrived.
+            while (arrived < num_chunks) & (PHASE != 1):
+                arrived = tl.atomic_add(sync_ptr + row, 0, sem="acquire")
+        else:
+            # Without a gradient nobody waits: the last to arrive computes the loss.
+            writer = arrived == num_chunks
+            z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
+        tl.debug_barrier()
+        # Combine: M = max m_c; R = rem of the first chunk holding M + sum of the others' (1 + rem_c) exp(m_c - M);
+        # s_rel = sum_c s_c + n_c (m_c - M).
+        idx = tl.arange(0, MAX_CHUNKS)
+        live = idx < num_chunks
+        if not COMPUTE_GRAD:
+            live = idx < tl.where(writer, num_chunks, 0)  # the others must not read slots not yet written
+        base = stats_ptr + (row * num_chunks + idx) * 3
+        ms = tl.load(base, mask=live, other=NEG_INF, cache_modifier=".cg")
+        rems = tl.load(base + 1, mask=live, other=0.0, cache_modifier=".cg")
+        M = tl.max(ms, axis=0)
+        shift = tl.where(M == NEG_INF, 0.0, M)
+        first = tl.min(tl.where(ms == M, idx, MAX_CHUNKS), axis=0)
+        R = tl.sum(tl.where(idx == first, rems, (1.0 + rems) * tl.exp(ms - shift)), axis=0)
+        if SMOOTHING:
+            ss = tl.load(base + 2, mask=live, other=0.0, cache_modifier=".cg")
+            counts = tl.minimum(tl.maximum(num_classes - idx.to(tl.int64) * CHUNK, 0), CHUNK).to(ACC_DTYPE)
+            shifts = tl.where(ms == NEG_INF, 0.0, ms)
+            s_rel = tl.sum(tl.where(live, ss + counts * (shifts - shift), 0.0), axis=0)
+
+    if PHASE != 1:
+        shift = tl.where(M == NEG_INF, 0.0, M)
+        if writer:
+            # Ignored rows read nothing (M = z_k = -inf): 0 for both keeps their loss from NaN.
+            loss = _row_loss(R, tl.where(valid, M, 0.0), tl.where(valid, z_k, 0.0), s_rel, oml, lov, SMOOTHING)
+            tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
+        if COMPUTE_GRAD:
+            scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
+            g = _grad_values(z, cols == k, shift, 1.0 / (1.0 + R), scale, off_hi, off_lo, tgt_hi, tgt_lo)
+            g = tl.where(valid, g, 0.0)  # ignored rows: exact zeros
+            tl.store(
+                grad_ptr + row * stride_gr + cols * stride_gc,
+                g.to(grad_ptr.dtype.element_ty),
+                mask=cols < num_classes,
+            )
+        if REDUCE:
+            _reduce_rows(rows_ptr, loss_ptr, scalars_ptr, sync_ptr, n_rows, n_rows * num_chunks, ACC_DTYPE)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2b. A row per program, two sweeps over blocks.
+
+
+@triton.jit
+def loop_kernel(
+    logits_ptr,
+    target_ptr,
+    rows_ptr,
+    grad_ptr,
+    scalars_ptr,
+    sync_ptr,  # (N + 1,) int32 zeros; only the done counter (index N) is used
+    loss_ptr,
+    stride_lr,
+    stride_lc,
+    stride_gr,
+    stride_gc,
+    n_rows,
+    num_classes,
+    ignore_index,
+    oml,
+    lov,
+    off_hi,
+    off_lo,
+    tgt_hi,
+    tgt_lo,
+    BLOCK: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    REDUCE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    KEEP: tl.constexpr,  # eviction policy of sweep 1 ("evict_last" where supported, else "")
+    DROP: tl.constexpr,  # eviction policy of sweep 2 ("evict_first" where supported, else "")
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row).to(tl.int64)
-    # An out-of-range target is reported by the launcher; here it only must not index out of bounds.
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     k = tl.where(valid, target, 0)
-    lam = tl.cast(lam_hi, ACC_DTYPE) + tl.cast(lam_lo, ACC_DTYPE)
-    logits_row = logits_ptr + row * stride_logits_row
-    offsets = tl.arange(0, BLOCK_V)
-    n_read = tl.where(valid, num_classes, 0)  # columns to read: none on ignored rows
+    n_read = tl.where(valid, num_classes, 0)
+    logits_row = logits_ptr + row * stride_lr
+    offsets = tl.arange(0, BLOCK)
 
-    # Sweep 1: m = running max, d = sum exp(z - m), s = sum z. Masked tails read -inf
-    # (neutral for the max, exp(-inf) = 0 for d) and count 0 in s. Ignored rows read nothing.
-    m = tl.full((), float("-inf"), ACC_DTYPE)
-    d = tl.zeros((), ACC_DTYPE)
-    s = tl.zeros((), ACC_DTYPE)
-    for start in range(0, num_classes, BLOCK_V):
+    # Sweep 1, online: when a block raises the max from m to m', the old max's exact 1 joins the
+    # remainder as exp(m - m'), and the block contributes all its terms but one maximum's 1.
+    M = tl.full((), NEG_INF, ACC_DTYPE)
+    R = tl.zeros((), ACC_DTYPE)
+    s_rel = tl.zeros((), ACC_DTYPE)
+    for start in range(0, num_classes, BLOCK):
         cols = start + offsets
         mask = cols < n_read
-        z = tl.load(logits_row + cols.to(tl.int64) * stride_logits_col, mask=mask, other=float("-inf"))
-        z = z.to(ACC_DTYPE)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # While every value so far is -inf, shift by 0 so no exp sees -inf - (-inf).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        z = tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF, eviction_policy=KEEP).to(ACC_DTYPE)
+        m_new = tl.maximum(M, tl.max(z, axis=0))
+        shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+        e = tl.exp(z - shift)
+        is_max = (z == m_new) & mask
+        ties = tl.sum(is_max.to(ACC_DTYPE), axis=0)
+        grew = m_new > M
+        R = tl.where(
+            grew,
+            (R + 1.0) * tl.exp(M - shift) + tl.sum(tl.where(is_max, 0.0, e), axis=0) + tl.maximum(ties - 1.0, 0.0),
+            R + tl.sum(e, axis=0),
+        )
         if SMOOTHING:
-            s += tl.sum(tl.where(mask, z, 0.0), axis=0)
-        m = m_new
+            old_shift = tl.where(M == NEG_INF, 0.0, M)
+            seen = tl.minimum(start, n_read).to(ACC_DTYPE)
+            s_rel = s_rel + seen * (old_shift - shift) + tl.sum(tl.where(mask, z - shift, 0.0), axis=0)
+        M = m_new
 
-    # loss = r - (1 - lam) z_k - (lam / V) s with r = m + log d, taken as
-    #   loss = log d + (m - z_k) + lam (z_k - s / V)
-    # so that m - z_k cancels exactly and large offsets of the logits cost no precision.
-    # Ignored rows (m = -inf, d = 0 there) get 0.
-    m = tl.where(valid, m, 0.0)
-    d = tl.where(valid, d, 1.0)
-    z_k = tl.load(logits_row + k * stride_logits_col, mask=valid, other=0.0).to(ACC_DTYPE)
-    loss = tl.log(d) + (m - z_k)
-    if SMOOTHING:
-        # Only with lam > 0: a -inf logit (a masked class) would give 0 * -inf = nan at lam = 0.
-        loss += lam * (z_k - s / num_classes)
-    loss = tl.where(valid, loss, 0.0)
-    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+    z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
+    loss = _row_loss(R, tl.where(valid, M, 0.0), z_k, s_rel, oml, lov, SMOOTHING)
+    tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
 
     if COMPUTE_GRAD:
-        # Sweep 2: grad_j = scale * (p_j - [j = k] + lam ([j = k] - 1/V)), p_j = exp(z_j - m) / d,
-        # rounded to the gradient's dtype once. Ignored rows write zeros.
-        row_scale = tl.where(valid, tl.load(grad_scale_ptr).to(ACC_DTYPE), 0.0)
-        inv_d = 1.0 / d
-        smooth = lam / num_classes  # lam / V, off the target column
-        smooth_k = lam - smooth  # lam (1 - 1/V), back on the target column
-        grad_row = grad_ptr + row * stride_grad_row
-        for start in range(0, num_classes, BLOCK_V):
-            cols = start + offsets
-            cols64 = cols.to(tl.int64)
-            z = tl.load(logits_row + cols64 * stride_logits_col, mask=cols < n_read, other=float("-inf"))
-            p = tl.exp(z.to(ACC_DTYPE) - m) * inv_d
-            is_k = cols == k
-            g = p - tl.where(is_k, 1.0, 0.0)  # p_k - 1 is exact for p_k >= 1/2
-            if SMOOTHING:
-                g += tl.where(is_k, smooth_k, -smooth)
-            g = tl.where(valid, g * row_scale, 0.0)
+        # Sweep 2, backwards: the first blocks it reads are the last sweep 1 left in the cache.
+        shift = tl.where(M == NEG_INF, 0.0, M)
+        inv_d = 1.0 / (1.0 + R)
+        scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
+        grad_row = grad_ptr + row * stride_gr
+        n_blocks = tl.cdiv(num_classes, BLOCK)
+        for i in range(0, n_blocks):
+            cols = (n_blocks - 1 - i) * BLOCK + offsets
+            z = tl.load(logits_row + cols * stride_lc, mask=cols < n_read, other=NEG_INF, eviction_policy=DROP)
+            g = _grad_values(z.to(ACC_DTYPE), cols == k, shift, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo)
+            g = tl.where(valid, g, 0.0)
+            tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
+    if REDUCE:
+        _reduce_rows(rows_ptr, loss_ptr, scalars_ptr, sync_ptr, n_rows, n_rows, ACC_DTYPE)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Backward: dZ = dO * factor * kept.
+
+
+@triton.jit
+def scale_grad_kernel(
+    grad_ptr,  # kept gradient; flat (dense) unless PER_ROW
+    out_ptr,  # the result: grad_ptr itself when INPLACE
+    grad_out_ptr,  # dO: 0-d, or (N,) with stride stride_d when PER_ROW
+    factor_ptr,  # 0-d: the backward factor of the forward pass
+    n_rows,
+    n_cols,  # elements per row (PER_ROW), or all elements
+    stride_gr,
+    stride_gc,
+    stride_or,
+    stride_oc,
+    stride_d,
+    PER_ROW: tl.constexpr,
+    INPLACE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    # A fixed grid walks the tiles (row, block of columns); a tile whose factor is exactly 1 is
+    # left as it is in place, so loss.backward() costs one read of dO per program.
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    factor = tl.load(factor_ptr).to(ACC_DTYPE)
+    offsets = tl.arange(0, BLOCK)
+    n_col_blocks = tl.cdiv(n_cols, BLOCK)
+    scale = tl.load(grad_out_ptr).to(ACC_DTYPE) * factor
+    for tile in range(pid, n_rows * n_col_blocks, n_programs):
+        row = (tile // n_col_blocks).to(tl.int64)
+        cols = (tile % n_col_blocks).to(tl.int64) * BLOCK + offsets
+        if PER_ROW:
+            scale = tl.load(grad_out_ptr + row * stride_d).to(ACC_DTYPE) * factor
+        work = scale != 1.0
+        if not INPLACE:
+            work = tl.full((), 1, tl.int1)  # a new tensor is written whatever the factor
+        if work:
+            mask = cols < n_cols
+            g = tl.load(grad_ptr + row * stride_gr + cols * stride_gc, mask=mask)
             tl.store(
-                grad_row + cols64 * stride_grad_col, g.to(grad_ptr.dtype.element_ty), mask=cols < num_classes
+                out_ptr + row * stride_or + cols * stride_oc,
+                (g.to(ACC_DTYPE) * scale).to(out_ptr.dtype.element_ty),
+                mask=mask,
             )
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers.
+
+# True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors.
+INTERPRETED = type(split_kernel).__name__ == "InterpretedFunction"
 
 
 def _split_float(value: float) -> tuple[float, float]:
     """(hi, lo), both exactly representable in float32, with hi + lo == value to ~48 bits."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
     return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
+
+
+def _constants(label_smoothing: float, num_classes: int) -> dict:
+    # The per-call constants of the loss and the gradient, from float64.
+    lam = float(label_smoothing)
+    off_hi, off_lo = _split_float(lam / num_classes)
+    tgt_hi, tgt_lo = _split_float(1.0 - lam + lam / num_classes)
+    return {
+        "oml": 1.0 - lam,
+        "lov": lam / num_classes,
+        "off_hi": off_hi,
+        "off_lo": off_lo,
+        "tgt_hi": tgt_hi,
+        "tgt_lo": tgt_lo,
+    }
+
+
+def _device_guard(device: torch.device):
+    # Launch on the tensor's device, not the current one; reached through torch.<device type>.
+    if device.type == "cpu":
+        return contextlib.nullcontext()
+    return getattr(torch, device.type).device(device)
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "smoothce's Triton kernels were built for a GPU in this process, so they cannot run on CPU "
+            "tensors: set TRITON_INTERPRET=1 before the first Triton launch"
+        )
 
 
 def check_targets_async(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -157,73 +482,117 @@ def check_targets_async(target: torch.Tensor, num_classes: int, ignore_index: in
         torch._assert_async(ok)
 
 
-# True when the kernel was decorated under TRITON_INTERPRET=1: it then runs on CPU tensors.
-INTERPRETED = type(cross_entropy_fwd_kernel).__name__ == "InterpretedFunction"
+def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothing, ignore_index, reduce, config):
+    """The loss kernel for ``config`` ({"kernel": "split"|"loop", "block", "num_warps", ...})."""
+    n_rows, num_classes = logits.shape
+    acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    compute_grad = grad is not None
+    grad_arg = grad if compute_grad else logits  # never touched without COMPUTE_GRAD
+    common = dict(
+        SMOOTHING=label_smoothing > 0.0,
+        COMPUTE_GRAD=compute_grad,
+        REDUCE=reduce,
+        ACC_DTYPE=acc_dtype,
+        num_warps=config["num_warps"],
+        num_stages=config.get("num_stages", 1),
+        **config.get("options", {}),
+    )
+    strides = (logits.stride(0), logits.stride(1), grad_arg.stride(0), grad_arg.stride(1))
+    constants = _constants(label_smoothing, num_classes)
+    block = config["block"]
+    with _device_guard(logits.device):
+        if config["kernel"] == "loop":
+            loop_kernel[(n_rows,)](
+                logits, target, rows, grad_arg, scalars, sync, loss, *strides,
+                n_rows, num_classes, ignore_index, **constants,
+                BLOCK=block, KEEP=config.get("keep", ""), DROP=config.get("drop", ""), **common,
+            )
+            return
+        num_chunks = triton.cdiv(num_classes, block)
+        max_chunks = triton.next_power_of_2(num_chunks)
+        stats = torch.empty((n_rows, num_chunks, 3) if num_chunks > 1 else (1,), dtype=rows.dtype,
+                            device=logits.device)
+        phases = (1, 2) if INTERPRETED and compute_grad and num_chunks > 1 else (0,)
+        for phase in phases:
+            split_kernel[(n_rows * num_chunks,)](
+                logits, target, rows, grad_arg, scalars, stats, sync, loss, *strides,
+                n_rows, num_classes, num_chunks, ignore_index, **constants,
+                CHUNK=block, MAX_CHUNKS=max_chunks, PHASE=phase, **common,
+            )
 
 
-def cross_entropy_fwd(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    label_smoothing: float,
-    ignore_index: int,
-    grad: torch.Tensor | None,
-    grad_scale: torch.Tensor,
-    *,
-    block_v: int,
-    num_warps: int,
-    num_stages: int,
-    options: dict | None = None,
-) -> torch.Tensor:
-    """Launch the kernel on ``logits`` (N, V); returns the (N,) per-row loss, writes ``grad`` if given.
+def loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, compute_grad, config):
+    """(loss, grad, backward factor) of 2-D ``logits`` (N >= 1, V), in two launches and no host sync.
 
-    The arguments are those of ``Backend.forward``; ``block_v`` (a power of two),
-    ``num_warps`` and ``num_stages`` are the backend's launch configuration, and
-    ``options`` holds extra compile options of its Triton (Intel's ``grf_mode``).
-    Nothing here reads a device value on the host, so torch.compile graphs that call
-    the op (opaque to Dynamo) stay free of syncs.
+    loss: (N,) for "none", else 0-d; float32 (float64 for float64 logits). grad: (N, V) like the
+    logits, holding ``kept_gradient_scale(dtype)`` x the gradient of the loss (1/count folded in
+    for all but float16), or None. factor: 0-d, what backward multiplies dO by.
     """
     n_rows, num_classes = logits.shape
     device = logits.device
-    if block_v < 1 or block_v & (block_v - 1):
-        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    _check_device(device)
     if device.type == "cpu":
-        if not INTERPRETED:
-            raise RuntimeError(
-                "smoothce's Triton kernel was built for a GPU in this process, so it cannot run on CPU "
-                "tensors: set TRITON_INTERPRET=1 before the first Triton launch"
-            )
+        check_targets_on_host(target, num_classes, ignore_index)  # names the value; free on CPU
+    acc = loss_dtype(logits.dtype)
+    kept_scale, fold = kept_gradient_scale(logits.dtype)
+    scalars = torch.empty(3, dtype=acc, device=device)
+    sync = torch.empty(n_rows + 1, dtype=torch.int32, device=device)
+    with _device_guard(device):
+        prologue_kernel[(1,)](
+            target, sync, scalars, n_rows, n_rows + 1, num_classes, ignore_index, float(kept_scale),
+            MEAN=reduction == "mean", FOLD=fold, BLOCK=1024, num_warps=4,
+        )
+    rows = torch.empty(n_rows, dtype=acc, device=device)
+    loss = rows if reduction == "none" else torch.empty((), dtype=acc, device=device)
+    grad = torch.empty_like(logits) if compute_grad else None
+    _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothing, ignore_index,
+                 reduction != "none", config)
+    return loss, grad, scalars[1]
+
+
+def forward(logits, target, label_smoothing, ignore_index, grad, grad_scale, config):
+    """``Backend.forward``: per-row losses, and ``grad`` (may alias ``logits``) times ``grad_scale``."""
+    n_rows, num_classes = logits.shape
+    device = logits.device
+    _check_device(device)
+    if device.type == "cpu":
         check_targets_on_host(target, num_classes, ignore_index)
     else:
         check_targets_async(target, num_classes, ignore_index)
-    loss = torch.empty(n_rows, dtype=loss_dtype(logits.dtype), device=device)
-    compute_grad = grad is not None
-    # Without a gradient the kernel never touches grad_ptr (constexpr branch); logits only fill the slot.
-    grad_arg = grad if compute_grad else logits
-    lam_hi, lam_lo = _split_float(label_smoothing)
-    acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    # Launch on the logits' device, not the current one; reached through torch.<device type>.
-    guard = getattr(torch, device.type).device(device) if device.type != "cpu" else contextlib.nullcontext()
-    with guard:
-        cross_entropy_fwd_kernel[(n_rows,)](
-            logits,
-            target,
-            loss,
-            grad_arg,
-            grad_scale,
-            logits.stride(0),
-            logits.stride(1),
-            grad_arg.stride(0),
-            grad_arg.stride(1),
-            num_classes,
-            ignore_index,
-            lam_hi,
-            lam_lo,
-            BLOCK_V=block_v,
-            SMOOTHING=label_smoothing > 0.0,
-            COMPUTE_GRAD=compute_grad,
-            ACC_DTYPE=acc_dtype,
-            num_warps=num_warps,
-            num_stages=num_stages,
-            **(options or {}),
+    rows = torch.empty(n_rows, dtype=loss_dtype(logits.dtype), device=device)
+    sync = torch.zeros(n_rows + 1, dtype=torch.int32, device=device)
+    scalars = grad_scale.reshape(1).to(rows.dtype)
+    _launch_rows(logits, target, rows, grad, scalars, sync, rows, label_smoothing, ignore_index, False, config)
+    return rows
+
+
+def scale_grad(grad, grad_out, factor, per_row, inplace, *, block=4096, num_warps=8, programs=None):
+    """dO x factor x ``grad`` (the kept gradient), in place when ``inplace``, else a new tensor.
+
+    ``grad_out`` is 0-d, or (N,) with ``per_row``. In place, a factor of exactly 1 leaves the
+    buffer untouched and costs one read of dO per program. Out of place the result has the
+    gradient's layout.
+    """
+    _check_device(grad.device)
+    out = grad if inplace else torch.empty_like(grad)
+    if grad.numel() == 0:
+        return out
+    acc_dtype = tl.float64 if grad.dtype == torch.float64 else tl.float32
+    if per_row:
+        n_rows, n_cols = grad.shape
+        strides = (grad.stride(0), grad.stride(1), out.stride(0), out.stride(1), grad_out.stride(0))
+        flat_grad, flat_out = grad, out
+    else:
+        # A dense kept gradient (empty_like of the logits) is one run of memory in any layout.
+        n_rows, n_cols = 1, grad.numel()
+        flat_grad = grad.as_strided((n_cols,), (1,), grad.storage_offset())
+        flat_out = out.as_strided((n_cols,), (1,), out.storage_offset())
+        strides = (0, 1, 0, 1, 0)
+    tiles = n_rows * triton.cdiv(n_cols, block)
+    grid = (max(1, min(tiles, programs or tiles)),)
+    with _device_guard(grad.device):
+        scale_grad_kernel[grid](
+            flat_grad, flat_out, grad_out, factor, n_rows, n_cols, *strides,
+            PER_ROW=per_row, INPLACE=inplace, BLOCK=block, ACC_DTYPE=acc_dtype, num_warps=num_warps,
         )
-    return loss
+    return out

@@ -1,4 +1,4 @@
-"""The "xpu-triton" backend: smoothce's Triton kernel on Intel GPUs (torch "xpu" devices).
+"""The "xpu-triton" backend: smoothce's Triton kernels on Intel GPUs (torch "xpu" devices).
 
 Only what is Intel-specific lives here: the launch configuration (smaller blocks
 than on NVIDIA, up to 32 warps, the large register file through ``grf_mode``),
@@ -56,9 +56,15 @@ class XpuTritonBackend(TritonBackend):
 
     name = "xpu-triton"
     device_type = "xpu"
-    # Columns per loop step by element size: half of NVIDIA's (Intel cores have smaller
-    # register files per work-group), with up to 32 warps (sub-groups) per row.
-    MAX_BLOCK_V: ClassVar[dict[int, int]] = {2: 4096, 4: 2048, 8: 1024}
+    # The launch table (see TritonBackend.LAUNCH_TABLE): half of NVIDIA's columns per program
+    # (Intel cores have smaller register files per work-group), up to 32 warps (sub-groups).
+    # Rows longer than one program take the loop kernel: whether work-groups start in order and
+    # run alongside each other, which the split kernel's waiting needs, is not established here.
+    LAUNCH_TABLE: ClassVar[dict[int, tuple[tuple[int, str, int, int], ...]]] = {
+        2: ((4096, "split", 0, 0), (2**31, "loop", 4096, 32)),
+        4: ((2048, "split", 0, 0), (2**31, "loop", 2048, 16)),
+        8: ((1024, "split", 0, 0), (2**31, "loop", 1024, 8)),
+    }
     VALUES_PER_WARP = 128
     MAX_NUM_WARPS = 32  # the most sub-groups a work-group may have with grf_mode 256
 

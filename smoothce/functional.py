@@ -28,6 +28,10 @@ def cross_entropy(
     # with a RuntimeError; the op checks everything else, once (smoothce/checks.py).
     check_tensors_given(logits, target)
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
-    return torch.ops.smoothce.cross_entropy(
-        logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction
-    )
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap, ...): the op's body in Python, so that its autograd.Function is
+        # applied where the transforms see it; inside the dispatcher they cannot.
+        from smoothce._ops import _cross_entropy as op
+    else:
+        op = torch.ops.smoothce.cross_entropy
+    return op(logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)

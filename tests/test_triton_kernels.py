@@ -90,12 +90,21 @@ def tolerances(dtype: torch.dtype) -> tuple[dict, dict]:
     return loss_tol, {"rtol": 2 * torch.finfo(dtype).eps, "atol": 1e-6}
 
 
-@pytest.fixture(params=BACKENDS)
+# Each backend with its own launch table's kernel (CUDA: rows split over programs; XPU: the
+# loop kernel for rows longer than one program), and CUDA's loop kernel forced as well.
+BACKEND_KERNELS = [(name, None) for name in BACKENDS] + [
+    (name, "loop") for name in BACKENDS if name == "cuda-triton"
+]
+
+
+@pytest.fixture(params=BACKEND_KERNELS, ids=lambda p: f"{p[0]}-{p[1] or 'table'}")
 def backend(request, monkeypatch):
     """The backend under test, chosen through SMOOTHCE_BACKEND, with blocks of 16 columns."""
-    monkeypatch.setenv("SMOOTHCE_BACKEND", request.param)
-    chosen = registry.get(request.param)
+    name, kernel = request.param
+    monkeypatch.setenv("SMOOTHCE_BACKEND", name)
+    chosen = registry.get(name)
     monkeypatch.setattr(chosen, "max_block_v", TEST_BLOCK_V)
+    monkeypatch.setattr(chosen, "kernel", kernel)
     return chosen
 
 
@@ -281,39 +290,184 @@ def test_out_of_range_target_gpu_assert():
     assert "out of range" in done.stderr or "device-side assert" in done.stderr, done.stderr[-2000:]
 
 
+class LaunchRecorder:
+    """Wraps the launchers' kernels to record (kernel name, its keyword constexprs) per launch."""
+
+    NAMES = ("prologue_kernel", "split_kernel", "loop_kernel", "scale_grad_kernel")
+
+    def __init__(self, monkeypatch):
+        from smoothce.backends import triton_kernels
+
+        self.launches = []
+        for name in self.NAMES:
+            monkeypatch.setattr(triton_kernels, name, self._wrap(name, getattr(triton_kernels, name)))
+
+    def _wrap(self, name, kernel):
+        recorder = self
+
+        class Recording:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    recorder.launches.append((name, kwargs))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Recording()
+
+    def names(self):
+        return [name for name, _ in self.launches]
+
+
 def test_no_gradient_work_without_grad(backend, monkeypatch):
-    """grad=None compiles the gradient sweep out: checked on the launch and on memory.
+    """grad=None compiles the gradient out: checked on the launch and on memory.
 
     The launcher passes the logits themselves in the unused gradient slot, so a
-    gradient sweep that ran anyway would overwrite them.
+    gradient pass that ran anyway would overwrite them.
     """
-    from smoothce.backends import triton_kernels
-
-    kernel = triton_kernels.cross_entropy_fwd_kernel
-    launches = []
-
-    class RecordingKernel:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((kwargs["COMPUTE_GRAD"], kwargs["BLOCK_V"]))
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(triton_kernels, "cross_entropy_fwd_kernel", RecordingKernel())
+    recorder = LaunchRecorder(monkeypatch)
     logits, target = make_inputs(7, 40, torch.float32)
     before = logits.clone()
     loss = backend.forward(
         logits, target, 0.1, -100, None, torch.ones((), dtype=torch.float32, device=DEVICE)
     )
-    assert launches == [(False, TEST_BLOCK_V)]
+    assert [kwargs["COMPUTE_GRAD"] for _, kwargs in recorder.launches] == [False]
     assert torch.equal(logits, before)
     ref_loss, _ = cross_entropy_reference(logits.cpu(), target.cpu(), label_smoothing=0.1, reduction="none")
     torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-5, atol=1e-5)
     # Through the public op: no gradient is computed unless the logits require one.
+    recorder.launches.clear()
     smoothce.cross_entropy(logits, target)
     smoothce.cross_entropy(logits.requires_grad_(), target)
-    assert [compute_grad for compute_grad, _ in launches[1:]] == [False, True]
+    rows = [kwargs["COMPUTE_GRAD"] for name, kwargs in recorder.launches if name != "prologue_kernel"]
+    assert rows in ([False, True], [False, True, True])  # the interpreter splits a gradient launch in two
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_launches_per_forward_and_backward(backend, monkeypatch, reduction):
+    # At most three launches for a forward+backward: the prologue, the loss kernel, the scaling.
+    recorder = LaunchRecorder(monkeypatch)
+    logits, target = make_inputs(7, 40, torch.bfloat16)
+    logits.requires_grad_()
+    loss = smoothce.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction)
+    loss.backward(torch.ones_like(loss))
+    names = recorder.names()
+    kernel = "loop_kernel" if backend.launch_config(40, logits.dtype)["kernel"] == "loop" else "split_kernel"
+    split_twice = INTERPRET and kernel == "split_kernel"  # PHASE 1 and 2: the interpreter runs programs in turn
+    assert names == ["prologue_kernel", kernel, *([kernel] if split_twice else []), "scale_grad_kernel"]
+    if kernel == "split_kernel":
+        assert [kwargs["PHASE"] for name, kwargs in recorder.launches if name == kernel] == (
+            [1, 2] if split_twice else [0]
+        )
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar_dO", "per_row_dO"])
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_scale_grad_kernel(backend, dtype, inplace, per_row):
+    """dO x factor x kept, in float32 and rounded once; in place a product of exactly 1 writes nothing."""
+    generator = torch.Generator().manual_seed(3)
+    kept = torch.randn(9, 37, generator=generator).to(DEVICE, dtype)
+    kept_before = kept.clone()
+    factor = torch.tensor(2.0**-20, device=DEVICE)  # float16's 2**-15 / count for count = 32
+    grad_out = torch.linspace(0.5, 2.0, 9, device=DEVICE) if per_row else torch.tensor(3.0, device=DEVICE)
+    out = backend.scale_grad(kept, grad_out, factor, per_row, inplace)
+    scale = (grad_out * factor).unsqueeze(-1) if per_row else grad_out * factor
+    expected = (kept_before.double() * scale.double()).to(dtype)
+    if INTERPRET and dtype == torch.bfloat16:  # the interpreter truncates to bfloat16: one ulp
+        torch.testing.assert_close(out.cpu(), expected.cpu(), rtol=2.0**-7, atol=0)
+    else:
+        assert torch.equal(out.cpu(), expected.cpu())  # one rounding of the exact product
+    assert (out.data_ptr() == kept.data_ptr()) == inplace
+    if not inplace:
+        assert torch.equal(kept, kept_before)
+    # A factor of exactly 1: in place nothing is written (a poisoned buffer stays poisoned).
+    if not per_row:
+        poisoned = torch.full_like(kept, float("nan"))
+        one = torch.ones((), device=DEVICE)
+        assert backend.scale_grad(poisoned, one, one, False, True).isnan().all()
+        copied = backend.scale_grad(kept_before, one, one, False, False)
+        assert torch.equal(copied, kept_before)
+
+
+def test_scale_grad_kernel_transposed_layout(backend):
+    # The kept gradient is empty_like(logits): for transposed logits it is transposed too.
+    kept = torch.randn(37, 9, device=DEVICE).t()
+    out = backend.scale_grad(kept, torch.tensor(2.0, device=DEVICE), torch.tensor(0.25, device=DEVICE), False, False)
+    assert out.stride() == kept.stride()
+    torch.testing.assert_close(out, kept * 0.5, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_in_place_of_the_logits(backend, dtype):
+    # Backend.forward may write the gradient over the logits (the fused linear loss does).
+    logits, target = make_inputs(7, 40, dtype)
+    reference = logits.clone()
+    scale = torch.tensor(0.5, device=DEVICE)
+    rows = backend.forward(logits, target, 0.1, -100, logits, scale)
+    ref_loss, ref_grad = cross_entropy_reference(reference.cpu(), target.cpu(), label_smoothing=0.1, reduction="none")
+    _, grad_tol = tolerances(dtype)
+    torch.testing.assert_close(rows.cpu().double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.cpu().double(), ref_grad * 0.5, **grad_tol)
+
+
+def test_float16_kept_gradient_survives_a_loss_scale(backend):
+    """A float16 gradient of a loss scaled by 65536 (GradScaler) keeps its small entries.
+
+    With 1/count folded in before rounding, entries below float16's smallest subnormal
+    (2**-24) times count would flush to zero; kept as 2**15 (p - ybar) they reach
+    backward's float32 product with dO / (2**15 count) intact.
+    """
+    logits, target = make_inputs(64, 40, torch.float16, ignored=())
+    logits = logits * 3  # spread: many p_j far below 2**-24 * 64
+    logits.requires_grad_()
+    loss = smoothce.cross_entropy(logits, target, label_smoothing=0.1)
+    (loss * 65536).backward()
+    _, ref_grad = cross_entropy_reference(logits.detach().cpu(), target.cpu(), label_smoothing=0.1)
+    expected = (ref_grad * 65536).to(torch.float16)
+    got = logits.grad.cpu()
+    assert not ((got == 0) & (expected != 0)).any()
+    # Within two float16 ulps of the float64 value times the scale (one rounding each way).
+    ulp = torch.finfo(torch.float16).eps * expected.double().abs().clamp_min(2.0**-14)
+    assert ((got.double() - ref_grad * 65536).abs() <= 2 * ulp).all()
+
+
+def test_confident_row_keeps_its_remainder(backend):
+    # 70000 zeros but one 19.45: sum exp(z - m) = 1 + 2.5e-4 (tiny remainder); the exact loss
+    # is log1p(69999 exp(-19.45)) = 2.5004e-4, which log(sum) in float32 gets 6% wrong.
+    logits = torch.zeros(2, 70000, dtype=torch.float32, device=DEVICE)
+    logits[:, 0] = 19.45
+    target = torch.tensor([0, 0], device=DEVICE)
+    loss = smoothce.cross_entropy(logits, target, reduction="none")
+    exact = torch.log1p(69999 * torch.exp(torch.tensor(-19.45, dtype=torch.float64)))
+    torch.testing.assert_close(loss.cpu().double(), exact.expand(2), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+def test_shared_large_offset_loses_no_digits(backend, label_smoothing):
+    # Every logit 30000: the loss is log V exactly, whatever lam (sums relative to the row max).
+    logits = torch.full((2, 70000), 30000.0, device=DEVICE)
+    target = torch.tensor([3, 69999], device=DEVICE)
+    loss = smoothce.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="none")
+    torch.testing.assert_close(loss.cpu().double(), torch.full((2,), 70000.0).log().double(), rtol=2e-7, atol=0)
+
+
+def test_target_column_at_lam_one_is_p_minus_one_over_v(backend):
+    # lam = 1: the target column is p_k - 1/V like any other, to float32 rounding of that value.
+    logits, target = make_inputs(5, 40, torch.float32, ignored=())
+    logits.requires_grad_()
+    smoothce.cross_entropy(logits, target, label_smoothing=1.0, reduction="sum").backward()
+    _, ref_grad = cross_entropy_reference(logits.detach().cpu(), target.cpu(), label_smoothing=1.0, reduction="sum")
+    rows = torch.arange(5)
+    got = logits.grad.cpu()[rows, target.cpu()].double()
+    torch.testing.assert_close(got, ref_grad[rows, target.cpu()], rtol=4 * 2.0**-24, atol=0)
+
+
+def test_target_on_minus_inf_column_gives_inf(backend):
+    logits = torch.zeros(1, 40, device=DEVICE)
+    logits[0, 7] = float("-inf")
+    loss = smoothce.cross_entropy(logits, torch.tensor([7], device=DEVICE), label_smoothing=0.3)
+    assert loss.item() == float("inf")
 
 
 def test_unavailable_reasons(backend, monkeypatch):
@@ -355,17 +509,30 @@ def test_import_without_triton():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("num_classes", [1, 1000, 128256, 262144])
 def test_launch_config(backend, num_classes, dtype, monkeypatch):
-    # The real configuration (no test cap): power-of-two blocks within the backend's limits.
+    # The real configuration (no test cap): power-of-two blocks, a known kernel, sane warps.
     monkeypatch.setattr(backend, "max_block_v", None)
     config = backend.launch_config(num_classes, dtype)
-    block_v = config["block_v"]
-    assert block_v & (block_v - 1) == 0
-    assert backend.MIN_BLOCK_V <= block_v <= backend.MAX_BLOCK_V[dtype.itemsize]
+    block = config["block"]
+    assert block & (block - 1) == 0
+    assert block >= backend.MIN_BLOCK_V
+    assert config["kernel"] in ("split", "loop")
+    if config["kernel"] == "split" and backend.kernel is None and not backend.ROW_SPLIT:
+        assert block >= num_classes  # without the split, split_kernel only ever takes whole rows
     assert 1 <= config["num_warps"] <= backend.MAX_NUM_WARPS
     if backend.name == "xpu-triton":
         assert config["options"]["grf_mode"] in ("256", "large")
     monkeypatch.setattr(backend, "max_block_v", TEST_BLOCK_V)
-    assert backend.launch_config(num_classes, dtype)["block_v"] == TEST_BLOCK_V
+    assert backend.launch_config(num_classes, dtype)["block"] == min(TEST_BLOCK_V, max(16, block))
+
+
+def test_split_needs_every_chunk_resident(monkeypatch):
+    # Rows with more chunks than the GPU has cores would wait on programs that cannot start.
+    backend = registry.get("cuda-triton")
+    monkeypatch.setattr(backend, "cores", lambda device: 4)
+    gpu = torch.device("cuda", 0)
+    block = backend.launch_config(2**20, torch.bfloat16)["block"]
+    assert backend.launch_config(4 * block, torch.bfloat16, gpu)["kernel"] == "split"
+    assert backend.launch_config(4 * block + 1, torch.bfloat16, gpu)["kernel"] == "loop"
 
 
 @pytest.mark.compile
