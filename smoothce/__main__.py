@@ -175,22 +175,19 @@ def check_hard_cases(device: torch.device) -> bool:
 
 
 def benchmark(device: torch.device) -> None:
-    from smoothce.bench import report, runner
+    from smoothce.bench import cases, report, runner
 
     cpu = device.type == "cpu"
+    shapes = [(1024, 32000), (256, 128256)] if cpu else [(8192, 32000), (8192, 128256)]
     settings = runner.Settings(
         device=device,
-        shapes=[(1024, 32000), (256, 128256)] if cpu else [(8192, 32000), (8192, 128256)],
-        dtypes=["fp32", "bf16"],
-        modes=["fwd+bwd"],
+        cases=cases.grid(shapes, ["fp32", "bf16"], ["fwd+bwd"]),
         impls=["smoothce", "torch-eager", "torch-compile"],
-        reps=5 if cpu else 20,
-        budget_s=5.0,
-        copy_bytes=(128 if cpu else 1024) << 20,
+        rounds=5 if cpu else 3,
         preset="python -m smoothce",
     )
     print(f"\nbenchmark on {device}, forward+backward, label_smoothing=0.1 (medians of interleaved runs):")
-    record = runner.run(settings, show_progress=sys.stderr.isatty())
+    record = runner.run(settings)  # progress lines go to stderr
     for line in report.summary_lines(record):
         print(line)
     print("\npeak memory beyond the logits, MiB (in brackets: multiple of the logits' size):")
