@@ -10,15 +10,18 @@ from smoothce._backends_setup import register_builtin_backends
 from smoothce._ops import inplace_backward
 from smoothce.distributed import count_tokens, vocab_parallel_cross_entropy
 from smoothce.functional import cross_entropy
-from smoothce.module import CrossEntropyLoss
+from smoothce.linear import linear_cross_entropy
+from smoothce.module import CrossEntropyLoss, LinearCrossEntropyLoss
 
 register_builtin_backends()
 
 __all__ = [
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "count_tokens",
     "cross_entropy",
     "inplace_backward",
+    "linear_cross_entropy",
     "registry",
     "vocab_parallel_cross_entropy",
 ]

@@ -38,3 +38,40 @@ class CrossEntropyLoss(torch.nn.Module):
             f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
             f"reduction={self.reduction!r}"
         )
+
+
+# Imported here, next to the one class that uses it (this file's top belongs to CrossEntropyLoss).
+from smoothce.linear import check_linear_options, linear_cross_entropy  # noqa: E402
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """The LM head's loss without its logits: ``smoothce.linear_cross_entropy`` as an nn.Module.
+
+    Called as ``loss_fn(hidden, weight, target, bias=None)``: hidden (..., D), weight (V, D)
+    in nn.Linear's layout (pass ``lm_head.weight`` as it is), bias (V,) or None, target (...).
+    Same result as ``CrossEntropyLoss(...)(F.linear(hidden, weight, bias), target)``; the options
+    are checked here, when the module is built, and kept as a plain float, int and str.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        self.label_smoothing, self.ignore_index = check_linear_options(label_smoothing, ignore_index, reduction)
+        self.reduction = reduction
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            bias=bias,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}"
+        )
