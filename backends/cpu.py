@@ -94,7 +94,12 @@ class CpuBackend(Backend):
         stats = torch.empty((2, n_rows, 1), dtype=acc)
         p_k, rest = stats[0], stats[1]
         any_confident = False
-        exact_sums = acc == torch.float64 or n_rows * num_classes <= _EXACT_SUM_ELEMENTS
+        # The gradient may be written over the logits (the fused linear loss does): then nothing
+        # after the loop may read them, so the sums are fp64 from the start and each block's
+        # logsumexp is kept for the rows whose p_k underflows.
+        aliased = grad is not None and grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+        lse = torch.empty((n_rows, 1), dtype=acc) if aliased else None
+        exact_sums = acc == torch.float64 or n_rows * num_classes <= _EXACT_SUM_ELEMENTS or aliased
         row_sum = torch.empty((n_rows, 1), dtype=torch.float64 if exact_sums else acc) if lam != 0.0 else None
 
         rows_per_block = min(n_rows, max(torch.get_num_threads(), self.block_elements // num_classes, 1))
@@ -119,6 +124,8 @@ class CpuBackend(Backend):
                     x = p.copy_(x)  # half inputs: upcast once, then work in place
             if lam != 0.0:
                 torch.sum(x, 1, keepdim=True, dtype=sum_block.dtype, out=sum_block)
+            if aliased:
+                torch.logsumexp(x, 1, keepdim=True, out=lse[start:stop])
             p = _softmax_(p, x)
             torch.gather(p, 1, k_block, out=p_k_block)
             if bool((p_k_block >= _CONFIDENT).any()):
@@ -140,9 +147,12 @@ class CpuBackend(Backend):
         any_tiny = float(p_k.min()) < _TINY
         if any_tiny:  # z_k far below the max: -log p_k from logsumexp of the logits instead
             tiny = p_k < _TINY
-            rows = logits[tiny].to(acc)
-            m = rows.amax(1, keepdim=True)
-            loss[tiny] = (m.squeeze(1) - z_k[tiny]) + (rows - m).exp().sum(1).log()
+            if aliased:
+                loss[tiny] = lse.squeeze(1)[tiny] - z_k[tiny]
+            else:
+                rows = logits[tiny].to(acc)
+                m = rows.amax(1, keepdim=True)
+                loss[tiny] = (m.squeeze(1) - z_k[tiny]) + (rows - m).exp().sum(1).log()
         if lam != 0.0:
             mean_term = row_sum.squeeze(1) / num_classes
             smoothing = (z_k - mean_term).mul_(lam).to(acc)

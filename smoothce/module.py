@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from smoothce._ops import check_arguments
+from smoothce.checks import check_option_values, option_values
 from smoothce.functional import cross_entropy
 
 
@@ -12,15 +12,15 @@ class CrossEntropyLoss(torch.nn.Module):
     """Label-smoothed cross-entropy, like ``torch.nn.CrossEntropyLoss`` with class-index targets.
 
     Inputs: logits (..., V) with the class dimension last, target (...) of int64/int32.
-    The options are checked here, when the module is built.
+    The options are checked here, when the module is built, by the rules every entry point
+    shares (smoothce/checks.py), and kept as a plain float, int and str.
     """
 
     def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean"):
         super().__init__()
-        probe = torch.empty(1, 1, device="meta")
-        check_arguments(probe, torch.empty(1, dtype=torch.int64, device="meta"),
-                        label_smoothing, ignore_index, reduction)
-        self.label_smoothing = float(label_smoothing)
+        label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
+        check_option_values(label_smoothing, reduction)
+        self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
         self.reduction = reduction
 

@@ -387,14 +387,6 @@ def test_float64_gradcheck(reduction, label_smoothing):
 # The backend's gradient written over its own input (what the chunk loop relies on)
 # ---------------------------------------------------------------------------------------
 
-# Reported to the backend's owner: the CPU backend recomputes some rows' loss from the logits
-# after it has written the gradient, which in place has replaced them.
-_CPU_IN_PLACE_BUG = (
-    "the CPU backend re-reads the logits of rare rows (p_k < 1e-30; a large common offset with "
-    "smoothing) after writing the gradient: in place, those logits are gone"
-)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_backend_gradient_in_place(dtype, label_smoothing):
@@ -411,7 +403,6 @@ def test_backend_gradient_in_place(dtype, label_smoothing):
     torch.testing.assert_close(same, separate, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(smoothce.registry.select(DEVICE).name == "cpu", reason=_CPU_IN_PLACE_BUG, strict=True)
 @pytest.mark.parametrize("case", ["far_below_max", "large_offset"])
 def test_rare_rows_with_gradient_in_place(case):
     # far_below_max: one row's target logit is 200 below its max, p_k = e^-200 underflows fp32.
