@@ -174,6 +174,17 @@ def check_hard_cases(device: torch.device) -> bool:
     return ok
 
 
+def check_linear(device: torch.device) -> bool:
+    """smoothce.linear_cross_entropy against float64 and PyTorch's F.linear + F.cross_entropy."""
+    from smoothce.bench import linear
+
+    rows = linear.linear_main_check(device)
+    print(f"\nfused linear + cross-entropy on {device}, worst relative error of the loss and of the")
+    print("hidden/weight/bias gradients against float64, and PyTorch's gradient error:")
+    print("\n".join(linear.format_check_rows(rows)))
+    return all(row["ok"] for row in rows)
+
+
 def benchmark(device: torch.device) -> None:
     from smoothce.bench import cases, report, runner
 
@@ -214,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     for line in environment():
         print("  " + line)
     ok = check(device)
+    ok = check_linear(device) and ok
     if not args.no_bench:
         benchmark(device)
+        from smoothce.bench import linear
+
+        print()
+        print("\n".join(linear.linear_main_table(device)))
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 

@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>/...)")
+    parser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy",
+                        help="linear: the fused linear + cross-entropy sweep (python -m smoothce.bench.linear's options)")
     return parser
 
 
@@ -200,8 +202,16 @@ def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `--op linear` hands the rest of the command line to the fused linear loss's sweep.
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy")
+    chosen, rest = chooser.parse_known_args(argv)
+    if chosen.op == "linear":
+        from smoothce.bench import linear
+
+        return linear.main(rest)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     try:
         settings, out = settings_from_args(args)
     except ValueError as error:
