@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>/...)")
     parser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy",
-                        help="linear: the fused linear + cross-entropy sweep (python -m smoothce.bench.linear's options)")
+                        help="linear: the fused linear loss's sweep (options of python -m smoothce.bench.linear)")
     return parser
 
 
