@@ -18,7 +18,7 @@ import torch
 
 from smoothce.backends.base import Backend
 
-_TRUE = ("1", "true", "yes", "on", "y")  # the spellings Triton accepts for TRITON_INTERPRET
+_TRUE = ("1", "true", "yes", "on", "y")  # the spellings Triton accepts for TRITON_INTERPRET, in any case
 
 
 @functools.cache
@@ -31,9 +31,14 @@ def triton_import_error() -> str | None:
     return None
 
 
+def interpreter_enabled() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter, read as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
+
+
 def interpreter_reason() -> str | None:
     """None when CPU tensors can run the Triton kernel in Triton's interpreter, else why not."""
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in _TRUE:
+    if not interpreter_enabled():
         return "CPU tensors run the Triton kernel only in Triton's interpreter: set TRITON_INTERPRET=1"
     kernels = sys.modules.get("smoothce.backends.triton_kernels")
     if kernels is not None and not kernels.INTERPRETED:

@@ -31,14 +31,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 GRAD_BOUND = {"fp32": 1e-5, "bf16": 2.0**-8, "fp16": 2.0**-10, "fp64": 1e-12}
 
 
-def best_device() -> torch.device:
-    for kind in ("cuda", "xpu"):
-        module = getattr(torch, kind, None)
-        if module is not None and module.is_available():
-            return torch.device(kind)
-    return torch.device("cpu")
-
-
 def environment() -> list[str]:
     try:
         import triton
@@ -220,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark")
     parser.add_argument("--device", help="device to check and benchmark (default: the best present)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device) if args.device else best_device()
+    device = torch.device(args.device) if args.device else registry.default_device()
     print("smoothce: label-smoothed cross-entropy, loss and gradient in one pass")
     for line in environment():
         print("  " + line)

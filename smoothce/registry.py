@@ -6,7 +6,8 @@ that serves CPU tensors (how the Triton kernels run on CPU under
 ``TRITON_INTERPRET=1``) and the tensors of its own device type; otherwise the
 device type's default. Other packages add backends through the entry-point group
 ``smoothce.backends`` (each entry point loads to a Backend, or to a callable that
-returns one) or by calling ``register`` directly.
+returns one) or by calling ``register`` directly. ``default_device()`` is the device
+smoothce's tools use when none is named.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from smoothce.backends.base import Backend
 
 ENV_VAR = "SMOOTHCE_BACKEND"
 ENTRY_POINT_GROUP = "smoothce.backends"
+ACCELERATORS = ("cuda", "xpu")  # the GPU device types of smoothce's own backends, in order of preference
 
 _by_name: dict[str, Backend] = {}
 _default_for: dict[str, str] = {}
@@ -117,3 +119,12 @@ def select(device: str | torch.device) -> Backend:
     if reason is not None:
         raise RuntimeError(f"smoothce backend {backend.name!r} cannot run on {device_type!r} tensors: {reason}")
     return backend
+
+
+def default_device() -> torch.device:
+    """The first accelerator present (CUDA, then XPU, at its current index), else the CPU."""
+    for device_type in ACCELERATORS:
+        module = getattr(torch, device_type, None)
+        if module is not None and module.is_available():
+            return torch.device(device_type, module.current_device())
+    return torch.device("cpu")

@@ -2,8 +2,8 @@
 (``torch.utils.collect_env``) plus what it leaves out: the device's name and memory, the
 peer libraries' versions, smoothce's backend and commit, the date and the load.
 
-Also picks the default device (CUDA, then XPU, then CPU) and names the results folder
-after it ("cpu", "cuda-NVIDIA-H100-80GB-HBM3", ...).
+Also names the results folder after the device ("cpu", "cuda-NVIDIA-H100-80GB-HBM3", ...);
+the default device is ``smoothce.registry.default_device`` (CUDA, then XPU, then CPU).
 """
 
 from __future__ import annotations
@@ -18,17 +18,10 @@ from pathlib import Path
 import torch
 from torch.utils import collect_env
 
+from smoothce.registry import default_device  # noqa: F401 (the benchmark's default device, for cli)
+
 # Distributions whose versions are recorded when installed (collect_env lists only torch's kin).
 PACKAGES = ("torch", "triton", "smoothce", "numpy", "liger-kernel", "flash-attn", "quack-kernels")
-
-
-def default_device() -> torch.device:
-    """The first accelerator present (CUDA, then XPU), else the CPU."""
-    for device_type in ("cuda", "xpu"):
-        module = getattr(torch, device_type, None)
-        if module is not None and module.is_available():
-            return torch.device(device_type, module.current_device())
-    return torch.device("cpu")
 
 
 def cpu_model(cpu_info: str | None = None) -> str:
