@@ -5,14 +5,15 @@ For a row z of V logits with target k and smoothing lam, everything relative to 
     R     = sum_j exp(z_j - M) - 1        the remainder beside the max's exact 1, summed without it
     s_rel = sum_j (z_j - M) <= 0
     loss  = log1p(R) + (1 - lam) (M - z_k) + (lam / V) (-s_rel)        (three terms >= 0: no cancellation)
-    grad_j = scale ((p_j - lam / V) ),   grad_k = scale ((p_k - c_hi) - c_lo),   p_j = exp(z_j - M) / (1 + R)
+    grad_j = scale (p_j - lam / V),   grad_k = scale ((p_k - c_hi) - c_lo),   p_j = exp(z_j - M) / (1 + R)
 
 which is the spec's loss = logsumexp(z) - (1 - lam) z_k - (lam / V) sum_j z_j and gradient
 softmax(z) - lam / V - (1 - lam) onehot(k), with c = 1 - lam + lam / V split into two float32
 halves c_hi + c_lo: p_k - c_hi is exact wherever the two are close (Sterbenz), so the target column
-is rounded once for every lam (lam / V is split the same way). R is summed over every element but
-one maximum, so a confident row (one dominant logit) keeps its tiny remainder and log1p(R) its
-digits, where log(sum exp) would round the remainder away.
+is rounded once for every lam (lam / V is split the same way). R is summed over every element
+but one maximum, so a confident row (one dominant logit) keeps its tiny remainder and log1p(R)
+its digits, where log(sum exp) would round the remainder away; a target holding the max takes
+grad_k = scale (lam (1 - 1/V) - R / (1 + R)) for the same reason (p_k - 1 would lose R).
 
 Three launches make a forward+backward, none of them waits on the host:
 
@@ -101,17 +102,20 @@ def _row_loss(R, M, z_k, s_rel, oml, lov, SMOOTHING: tl.constexpr):
     """loss = log1p(R) + (1 - lam) (M - z_k) + (lam / V) (-s_rel); oml = 1 - lam, lov = lam / V."""
     loss = _log1p(R)
     # (1 - lam) (M - z_k) is left out at lam = 1, where z_k = -inf would make it 0 * inf.
-    loss += tl.where(oml == 0.0, 0.0, oml * (M - z_k))
+    loss += tl.where(oml == 0.0, 0.0, oml * tl.where(oml == 0.0, 0.0, M - z_k))
     if SMOOTHING:
         loss += lov * (-s_rel)
     return loss
 
 
 @triton.jit
-def _grad_values(z, is_k, shift, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo):
-    # scale ((p - c_hi) - c_lo): c = lam / V off the target, 1 - lam + lam / V on it.
+def _grad_values(z, is_k, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo, lam_k):
+    # scale ((p - c_hi) - c_lo): c = lam / V off the target, 1 - lam + lam / V on it. A target
+    # holding the max has p_k = 1 / (1 + R) and p_k - c = -R / (1 + R) + lam (1 - 1/V) (lam_k),
+    # which keeps a confident row's tiny 1 - p_k where p_k - 1 would round it away.
     p = tl.exp(z - shift) * inv_d
     g = (p - tl.where(is_k, tgt_hi, off_hi)) - tl.where(is_k, tgt_lo, off_lo)
+    g = tl.where(is_k & (z == shift), lam_k - R * inv_d, g)
     return g * scale
 
 
@@ -207,6 +211,7 @@ def split_kernel(
     off_lo,
     tgt_hi,  # 1 - lam + lam / V = tgt_hi + tgt_lo, for the target column
     tgt_lo,
+    lam_k,  # lam (1 - 1/V), for a target column holding the max
     # compile-time switches
     CHUNK: tl.constexpr,
     MAX_CHUNKS: tl.constexpr,  # a power of two >= num_chunks; 1: the whole row in one program
@@ -257,6 +262,8 @@ def split_kernel(
         live = idx < num_chunks
         if not COMPUTE_GRAD:
             live = idx < tl.where(writer, num_chunks, 0)  # the others must not read slots not yet written
+        if PHASE == 1:
+            live = idx < 0  # publishing only: the other chunks' slots may not be written yet
         base = stats_ptr + (row * num_chunks + idx) * 3
         ms = tl.load(base, mask=live, other=NEG_INF, cache_modifier=".cg")
         rems = tl.load(base + 1, mask=live, other=0.0, cache_modifier=".cg")
@@ -278,7 +285,7 @@ def split_kernel(
             tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
         if COMPUTE_GRAD:
             scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
-            g = _grad_values(z, cols == k, shift, 1.0 / (1.0 + R), scale, off_hi, off_lo, tgt_hi, tgt_lo)
+            g = _grad_values(z, cols == k, shift, R, 1.0 / (1.0 + R), scale, off_hi, off_lo, tgt_hi, tgt_lo, lam_k)
             g = tl.where(valid, g, 0.0)  # ignored rows: exact zeros
             tl.store(
                 grad_ptr + row * stride_gr + cols * stride_gc,
@@ -315,6 +322,7 @@ def loop_kernel(
     off_lo,
     tgt_hi,
     tgt_lo,
+    lam_k,
     BLOCK: tl.constexpr,
     SMOOTHING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -371,7 +379,8 @@ def loop_kernel(
         for i in range(0, n_blocks):
             cols = (n_blocks - 1 - i) * BLOCK + offsets
             z = tl.load(logits_row + cols * stride_lc, mask=cols < n_read, other=NEG_INF, eviction_policy=DROP)
-            g = _grad_values(z.to(ACC_DTYPE), cols == k, shift, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo)
+            g = _grad_values(z.to(ACC_DTYPE), cols == k, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo,
+                             lam_k)
             g = tl.where(valid, g, 0.0)
             tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
     if REDUCE:
@@ -451,6 +460,7 @@ def _constants(label_smoothing: float, num_classes: int) -> dict:
         "off_lo": off_lo,
         "tgt_hi": tgt_hi,
         "tgt_lo": tgt_lo,
+        "lam_k": lam - lam / num_classes,
     }
 
 

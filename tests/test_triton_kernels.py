@@ -529,10 +529,10 @@ def test_split_needs_every_chunk_resident(monkeypatch):
     # Rows with more chunks than the GPU has cores would wait on programs that cannot start.
     backend = registry.get("cuda-triton")
     monkeypatch.setattr(backend, "cores", lambda device: 4)
+    monkeypatch.setattr(backend, "LAUNCH_TABLE", {2: ((2**31, "split", 8192, 8),)})
     gpu = torch.device("cuda", 0)
-    block = backend.launch_config(2**20, torch.bfloat16)["block"]
-    assert backend.launch_config(4 * block, torch.bfloat16, gpu)["kernel"] == "split"
-    assert backend.launch_config(4 * block + 1, torch.bfloat16, gpu)["kernel"] == "loop"
+    assert backend.launch_config(4 * 8192, torch.bfloat16, gpu)["kernel"] == "split"
+    assert backend.launch_config(4 * 8192 + 1, torch.bfloat16, gpu)["kernel"] == "loop"
 
 
 @pytest.mark.compile
@@ -576,3 +576,63 @@ def test_64bit_offsets_large_problem():
     torch.testing.assert_close(
         logits.grad[rows].cpu().double(), ref_grad, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-8
     )
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_graph_capture_of_forward_and_backward(dtype):
+    """The op never syncs with the host, so a whole forward+backward captures and replays."""
+    logits, target = make_inputs(64, 1000, dtype)
+    static = logits.detach().clone().requires_grad_()
+    static_target = target.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (compiles the kernels) outside the capture
+        for _ in range(2):
+            static.grad = None
+            smoothce.cross_entropy(static, static_target, label_smoothing=0.1).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    static.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = smoothce.cross_entropy(static, static_target, label_smoothing=0.1)
+        static_loss.backward()
+    for seed in (1, 2):
+        fresh, fresh_target = make_inputs(64, 1000, dtype, seed=seed)
+        with torch.no_grad():
+            static.copy_(fresh)
+        static_target.copy_(fresh_target)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_loss, ref_grad = cross_entropy_reference(fresh.cpu(), fresh_target.cpu(), label_smoothing=0.1)
+        loss_tol, grad_tol = tolerances(dtype)
+        torch.testing.assert_close(static_loss.detach().cpu().double(), ref_loss, **loss_tol)
+        torch.testing.assert_close(static.grad.cpu().double(), ref_grad, **grad_tol)
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(DEVICE != "cuda", reason="reduce-overhead (CUDA graphs) needs a CUDA device")
+def test_torch_compile_reduce_overhead_training_step():
+    # torch.compile(mode="reduce-overhead") runs the compiled step as a CUDA graph.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, device=DEVICE)
+    loss_fn = smoothce.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step(x, t):
+        loss = loss_fn(head(x), t)
+        loss.backward()
+        return loss.detach()
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(16, 32, generator=generator).to(DEVICE)
+        t = torch.randint(0, 500, (16,), generator=generator).to(DEVICE)
+        head.zero_grad(set_to_none=True)
+        loss = compiled(x, t).clone()
+        grad = head.weight.grad.clone()
+        head.zero_grad(set_to_none=True)
+        expected = torch.nn.functional.cross_entropy(head(x), t, label_smoothing=0.1)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, head.weight.grad, rtol=1e-4, atol=1e-6)
