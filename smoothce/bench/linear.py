@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import smoothce
+from smoothce.bench import memory
 
 LABEL_SMOOTHING = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -126,6 +127,8 @@ class Step:
         self.hidden.grad = None
         self.weight.grad = None
 
+    prepare = release  # what smoothce.bench.memory calls before a measured run
+
     def run(self):
         self.release()
         if self.fn is None:
@@ -178,38 +181,13 @@ def time_interleaved(steps: dict[str, Step], reps: int, warmup: int = 1) -> dict
 
 def accelerator_peak_extra(step: Step) -> int:
     """Bytes beyond the inputs and the returned gradients during one run, from the allocator's statistics."""
-    device = step.hidden.device
-    module = getattr(torch, device.type)
-    step.release()
-    gc.collect()
-    module.synchronize(device)
-    module.reset_peak_memory_stats(device)
-    before = module.memory_allocated(device)
-    step.run()
-    module.synchronize(device)
-    peak = module.max_memory_allocated(device)
-    step.release()
-    return peak - before - step.grad_bytes()
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
+    return memory.accelerator_peak_extra(step, step.hidden.device) - step.grad_bytes()
 
 
 def cpu_peak_extra_here(step: Step) -> int:
-    """VmHWM growth of one run beyond the returned gradients (call in a fresh process, after a warm-up)."""
+    """Resident-set growth of one run beyond the returned gradients (in a fresh process, after a warm-up)."""
     step.release()
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # the high-water mark drops to the current resident set
-    base = _status_kib("VmRSS")
-    step.run()
-    peak = _status_kib("VmHWM")
-    return (peak - base) * 1024 - step.grad_bytes()
+    return memory.rss_growth(step.run) - step.grad_bytes()
 
 
 def probe(request: dict) -> dict:
