@@ -142,18 +142,6 @@ def chunk_rows(n_rows: int, num_classes: int, dim: int, dtype: torch.dtype, chun
 # ---------------------------------------------------------------------------------------
 
 
-def check_linear_options(label_smoothing, ignore_index, reduction) -> tuple[float, int]:
-    """``(float(label_smoothing), int(ignore_index))`` after the rules every smoothce entry point shares.
-
-    Those of ``smoothce.checks``: a real label_smoothing in [0, 1] (numpy scalars and 0-d
-    tensors converted, a bool rejected), an integer ignore_index in the int64 range, a known
-    reduction; TypeError/ValueError naming the value.
-    """
-    label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
-    check_option_values(label_smoothing, reduction)
-    return label_smoothing, ignore_index
-
-
 def check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index, reduction) -> torch.Tensor:
     """Raise TypeError/ValueError naming the bad argument; return ``target`` ready to compare.
 
@@ -196,7 +184,8 @@ def check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore
     for name, value in (("weight", weight), ("target", target), ("bias", bias)):
         if value is not None and value.device != hidden.device:
             raise ValueError(f"hidden is on {hidden.device} but {name} is on {value.device}")
-    label_smoothing, ignore_index = check_linear_options(label_smoothing, ignore_index, reduction)
+    label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
+    check_option_values(label_smoothing, reduction)
     if target.dtype == torch.int32 and not INT32_MIN <= ignore_index <= INT32_MAX:
         return target.long()  # no int32 target equals it, and an int32 comparison would wrap it onto a class
     return target

@@ -1,4 +1,4 @@
-"""``smoothce.CrossEntropyLoss``: the nn.Module form of ``smoothce.cross_entropy``."""
+"""The nn.Module forms: ``smoothce.CrossEntropyLoss`` and ``smoothce.LinearCrossEntropyLoss``."""
 
 from __future__ import annotations
 
@@ -6,15 +6,12 @@ import torch
 
 from smoothce.checks import check_option_values, option_values
 from smoothce.functional import cross_entropy
+from smoothce.linear import linear_cross_entropy
 
 
-class CrossEntropyLoss(torch.nn.Module):
-    """Label-smoothed cross-entropy, like ``torch.nn.CrossEntropyLoss`` with class-index targets.
-
-    Inputs: logits (..., V) with the class dimension last, target (...) of int64/int32.
-    The options are checked here, when the module is built, by the rules every entry point
-    shares (smoothce/checks.py), and kept as a plain float, int and str.
-    """
+class _LossOptions(torch.nn.Module):
+    """The options both losses take, checked when the module is built by the rules every entry
+    point shares (smoothce/checks.py), and kept as a plain float, int and str."""
 
     def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean"):
         super().__init__()
@@ -24,14 +21,8 @@ class CrossEntropyLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(
-            logits,
-            target,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-        )
+    def options(self) -> dict:
+        return {"label_smoothing": self.label_smoothing, "ignore_index": self.ignore_index, "reduction": self.reduction}
 
     def extra_repr(self) -> str:
         return (
@@ -40,38 +31,25 @@ class CrossEntropyLoss(torch.nn.Module):
         )
 
 
-# Imported here, next to the one class that uses it (this file's top belongs to CrossEntropyLoss).
-from smoothce.linear import check_linear_options, linear_cross_entropy  # noqa: E402
+class CrossEntropyLoss(_LossOptions):
+    """Label-smoothed cross-entropy, like ``torch.nn.CrossEntropyLoss`` with class-index targets.
+
+    Inputs: logits (..., V) with the class dimension last, target (...) of int64/int32.
+    """
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, target, **self.options())
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(_LossOptions):
     """The LM head's loss without its logits: ``smoothce.linear_cross_entropy`` as an nn.Module.
 
     Called as ``loss_fn(hidden, weight, target, bias=None)``: hidden (..., D), weight (V, D)
     in nn.Linear's layout (pass ``lm_head.weight`` as it is), bias (V,) or None, target (...).
-    Same result as ``CrossEntropyLoss(...)(F.linear(hidden, weight, bias), target)``; the options
-    are checked here, when the module is built, and kept as a plain float, int and str.
+    Same result as ``CrossEntropyLoss(...)(F.linear(hidden, weight, bias), target)``.
     """
 
-    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean"):
-        super().__init__()
-        self.label_smoothing, self.ignore_index = check_linear_options(label_smoothing, ignore_index, reduction)
-        self.reduction = reduction
-
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        return linear_cross_entropy(
-            hidden,
-            weight,
-            target,
-            bias=bias,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}"
-        )
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return linear_cross_entropy(hidden, weight, target, bias=bias, **self.options())
