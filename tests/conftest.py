@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from smoothce import registry
+from smoothce.backends.triton_backend import TritonBackend, interpreter_enabled
 from smoothce.reference import cross_entropy_reference
 
 # (rtol, atol) for the gradient, which is rounded to the logits' dtype once: half an ulp
@@ -29,13 +31,25 @@ LOSS_TOL = {
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # Under Triton's interpreter (SMOOTHCE_BACKEND=cuda-triton or xpu-triton, TRITON_INTERPRET=1)
 # the float32 -> bfloat16 cast truncates instead of rounding to nearest: one ulp, not half.
-INTERPRETED_TRITON = (
-    os.environ.get("TRITON_INTERPRET", "0") == "1" and os.environ.get("SMOOTHCE_BACKEND", "").endswith("triton")
-)
+INTERPRETED_TRITON = interpreter_enabled() and os.environ.get("SMOOTHCE_BACKEND", "").endswith("triton")
 if INTERPRETED_TRITON:
     GRAD_TOL[torch.bfloat16] = (2.0**-7, GRAD_TOL[torch.bfloat16][1])
 # The device the value tests run on: cpu here; the cuda and xpu nox sessions set it.
 DEVICE = torch.device(os.environ.get("SMOOTHCE_TEST_DEVICE", "cpu"))
+# Columns per block of the Triton backends in tests of small rows (see cap_triton_blocks).
+TRITON_TEST_BLOCK_V = 16
+
+
+def cap_triton_blocks(monkeypatch, columns=TRITON_TEST_BLOCK_V):
+    """Blocks of ``columns`` for the Triton backend that serves DEVICE (nothing for other backends).
+
+    Rows of a few dozen values then take the multi-block loops and masked tails of real
+    vocabularies. Under Triton's interpreter every block costs milliseconds, so only small rows
+    use it; large rows keep the backend's own launch table.
+    """
+    backend = registry.select(DEVICE)
+    if isinstance(backend, TritonBackend):
+        monkeypatch.setattr(backend, "max_block_v", columns)
 
 
 def make_logits(shape, dtype, scale=3.0, seed=0):
@@ -50,19 +64,24 @@ def make_target(shape, num_classes, ignore_index=-100, ignore_fraction=0.25, see
     return torch.where(drop, ignore_index, target).to(dtype)
 
 
-def run_smoothce(logits, target, **options):
-    """Loss and logits.grad from smoothce, through the public function and loss.backward()."""
+def run_smoothce(logits, target, upstream=None, **options):
+    """Loss and logits.grad from smoothce on DEVICE, through the public function and loss.backward(upstream).
+
+    ``upstream`` is dO (ones by default), shaped like the loss.
+    """
     import smoothce
 
     leaf = logits.detach().to(DEVICE, copy=True).requires_grad_(True)
     loss = smoothce.cross_entropy(leaf, target.to(DEVICE), **options)
-    upstream = torch.ones_like(loss)
-    loss.backward(upstream)
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream.to(DEVICE, loss.dtype))
     return loss.detach().cpu(), leaf.grad.cpu()
 
 
-def assert_matches_reference(logits, target, loss, grad, **options):
+def assert_matches_reference(logits, target, loss, grad, upstream=None, **options):
+    """loss and grad (for backward of dO = ``upstream``, ones by default) against the float64 reference."""
     ref_loss, ref_grad = cross_entropy_reference(logits, target, **options)
+    if upstream is not None:
+        ref_grad = ref_grad * (upstream.double().unsqueeze(-1) if upstream.dim() else upstream.double())
     rtol, atol = LOSS_TOL[logits.dtype]
     assert loss.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
     assert loss.shape == ref_loss.shape
