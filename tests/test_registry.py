@@ -14,6 +14,18 @@ from smoothce.backends.base import Backend
 from smoothce.backends.cpu import CpuBackend
 
 
+@pytest.fixture(autouse=True)
+def scratch_registry(monkeypatch):
+    """Each test works on a copy of the registry: backends it registers are gone afterwards.
+
+    (A kernel registered for a new device type stays with torch; without a backend its calls
+    raise the registry's "no backend" error.)
+    """
+    for name in ("_by_name", "_default_for"):
+        monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
+    monkeypatch.setattr(registry, "_entry_points_loaded", registry._entry_points_loaded)
+
+
 def test_builtin_backends(monkeypatch):
     monkeypatch.delenv("SMOOTHCE_BACKEND", raising=False)
     names = set(registry.backends())
