@@ -93,8 +93,10 @@ class Backend:
         if fold:
             grad_scale, factor = 1.0 / denominator, torch.ones((), dtype=acc, device=logits.device)
         else:
-            grad_scale = torch.full((), scale, dtype=acc, device=logits.device)
-            factor = 1.0 / (denominator * scale)
+            # 2**(15 + e) / count with 2**e <= count < 2**(e + 1): backward's factor 2**-(15 + e) is a
+            # power of two, so a power-of-two dO (a loss scale) makes backward's product exact.
+            power = torch.ldexp(torch.full((), scale, dtype=acc, device=logits.device), torch.frexp(denominator)[1] - 1)
+            grad_scale, factor = power / denominator, 1.0 / power
         grad = torch.empty_like(logits) if compute_grad else None
         rows = self.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale)
         if reduction == "none":
@@ -250,8 +252,8 @@ class Backend:
             grad[lo:hi] = torch.where(valid[lo:hi].unsqueeze(1), p, 0.0)
 
 
-# float16 gradients are kept as 2**15 (p - ybar): |p - ybar| <= 1, so at most 32768 < 65504, and
-# entries down to 2**-24 / 2**15 keep full precision until backward applies dO / count in fp32.
+# float16 gradients are kept as 2**15 (p - ybar) x 2**e / count, 2**e <= count < 2**(e + 1): at
+# most 32768 < 65504 in size, and entries down to 2**-24 / 2**15 keep full precision.
 FLOAT16_KEPT_SCALE = 2.0**15
 
 
@@ -259,9 +261,11 @@ def kept_gradient_scale(dtype: torch.dtype) -> tuple[float, bool]:
     """(scale, fold) of the kept gradient of ``dtype`` logits.
 
     fold True (bfloat16, float32, float64): the forward pass keeps 1/count x the gradient and
-    backward multiplies by dO alone. fold False (float16): it keeps ``scale`` x the gradient,
-    whatever the reduction, and backward multiplies by dO / (scale x count) in float32, so a
-    loss scale reaches the small entries before they are rounded to float16 for the last time.
+    backward multiplies by dO alone. fold False (float16): it keeps scale x 2**e / count x the
+    gradient (count = 1 but for "mean", 2**e the largest power of two <= count), and backward
+    multiplies by dO x 2**-(15 + e) in float32: a loss scale reaches the small entries before
+    they are rounded to float16 for the last time, and where dO is a power of two (GradScaler's
+    scale, or 1) that product is exact, so each entry is rounded once, as PyTorch's fp32 path does.
     """
     if dtype == torch.float16:
         return FLOAT16_KEPT_SCALE, False

@@ -40,10 +40,11 @@ Three launches make a forward+backward, none of them waits on the host:
    in place, and returns at once when that product is exactly 1 (``loss.backward()`` of a "mean"
    or "sum" loss of bfloat16/float32/float64 logits). Per-row dO for "none".
 
-Half precision: float16 gradients are kept as 2**15 (p - ybar) (|p - ybar| <= 1, so at most
-32768 < 65504) and backward applies dO / (2**15 count) in float32: a loss scale (GradScaler's
-65536) reaches every entry before anything is rounded to float16 for the last time, so small
-entries are not flushed to zero. bfloat16 shares float32's exponent range and keeps 1/count folded
+Half precision: float16 gradients are kept as 2**15 (p - ybar) x 2**e / count (2**e the largest
+power of two <= count; at most 32768 < 65504) and backward applies dO x 2**-(15 + e) in float32:
+a loss scale (GradScaler's 65536) reaches every entry before anything is rounded to float16 for
+the last time, so small entries are not flushed to zero, and a power-of-two dO makes that last
+product exact (each entry rounded once). bfloat16 shares float32's exponent range and keeps 1/count folded
 into the forward pass (then ``loss.backward()`` needs no pass at all).
 
 Offsets of rows and columns are 64-bit (N * V > 2**31 elements and transposed logits work).
@@ -173,8 +174,12 @@ def prologue_kernel(
         forward_factor = 1.0 / denominator
         backward_factor = tl.full((), 1.0, acc_dtype)
     else:
-        forward_factor = tl.full((), 1.0, acc_dtype) * kept_scale
-        backward_factor = 1.0 / (denominator * kept_scale)
+        # power = kept_scale x 2**e, 2**e <= count < 2**(e + 1) (the float32 exponent of the count,
+        # exact below 2**24): backward's factor 1/power is a power of two (see kept_gradient_scale).
+        bits = denominator.to(tl.float32).to(tl.int32, bitcast=True) & 0x7F800000
+        power = bits.to(tl.float32, bitcast=True).to(acc_dtype) * kept_scale
+        forward_factor = power / denominator
+        backward_factor = 1.0 / power
     tl.store(scalars_ptr, forward_factor)
     tl.store(scalars_ptr + 1, backward_factor)
     tl.store(scalars_ptr + 2, 1.0 / denominator)
