@@ -447,7 +447,7 @@ def scale_grad_kernel(
 INTERPRETED = type(split_kernel).__name__ == "InterpretedFunction"
 
 
-def _split_float(value: float) -> tuple[float, float]:
+def split_float(value: float) -> tuple[float, float]:
     """(hi, lo), both exactly representable in float32, with hi + lo == value to ~48 bits."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
     return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
@@ -456,8 +456,8 @@ def _split_float(value: float) -> tuple[float, float]:
 def _constants(label_smoothing: float, num_classes: int) -> dict:
     # The per-call constants of the loss and the gradient, from float64.
     lam = float(label_smoothing)
-    off_hi, off_lo = _split_float(lam / num_classes)
-    tgt_hi, tgt_lo = _split_float(1.0 - lam + lam / num_classes)
+    off_hi, off_lo = split_float(lam / num_classes)
+    tgt_hi, tgt_lo = split_float(1.0 - lam + lam / num_classes)
     return {
         "oml": 1.0 - lam,
         "lov": lam / num_classes,
@@ -469,14 +469,14 @@ def _constants(label_smoothing: float, num_classes: int) -> dict:
     }
 
 
-def _device_guard(device: torch.device):
+def device_guard(device: torch.device):
     # Launch on the tensor's device, not the current one; reached through torch.<device type>.
     if device.type == "cpu":
         return contextlib.nullcontext()
     return getattr(torch, device.type).device(device)
 
 
-def _check_device(device: torch.device) -> None:
+def check_device(device: torch.device) -> None:
     if device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "smoothce's Triton kernels were built for a GPU in this process, so they cannot run on CPU "
@@ -515,7 +515,7 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
     strides = (logits.stride(0), logits.stride(1), grad_arg.stride(0), grad_arg.stride(1))
     constants = _constants(label_smoothing, num_classes)
     block = config["block"]
-    with _device_guard(logits.device):
+    with device_guard(logits.device):
         if config["kernel"] == "loop":
             loop_kernel[(n_rows,)](
                 logits, target, rows, grad_arg, scalars, sync, loss, *strides,
@@ -545,14 +545,14 @@ def loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, comp
     """
     n_rows, num_classes = logits.shape
     device = logits.device
-    _check_device(device)
+    check_device(device)
     if device.type == "cpu":
         check_targets_on_host(target, num_classes, ignore_index)  # names the value; free on CPU
     acc = loss_dtype(logits.dtype)
     kept_scale, fold = kept_gradient_scale(logits.dtype)
     scalars = torch.empty(3, dtype=acc, device=device)
     sync = torch.empty(n_rows + 1, dtype=torch.int32, device=device)
-    with _device_guard(device):
+    with device_guard(device):
         prologue_kernel[(1,)](
             target, sync, scalars, n_rows, n_rows + 1, num_classes, ignore_index, float(kept_scale),
             MEAN=reduction == "mean", FOLD=fold, BLOCK=1024, num_warps=4,
@@ -569,7 +569,7 @@ def forward(logits, target, label_smoothing, ignore_index, grad, grad_scale, con
     """``Backend.forward``: per-row losses, and ``grad`` (may alias ``logits``) times ``grad_scale``."""
     n_rows, num_classes = logits.shape
     device = logits.device
-    _check_device(device)
+    check_device(device)
     if device.type == "cpu":
         check_targets_on_host(target, num_classes, ignore_index)
     else:
@@ -588,7 +588,7 @@ def scale_grad(grad, grad_out, factor, per_row, inplace, *, block=4096, num_warp
     buffer untouched and costs one read of dO per program. Out of place the result has the
     gradient's layout.
     """
-    _check_device(grad.device)
+    check_device(grad.device)
     out = grad if inplace else torch.empty_like(grad)
     if grad.numel() == 0:
         return out
@@ -605,7 +605,7 @@ def scale_grad(grad, grad_out, factor, per_row, inplace, *, block=4096, num_warp
         strides = (0, 1, 0, 1, 0)
     tiles = n_rows * triton.cdiv(n_cols, block)
     grid = (max(1, min(tiles, programs or tiles)),)
-    with _device_guard(grad.device):
+    with device_guard(grad.device):
         scale_grad_kernel[grid](
             flat_grad, flat_out, grad_out, factor, n_rows, n_cols, *strides,
             PER_ROW=per_row, INPLACE=inplace, BLOCK=block, ACC_DTYPE=acc_dtype, num_warps=num_warps,

@@ -37,15 +37,13 @@ reads ``TRITON_INTERPRET`` then, which is what lets the kernels run on CPU tenso
 
 from __future__ import annotations
 
-import contextlib
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
 from smoothce.backends.base import loss_dtype
 from smoothce.backends.triton_backend import next_power_of_2
+from smoothce.backends.triton_kernels import check_device, device_guard, split_float
 
 # The sweep kernels' blocks: 4 KiB of logits (2048 bfloat16 or 1024 float32 columns) and 8 warps.
 # On an H200 (4096 x 128256) the stats kernel took 0.49 ms (bfloat16) and 0.55 ms (float32) so,
@@ -202,8 +200,6 @@ def shard_grad_kernel(
         tl.store(grad_row + cols64 * stride_grad_col, g.to(grad_ptr.dtype.element_ty), mask=cols < local_classes)
 
 
-# True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors.
-INTERPRETED = type(shard_stats_kernel).__name__ == "InterpretedFunction"
 
 
 def launch_config(local_classes: int, dtype: torch.dtype, *, max_block_v: int | None = None,
@@ -223,12 +219,6 @@ def launch_config(local_classes: int, dtype: torch.dtype, *, max_block_v: int | 
     return config
 
 
-def _split_float(value: float) -> tuple[float, float]:
-    """(hi, lo), both exactly representable in float32, with hi + lo == value to ~48 bits."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
-
-
 def _scalar_arg(value, name: str, device: torch.device):
     """(kernel argument, in memory?) for an int or a 0-d int64 tensor on ``device``."""
     if isinstance(value, torch.Tensor):
@@ -246,15 +236,8 @@ def _prepare(logits: torch.Tensor, config: dict):
     block_v = config["block"]
     if block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
-    device = logits.device
-    if device.type == "cpu":
-        if not INTERPRETED:
-            raise RuntimeError(
-                "smoothce's Triton kernels were built for a GPU in this process, so they cannot run on CPU "
-                "tensors: set TRITON_INTERPRET=1 before the first Triton launch"
-            )
-        return contextlib.nullcontext(), block_v
-    return getattr(torch, device.type).device(device), block_v
+    check_device(logits.device)
+    return device_guard(logits.device), block_v
 
 
 def shard_stats(
@@ -318,7 +301,7 @@ def shard_grad(
         return
     start_arg, start_in_memory = _scalar_arg(start, "start", logits.device)
     vocab_arg, vocab_in_memory = _scalar_arg(num_classes, "num_classes", logits.device)
-    lam_hi, lam_lo = _split_float(float(label_smoothing))
+    lam_hi, lam_lo = split_float(float(label_smoothing))
     acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
     with guard:
         shard_grad_kernel[(n_rows,)](

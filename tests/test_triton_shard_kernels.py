@@ -16,7 +16,6 @@ gloo ranks through the cuda-triton backend in the interpreter.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -26,9 +25,10 @@ if importlib.util.find_spec("triton") is None:
 
 from smoothce import registry
 from smoothce.backends.base import Backend, loss_dtype
+from smoothce.backends.triton_backend import interpreter_enabled
 from smoothce.reference import cross_entropy_reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+INTERPRET = interpreter_enabled()
 if INTERPRET:
     DEVICE = "cpu"
 elif torch.cuda.is_available():
