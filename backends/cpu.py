@@ -51,6 +51,11 @@ _OFFSET_RATIO = 4.0
 _EXACT_SUM_ELEMENTS = 1 << 16
 
 
+# Up to this many logits a call is a handful of float64 ops on the whole tensor: per-call overhead
+# dominates there, and float64 leaves nothing to cancel.
+_SMALL_ELEMENTS = 1 << 13
+
+
 def _softmax_(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     # ATen's fused last-dim softmax (max, exp and sum, scale), written into `out`, which may
     # be `logits` itself. (Only contiguous `out`: torch 2.13 writes wrong values into a strided one.)
@@ -88,6 +93,8 @@ class CpuBackend(Backend):
         if int(low) < 0 or int(high) >= num_classes:
             check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
         k = k.unsqueeze(1)
+        if n_rows * num_classes <= _SMALL_ELEMENTS:
+            return self._forward_small(logits, k, valid, lam, grad, float(grad_scale), acc)
         z_k = logits.gather(1, k).to(acc).squeeze(1)
         # Per row: p_k, and q = sum_{j != k} p_j in blocks with a confident row; s = sum_j z_j,
         # in fp64 where that costs nothing.
@@ -177,4 +184,28 @@ class CpuBackend(Backend):
             grad.index_put_((torch.arange(n_rows), k.squeeze(1)), target_col.to(grad.dtype))
             if not bool(valid.all()):
                 grad[~valid] = 0.0
+        return loss
+
+    @staticmethod
+    def _forward_small(logits, k, valid, lam, grad, scale, acc):
+        """``forward`` of a small input in float64, the spec's formulas as they stand:
+            loss = (r - z_k) + lam (z_k - s / V),  grad = scale (exp(z - r) - lam / V - (1 - lam) onehot(k))
+        with r = logsumexp(z) (relative to the row max); a target on a -inf column gives +inf.
+        """
+        num_classes = logits.shape[1]
+        z = logits.to(torch.float64)
+        r = torch.logsumexp(z, 1, keepdim=True)
+        z_k = z.gather(1, k)
+        loss = r - z_k
+        if lam != 0.0:
+            loss += lam * (z_k - z.mean(1, keepdim=True))
+        loss = torch.where(z_k == -math.inf, math.inf, loss)
+        loss = torch.where(valid, loss.squeeze(1), 0.0).to(acc)
+        if grad is not None:
+            g = torch.exp(z - r)
+            if lam != 0.0:
+                g -= lam / num_classes
+            g.scatter_add_(1, k, torch.full_like(z_k, lam - 1.0))
+            g *= valid.to(g.dtype).unsqueeze(1) * scale
+            grad.copy_(g)  # rounded to the gradient's dtype once
         return loss
