@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from smoothce.bench import cli, memory, report, runner, spawn, vocab_parallel
+from smoothce.bench import cli, memory, report, runner, vocab_parallel
 from smoothce.bench.cases import VOCAB_SIZES, Case, grid, make_inputs, reference_loss, shape
 from smoothce.bench.impls import IMPLEMENTATIONS, Implementation
 from smoothce.bench.timing import Limit, Timer, time_rounds
@@ -346,9 +346,9 @@ def _fail_on_rank_1(rank, world, device):
 
 @pytest.mark.distributed
 def test_launcher_joins_the_ranks_and_names_a_failing_one():
-    assert spawn.launch(_sum_of_ranks, 2, timeout_s=120) == [1.0, 1.0]  # 0 + 1, seen by both ranks
+    assert vocab_parallel.launch(_sum_of_ranks, 2, timeout_s=120) == [1.0, 1.0]  # 0 + 1, seen by both ranks
     with pytest.raises(RuntimeError, match=r"rank 1 failed(.|\n)*rank one is broken on purpose"):
-        spawn.launch(_fail_on_rank_1, 2, timeout_s=120)
+        vocab_parallel.launch(_fail_on_rank_1, 2, timeout_s=120)
 
 
 @pytest.mark.distributed

@@ -5,6 +5,5 @@ Modules, one job each: ``cli`` (options, presets, output folder), ``runner`` (th
 run), ``timing`` (do_bench on accelerators, perf_counter on CPU, interleaved rounds, the
 copy and read limits), ``memory`` (peak memory beyond the logits), ``machine`` (the
 environment), ``report`` (JSON and Markdown with the ratios), ``plots`` (PNGs),
-``vocab_parallel`` and ``spawn`` (the vocabulary-parallel benchmark and its process
-launcher). Importing this package imports nothing else.
+``vocab_parallel`` (the vocabulary-parallel benchmark and its launcher). Importing this package imports nothing else.
 """

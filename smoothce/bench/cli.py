@@ -60,37 +60,35 @@ def _shrunk(case: cases.Case) -> cases.Case:
                       case.impls)  # fmt: skip
 
 
-def _list(kind, what: str, choices=None):
-    """An argparse type for comma-separated lists of ``kind``, each item checked against ``choices``."""
+def _arg(kind, name: str, ok=lambda value: True, many: bool = False):
+    """An argparse type: ``kind`` of the text (of each comma-separated item with ``many``), kept where ``ok``.
 
-    def parse(text: str) -> list:
-        items = [kind(item.strip()) for item in text.split(",")]
-        bad = [i for i in items if (choices is not None and i not in choices) or (isinstance(i, int) and i < 1)]
-        if bad:
-            raise ValueError(f"{bad[0]!r}")
-        return items
+    Anything else is a ValueError, which argparse reports as "invalid <name> value: '<text>'".
+    """
 
-    parse.__name__ = what  # argparse's error: "invalid <what> value: 'fp8'"
-    return parse
-
-
-def _positive(kind):
     def parse(text: str):
-        if kind(text) <= 0:
+        items = [kind(item.strip()) for item in text.split(",")] if many else [kind(text)]
+        if not all(ok(item) for item in items):
             raise ValueError(text)
-        return kind(text)
+        return items if many else items[0]
 
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = name
     return parse
 
 
-def _fraction(text: str) -> float:
-    if not 0.0 <= float(text) <= 1.0:
-        raise ValueError(text)
-    return float(text)
+def _positive(value) -> bool:
+    return value > 0
 
 
-_fraction.__name__ = "label smoothing in [0, 1]"
+def _device(text: str | None) -> torch.device:
+    if text is None:
+        return machine.default_device()
+    try:
+        device = torch.device(text)
+        torch.empty(0, device=device)  # raises where this device is not present
+    except Exception as error:
+        raise ValueError(f"--device {text!r} cannot be used here: {str(error).strip().splitlines()[0]}") from None
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,24 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_const", const="quick", dest="preset", help="--preset quick")
     size.add_argument("--full", action="store_const", const="full", dest="preset", help="--preset full")
     parser.add_argument("--tiny", action="store_true", help="every shape divided by 256 both ways (a quick try)")
-    parser.add_argument("--shapes", type=_list(cases.shape, "NxV shape"), action="extend",
+    parser.add_argument("--shapes", type=_arg(cases.shape, "NxV shape", many=True), action="extend",
                         help="exact shapes NxV, comma separated, e.g. 2048x32000,512x128256")  # fmt: skip
-    parser.add_argument("--tokens", type=_list(int, "token count"), help="token counts N, comma separated")
-    parser.add_argument("--vocab", type=_list(int, "vocabulary size"), help="vocabulary sizes V, comma separated")
-    parser.add_argument("--dtypes", type=_list(str, "dtype", cases.DTYPES), default=["fp32", "bf16"],
+    counts = _arg(int, "positive int", _positive, many=True)
+    parser.add_argument("--tokens", type=counts, help="token counts N, comma separated")
+    parser.add_argument("--vocab", type=counts, help="vocabulary sizes V, comma separated")
+    parser.add_argument("--dtypes", type=_arg(str, "dtype", cases.DTYPES.__contains__, many=True),
+                        default=["fp32", "bf16"],
                         help=f"of {', '.join(cases.DTYPES)} (default: fp32,bf16)")  # fmt: skip
-    parser.add_argument("--modes", type=_list(str, "mode", MODES), default=list(MODES), help="of fwd+bwd, fwd")
-    parser.add_argument("--impls", type=_list(str, "implementation", IMPLEMENTATIONS),
+    parser.add_argument("--modes", type=_arg(str, "mode", MODES.__contains__, many=True), default=list(MODES),
+                        help="of fwd+bwd, fwd")  # fmt: skip
+    parser.add_argument("--impls", type=_arg(str, "implementation", IMPLEMENTATIONS.__contains__, many=True),
                         help=f"of {', '.join(IMPLEMENTATIONS)} (default: all that can run here)")  # fmt: skip
-    parser.add_argument("--label-smoothing", type=_fraction, default=0.1, help="λ (default 0.1)")
+    parser.add_argument("--label-smoothing", type=_arg(float, "label smoothing in [0, 1]", lambda x: 0 <= x <= 1),
+                        default=0.1, help="λ (default 0.1)")  # fmt: skip
     parser.add_argument("--ignore-every", type=int, default=0, help="ignore every k-th target (default: none)")
     parser.add_argument("--device", help="torch device (default: cuda, else xpu, else cpu)")
-    parser.add_argument("--threads", type=_positive(int), help="torch threads on CPU (default: torch's choice)")
-    parser.add_argument("--rounds", type=_positive(int), help="interleaved rounds per case")
-    parser.add_argument("--warmup-ms", type=_positive(float), default=25.0, help="do_bench warm-up per round")
+    positive_int, positive_float = _arg(int, "positive int", _positive), _arg(float, "positive float", _positive)
+    parser.add_argument("--threads", type=positive_int, help="torch threads on CPU (default: torch's choice)")
+    parser.add_argument("--rounds", type=positive_int, help="interleaved rounds per case")
+    parser.add_argument("--warmup-ms", type=positive_float, default=25.0, help="do_bench warm-up per round")
     parser.add_argument("--rep-ms", type=float, help="ms of timed runs per round (default: 100 on GPUs, 0 = one "
                         "run on CPU)")  # fmt: skip
-    parser.add_argument("--time-limit", type=_positive(float), help="start no case after this many seconds")
+    parser.add_argument("--time-limit", type=positive_float, help="start no case after this many seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--seed", type=int, default=0)
@@ -129,21 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy",
                         help="linear: the fused linear loss's sweep (options of python -m smoothce.bench.linear)")
     return parser
-
-
-def _device(text: str | None) -> torch.device:
-    if text is None:
-        return machine.default_device()
-    try:
-        device = torch.device(text)
-    except RuntimeError as error:
-        raise ValueError(f"--device {text!r} is not a torch device: {error}") from None
-    module = getattr(torch, device.type, None)
-    if device.type != "cpu" and not (module is not None and hasattr(module, "is_available") and module.is_available()):
-        raise ValueError(f"--device {text!r}: no {device.type} device is available here")
-    if device.type != "cpu" and device.index is not None and device.index >= module.device_count():
-        raise ValueError(f"--device {text!r}: there are only {module.device_count()} {device.type} devices")
-    return device
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]:

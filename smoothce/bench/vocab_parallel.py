@@ -3,7 +3,7 @@
     python -m smoothce.bench.vocab_parallel [--vocab 32000 128256 262144] [--rows 64 256]
         [--world 2] [--backend gloo|nccl] [--dtype bfloat16] [--out PATH]
 
-Starts ``--world`` ranks (``spawn.launch``): gloo on the CPU, or NCCL with one GPU per
+Starts ``--world`` ranks (``launch``, on ``torch.multiprocessing``): gloo on the CPU, or NCCL with one GPU per
 rank (``--backend nccl --world 1`` works on a single GPU). Every rank builds the same
 full (rows, V) logits and keeps an even slice of the vocabulary. Per (V, rows) it records
 the collectives one forward + backward issues (every ``_c10d_functional`` op, caught by
@@ -20,13 +20,16 @@ What to read: "stats B/row" is the same for every V (O(rows) communication); "ga
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import queue
+import socket
 import time
 
 import torch
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from smoothce.bench.spawn import launch
 
 COLLECTIVES = {"all_reduce", "all_reduce_", "all_reduce_coalesced", "all_gather_into_tensor", "broadcast",
                "all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "all_to_all_single"}  # fmt: skip
@@ -49,6 +52,57 @@ class CollectiveRecorder(TorchDispatchMode):
     @property
     def total_bytes(self) -> int:
         return sum(nbytes for _, nbytes in self.calls)
+
+
+def _rank_main(rank, fn, world, port, backend, args, results):
+    """One rank: join the group (gloo over loopback on the CPU, NCCL on GPU ``rank``), run ``fn``, report."""
+    import torch.distributed as dist
+
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's pairs on loopback, not only its store
+    device, extra = torch.device("cpu"), {}
+    if backend == "nccl":
+        device = extra["device_id"] = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120), **extra)  # fmt: skip
+    try:
+        results.put((rank, fn(rank, world, device, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 600.0) -> list:
+    """``[fn(rank, world, device, *args) for rank in range(world)]``, each rank in a process of its own.
+
+    ``fn`` and its arguments must be picklable. A rank that raises or dies, or ranks that outlive
+    ``timeout_s``, end the launch with a RuntimeError naming the rank (with its traceback).
+    """
+    if world < 1:
+        raise ValueError(f"world must be at least 1, got {world}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").Queue()
+    ranks = mp.start_processes(_rank_main, (fn, world, port, backend, args, results), world, join=False)
+    deadline, values = time.monotonic() + timeout_s, {}
+    try:
+        while len(values) < world:
+            try:
+                rank, value = results.get(timeout=1.0)
+                values[rank] = value
+            except queue.Empty:
+                ranks.join(timeout=0)  # raises when a rank failed
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the ranks ran past {timeout_s:.0f} s") from None
+        ranks.join()
+    except ProcessException as error:
+        raise RuntimeError(f"rank {error.error_index} failed:\n{error}") from None
+    finally:
+        for process in ranks.processes:
+            if process.is_alive():
+                process.kill()
+    return [values[r] for r in range(world)]
 
 
 def _seconds_per_step(step, repeat: int, device: torch.device) -> float:
