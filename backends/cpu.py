@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from smoothce.backends.base import Backend, check_targets_on_host, loss_dtype
+from smoothce.backends.base import Backend, check_targets_on_host, kept_gradient_scale, loss_dtype
 
 # Elements per block: 1M fp32 is 4 MiB of scratch, which stays in the L2/L3 caches and
 # keeps the per-block Python overhead (half a dozen op calls) small against the work.
@@ -62,6 +62,41 @@ def _softmax_(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(logits, 1, False, out=out)
 
 
+def _targets(target, num_classes, ignore_index):
+    """(k (N, 1) int64 with ignored rows on class 0, valid (N,)); ValueError naming a bad target."""
+    target = target.long()  # compare in int64: an int32 target never equals a wider ignore_index
+    valid = target != ignore_index
+    k = target * valid  # ignored rows read class 0, harmlessly
+    low, high = torch.aminmax(k)
+    if int(low) < 0 or int(high) >= num_classes:
+        check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
+    return k.unsqueeze(1), valid
+
+
+def _forward_small(logits, k, valid, lam, grad, scale, acc):
+    """``forward`` of a small input in float64, the spec's formulas as they stand:
+        loss = (1 - lam) (r - z_k) + lam (r - s / V),  grad = scale (exp(z - r) - lam / V - (1 - lam) onehot(k))
+    with r = logsumexp(z) (relative to the row max). Both loss terms are >= 0 (a target on a -inf
+    column gives +inf, not inf - inf); each is left out where its weight is 0.
+    """
+    num_classes = logits.shape[1]
+    z = logits.to(torch.float64)
+    r = torch.logsumexp(z, 1, keepdim=True)
+    z_k = z.gather(1, k)
+    loss = (r - z_k).mul_(1.0 - lam) if lam != 1.0 else 0.0
+    if lam != 0.0:
+        loss = (r - z.mean(1, keepdim=True)).mul_(lam).add_(loss)
+    loss = torch.where(valid, loss.squeeze(1), 0.0).to(acc)
+    if grad is not None:
+        g = torch.exp(z - r)
+        if lam != 0.0:
+            g -= lam / num_classes
+        g.scatter_add_(1, k, torch.full_like(z_k, lam - 1.0))
+        g *= valid.to(g.dtype).unsqueeze(1) * scale
+        grad.copy_(g)  # rounded to the gradient's dtype once
+    return loss
+
+
 class CpuBackend(Backend):
     """Vectorized torch on CPU tensors; any float dtype, any strides."""
 
@@ -70,6 +105,23 @@ class CpuBackend(Backend):
 
     def __init__(self, block_elements: int = BLOCK_ELEMENTS):
         self.block_elements = block_elements
+
+    def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad):
+        """``Backend.loss_and_grad``; a small input takes one pass of float64 ops with the count, the
+        gradient's factor and the reduction read on the host (free on CPU)."""
+        n_rows, num_classes = logits.shape
+        if n_rows * num_classes > _SMALL_ELEMENTS:
+            return super().loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, compute_grad)
+        acc = loss_dtype(logits.dtype)
+        k, valid = _targets(target, num_classes, ignore_index)
+        count = max(int(valid.sum()), 1) if reduction == "mean" else 1  # no counted target: loss 0, not NaN
+        scale, fold = kept_gradient_scale(logits.dtype)
+        # As the default: 1/count folded into the kept gradient, or (float16) 2**15 x 2**e / count.
+        power = 1.0 if fold else math.ldexp(scale, math.frexp(count)[1] - 1)
+        grad = torch.empty_like(logits) if compute_grad else None
+        rows = _forward_small(logits.detach(), k, valid, label_smoothing, grad, power / count, acc)
+        loss = rows if reduction == "none" else rows.sum() / count
+        return loss, grad, torch.tensor(1.0 / power, dtype=acc)
 
     def forward(self, logits, target, label_smoothing, ignore_index, grad, grad_scale):
         """Per-row loss, and the gradient written into ``grad`` when it is given.
@@ -86,15 +138,9 @@ class CpuBackend(Backend):
         lam = label_smoothing
         acc = loss_dtype(logits.dtype)
         logits = logits.detach()
-        target = target.long()  # compare in int64: an int32 target never equals a wider ignore_index
-        valid = target != ignore_index
-        k = target * valid  # ignored rows read class 0, harmlessly
-        low, high = torch.aminmax(k)
-        if int(low) < 0 or int(high) >= num_classes:
-            check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
-        k = k.unsqueeze(1)
+        k, valid = _targets(target, num_classes, ignore_index)
         if n_rows * num_classes <= _SMALL_ELEMENTS:
-            return self._forward_small(logits, k, valid, lam, grad, float(grad_scale), acc)
+            return _forward_small(logits, k, valid, lam, grad, float(grad_scale), acc)
         z_k = logits.gather(1, k).to(acc).squeeze(1)
         # Per row: p_k, and q = sum_{j != k} p_j in blocks with a confident row; s = sum_j z_j,
         # in fp64 where that costs nothing.
@@ -184,28 +230,4 @@ class CpuBackend(Backend):
             grad.index_put_((torch.arange(n_rows), k.squeeze(1)), target_col.to(grad.dtype))
             if not bool(valid.all()):
                 grad[~valid] = 0.0
-        return loss
-
-    @staticmethod
-    def _forward_small(logits, k, valid, lam, grad, scale, acc):
-        """``forward`` of a small input in float64, the spec's formulas as they stand:
-            loss = (r - z_k) + lam (z_k - s / V),  grad = scale (exp(z - r) - lam / V - (1 - lam) onehot(k))
-        with r = logsumexp(z) (relative to the row max); a target on a -inf column gives +inf.
-        """
-        num_classes = logits.shape[1]
-        z = logits.to(torch.float64)
-        r = torch.logsumexp(z, 1, keepdim=True)
-        z_k = z.gather(1, k)
-        loss = r - z_k
-        if lam != 0.0:
-            loss += lam * (z_k - z.mean(1, keepdim=True))
-        loss = torch.where(z_k == -math.inf, math.inf, loss)
-        loss = torch.where(valid, loss.squeeze(1), 0.0).to(acc)
-        if grad is not None:
-            g = torch.exp(z - r)
-            if lam != 0.0:
-                g -= lam / num_classes
-            g.scatter_add_(1, k, torch.full_like(z_k, lam - 1.0))
-            g *= valid.to(g.dtype).unsqueeze(1) * scale
-            grad.copy_(g)  # rounded to the gradient's dtype once
         return loss
