@@ -98,8 +98,9 @@ def select(device: str | torch.device) -> Backend:
     the named backend's own device type. Raises ValueError for an unknown name or a
     device type with no backend, RuntimeError when the chosen backend cannot run.
     """
-    device_type = torch.device(device).type
-    _load_entry_points()
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if not _entry_points_loaded:  # on every call of the op: skip the lock once they are in
+        _load_entry_points()
     forced = os.environ.get(ENV_VAR, "").strip()
     if forced:
         backend = get(forced)
