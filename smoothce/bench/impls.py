@@ -125,69 +125,26 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     for impl in (
         Implementation("smoothce", "smoothce.cross_entropy", _build_smoothce),
         Implementation("torch-eager", "torch.nn.functional.cross_entropy", _eager_loss_fn),
-        Implementation(
-            "torch-compile",
-            "torch.compile(F.cross_entropy, dynamic=False), rows marked dynamic: compiled per V, dtype and mode, "
-            "compilation not timed",
-            _build_compile,
-            dynamic_rows=True,
-        ),
-        Implementation(
-            "liger",
-            "liger_kernel.transformers.functional.liger_cross_entropy (Triton)",
-            _build_liger,
-            device_types=("cuda", "xpu"),
-            module="liger_kernel.transformers.functional",
-            mutates_input=True,
-        ),
-        Implementation(
-            "flash-attn",
-            "flash_attn.ops.triton.cross_entropy.cross_entropy_loss (Triton)",
-            _build_flash_attn,
-            device_types=("cuda",),
-            module="flash_attn.ops.triton.cross_entropy",
-        ),
-        Implementation(
-            "quack",
-            "quack.cross_entropy.cross_entropy (CuTe DSL)",
-            _build_quack,
-            device_types=("cuda",),
-            module="quack.cross_entropy",
-            supports_label_smoothing=False,
-        ),
+        Implementation("torch-compile", "torch.compile(F.cross_entropy, dynamic=False), rows marked dynamic: compiled "
+                       "per V, dtype and mode, compilation not timed", _build_compile, dynamic_rows=True),
+        Implementation("liger", "liger_kernel.transformers.functional.liger_cross_entropy (Triton)", _build_liger,
+                       ("cuda", "xpu"), "liger_kernel.transformers.functional", mutates_input=True),
+        Implementation("flash-attn", "flash_attn.ops.triton.cross_entropy.cross_entropy_loss (Triton)",
+                       _build_flash_attn, ("cuda",), "flash_attn.ops.triton.cross_entropy"),
+        Implementation("quack", "quack.cross_entropy.cross_entropy (CuTe DSL)", _build_quack, ("cuda",),
+                       "quack.cross_entropy", supports_label_smoothing=False),
     )
-}
+}  # fmt: skip
 BASELINE_FOR_RATIOS = "smoothce"  # every other implementation is a baseline it is compared with
-
-
-def get(name: str) -> Implementation:
-    """The implementation called ``name``; ValueError listing the known names otherwise."""
-    try:
-        return IMPLEMENTATIONS[name]
-    except KeyError:
-        known = ", ".join(IMPLEMENTATIONS)
-        raise ValueError(f"unknown implementation {name!r}: known implementations are {known}") from None
 
 
 class Step:
     """One run of one implementation on one case: ``prepare()`` untimed, then ``run()`` timed."""
 
-    def __init__(
-        self,
-        impl: Implementation,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        mode: str,
-        label_smoothing: float,
-        ignore_index: int = -100,
-    ):
+    def __init__(self, impl: Implementation, logits, target, mode: str, label_smoothing: float, ignore_index=-100):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.impl = impl
-        self.mode = mode
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
-        self.target = target
+        self.mode, self.target = mode, target
         self.loss_fn = impl.build(label_smoothing, ignore_index)
         # A leaf of its own per step (sharing the logits' storage unless the implementation
         # writes into them), so gradients never mix.

@@ -8,6 +8,7 @@ the default device is ``smoothce.registry.default_device`` (CUDA, then XPU, then
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -43,35 +44,28 @@ def device_kind(device: torch.device) -> str:
     return f"{device.type}-{re.sub(r'[^A-Za-z0-9.]+', '-', device_name(device)).strip('-')}"
 
 
-def available_memory_bytes(device: torch.device) -> int | None:
+def available_memory_bytes(device: torch.device) -> int:
     """Memory free for new tensors now: MemAvailable on CPU (Linux), ``mem_get_info`` on accelerators."""
     if device.type != "cpu":
         return getattr(torch, device.type).mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
+    with open("/proc/meminfo") as meminfo:
+        return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
 
 
-def load_average() -> float | None:
-    """The 1-minute load average (None where the system has none): how busy the machine was."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+def load_average() -> float:
+    """The 1-minute load average: how busy the machine was."""
+    return os.getloadavg()[0]
 
 
 def _commit() -> str | None:
-    """The smoothce checkout's commit (with "+dirty" when it has local changes), if it is one."""
-    here = str(Path(__file__).resolve().parent)
+    """The smoothce checkout's commit, with "+dirty" when tracked files have changes (None outside a checkout)."""
     try:
-        # --no-optional-locks: read only, status must not refresh the index.
-        head, dirty = (
-            subprocess.run(["git", "--no-optional-locks", "-C", here, *cmd], capture_output=True, text=True,
-                           timeout=10, check=True).stdout.strip()
-            for cmd in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
-        )  # fmt: skip
+        # --no-optional-locks: read only, must not refresh the index; --exclude='*': the hash, never a tag.
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(Path(__file__).parent), "describe", "--always",
+                               "--dirty=+dirty", "--exclude=*"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    return head + ("+dirty" if dirty else "")
 
 
 def describe(device: torch.device) -> dict:
@@ -85,17 +79,15 @@ def describe(device: torch.device) -> dict:
         backend = f"unavailable ({error})"
     versions = {}
     for package in PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
+    accelerator = None if device.type == "cpu" else getattr(torch, device.type)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": str(device),
         "device_type": device.type,
         "device_name": device_name(device),
-        "device_memory_bytes": None if device.type == "cpu" else getattr(torch, device.type).get_device_properties(
-            device).total_memory,
+        "device_memory_bytes": accelerator and accelerator.get_device_properties(device).total_memory,
         "cpu": cpu_model(info["cpu_info"]),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -26,7 +26,6 @@ cannot hide what step 4 needs.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -64,28 +63,14 @@ def accelerator_peak_extra(step, device: torch.device) -> int:
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's resident-set high-water mark to its current resident set (Linux only)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        _status_kib("VmHWM")
-    except OSError:
-        return False
-    return True
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def rss_growth(run) -> int:
-    """Bytes by which the resident set peaks above its current size while ``run()`` runs."""
+    """Bytes by which the resident set peaks above its current size while ``run()`` runs (Linux)."""
     gc.collect()
-    if not reset_peak_rss():
-        raise OSError("the peak resident set cannot be reset here (needs Linux's /proc/self/clear_refs)")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # the high-water mark VmHWM := the current resident set
     base = _status_kib("VmRSS")
     run()
     return (_status_kib("VmHWM") - base) * 1024
@@ -96,12 +81,11 @@ def probe_in_fresh_process(impl, n, v, dtype, modes, label_smoothing, threads, s
 
     Returns, per mode, {"peak_extra_bytes": ...} or {"error": ...}.
     """
-    argv = [impl, str(n), str(v), dtype, str(label_smoothing), str(ignore_every), str(threads), str(seed), *modes]
+    argv = [impl, n, v, dtype, label_smoothing, ignore_every, threads, seed, *modes]
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "smoothce.bench.memory", *argv],
-            capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV), timeout=timeout_s, check=False,
-        )  # fmt: skip
+        command = [sys.executable, "-m", "smoothce.bench.memory", *map(str, argv)]
+        env = dict(os.environ, **MALLOC_ENV)
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
         return json.loads(done.stdout.strip().splitlines()[-1])
     except subprocess.TimeoutExpired:
         return {mode: {"error": f"memory probe timed out after {timeout_s:.0f} s"} for mode in modes}
@@ -110,22 +94,18 @@ def probe_in_fresh_process(impl, n, v, dtype, modes, label_smoothing, threads, s
         return {mode: {"error": f"memory probe exited with status {done.returncode}: {tail}"[:300]} for mode in modes}
 
 
-def _probe(argv: list[str]) -> dict:
+def _probe(impl, n, v, dtype, label_smoothing, ignore_every, threads, seed, *modes) -> dict:
+    """The fresh process's side of ``probe_in_fresh_process`` (its command line's items, in order)."""
     from smoothce.bench.cases import make_inputs
-    from smoothce.bench.impls import MODES, Step, get
+    from smoothce.bench.impls import IMPLEMENTATIONS, Step
+    from smoothce.bench.timing import describe_error
 
-    parser = argparse.ArgumentParser(prog="python -m smoothce.bench.memory", description="CPU peak-memory probe")
-    for name, kind in (("impl", str), ("n", int), ("v", int), ("dtype", str), ("label_smoothing", float),
-                       ("ignore_every", int), ("threads", int), ("seed", int)):  # fmt: skip
-        parser.add_argument(name, type=kind)
-    parser.add_argument("modes", nargs="+", choices=MODES)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logits, target = make_inputs(args.n, args.v, args.dtype, torch.device("cpu"), args.seed, args.ignore_every)
+    torch.set_num_threads(int(threads))
+    logits, target = make_inputs(int(n), int(v), dtype, torch.device("cpu"), int(seed), int(ignore_every))
     results = {}
-    for mode in args.modes:
+    for mode in modes:
         try:
-            step = Step(get(args.impl), logits, target, mode, args.label_smoothing)
+            step = Step(IMPLEMENTATIONS[impl], logits, target, mode, float(label_smoothing))
 
             def measured_run(step=step):
                 step.prepare()
@@ -136,9 +116,9 @@ def _probe(argv: list[str]) -> dict:
             results[mode] = {"peak_extra_bytes": rss_growth(measured_run)}
             step.close()
         except Exception as error:  # recorded for this mode; the others are still measured
-            results[mode] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            results[mode] = {"error": describe_error(error)}
     return results
 
 
 if __name__ == "__main__":
-    print(json.dumps(_probe(sys.argv[1:])), flush=True)
+    print(json.dumps(_probe(*sys.argv[1:])), flush=True)

@@ -25,7 +25,7 @@ import torch
 from smoothce.bench import machine, memory, report
 from smoothce.bench.cases import BYTES_MODEL, IGNORE_INDEX, Case, make_inputs, reference_loss
 from smoothce.bench.impls import FWD_BWD, IMPLEMENTATIONS, Step
-from smoothce.bench.timing import Limit, Timer, summarize, time_rounds
+from smoothce.bench.timing import Limit, Timer, describe_error, summarize, time_rounds
 
 SCHEMA = 2
 LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
@@ -55,10 +55,6 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _error(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:300]
-
-
 def _time_case(settings: Settings, case: Case, logits, target, reference: float, timer: Timer, limit) -> dict:
     """Check and time every implementation that can run ``case``; on accelerators measure memory too."""
     steps, errors, losses = {}, {}, {}
@@ -73,7 +69,7 @@ def _time_case(settings: Settings, case: Case, logits, target, reference: float,
             step.release()
             steps[name] = step
         except Exception as error:
-            errors[name] = _error(error)
+            errors[name] = describe_error(error)
     times, timing_errors, order = time_rounds({**steps, LIMIT: limit}, timer.measure, settings.rounds)
     errors.update(timing_errors)
     limit_s = summarize(times.pop(LIMIT))["median_s"] if LIMIT in times else None
@@ -90,7 +86,7 @@ def _time_case(settings: Settings, case: Case, logits, target, reference: float,
                 try:
                     entry["peak_extra_bytes"] = memory.accelerator_peak_extra(steps[name], settings.device)
                 except Exception as error:
-                    entry["memory_error"] = _error(error)
+                    entry["memory_error"] = describe_error(error)
         if name in errors:
             entry["error"] = errors[name]
         results[name] = entry
@@ -115,11 +111,30 @@ def _probe_cpu_memory(settings: Settings, records: list[dict]) -> None:
         )  # fmt: skip
         for record in mine:
             answer = answers.get(record["mode"], {"error": "the probe did not answer for this mode"})
-            key = "memory_error" if "error" in answer else "peak_extra_bytes"
-            record["results"][name][key] = answer.get("error", answer.get("peak_extra_bytes"))
+            record["results"][name].update({"memory_error": answer["error"]} if "error" in answer else answer)
 
 
-def run(settings: Settings, checkpoint: Callable[[dict], None] | None = None) -> dict:
+def _record(settings: Settings, environment: dict, cases: list[dict]) -> dict:
+    on_cpu = settings.device.type == "cpu"
+    return {
+        "schema": SCHEMA,
+        "environment": environment,
+        "settings": dict(
+            preset=settings.preset, reduction="mean", ignore_index=IGNORE_INDEX, ignore_every=settings.ignore_every,
+            target_dtype="int64", timer="time.perf_counter per run" if on_cpu else "triton.testing.do_bench, median",
+            rounds=settings.rounds, warmup_ms=None if on_cpu else settings.warmup_ms, rep_ms=settings.rep_ms,
+            seed=settings.seed, threads=settings.threads, time_limit_s=settings.time_limit_s,
+            memory_measured=settings.memory,
+            memory_method=(memory.CPU_METHOD if on_cpu else memory.ACCELERATOR_METHOD) if settings.memory else None,
+            bytes_model=BYTES_MODEL,
+        ),
+        "implementations": {name: IMPLEMENTATIONS[name].description for name in settings.impls},
+        "not_run": dict(settings.skipped_impls),
+        "cases": cases,
+    }  # fmt: skip
+
+
+def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: None) -> dict:
     """Measure everything ``settings`` asks for; the record that report writes out.
 
     ``checkpoint(record)`` sees the record so far after every shape and dtype, so a run
@@ -134,47 +149,17 @@ def run(settings: Settings, checkpoint: Callable[[dict], None] | None = None) ->
         torch.set_num_threads(threads_before)
 
 
-def _record(settings: Settings, environment: dict, cases: list[dict]) -> dict:
-    on_cpu = settings.device.type == "cpu"
-    return {
-        "schema": SCHEMA,
-        "environment": environment,
-        "settings": {
-            "preset": settings.preset,
-            "reduction": "mean",
-            "ignore_index": IGNORE_INDEX,
-            "ignore_every": settings.ignore_every,
-            "target_dtype": "int64",
-            "timer": "time.perf_counter per run" if on_cpu else "triton.testing.do_bench, median",
-            "rounds": settings.rounds,
-            "warmup_ms": None if on_cpu else settings.warmup_ms,
-            "rep_ms": settings.rep_ms,
-            "seed": settings.seed,
-            "threads": settings.threads,
-            "time_limit_s": settings.time_limit_s,
-            "memory_measured": settings.memory,
-            "memory_method": (memory.CPU_METHOD if on_cpu else memory.ACCELERATOR_METHOD) if settings.memory else None,
-            "bytes_model": BYTES_MODEL,
-        },
-        "implementations": {name: IMPLEMENTATIONS[name].description for name in settings.impls},
-        "not_run": dict(settings.skipped_impls),
-        "cases": cases,
-    }
-
-
-def _run(settings: Settings, checkpoint) -> dict:
+def _run(settings: Settings, checkpoint: Callable[[dict], None]) -> dict:
     device, on_cpu = settings.device, settings.device.type == "cpu"
     environment = machine.describe(device)
     timer = Timer(device, settings.warmup_ms, settings.rep_ms)
-    started, done, last_v = time.perf_counter(), [], None
-    total = len(settings.cases)
+    started, done, last_v, total = time.perf_counter(), [], None, len(settings.cases)
     for (n, v, dtype), group in itertools.groupby(settings.cases, key=lambda c: (c.n, c.v, c.dtype)):
         group = list(group)
         base = [{**asdict(c), "logits_bytes": c.logits_bytes, "bytes_moved": c.bytes_moved} for c in group]
-        need = 5 * group[0].logits_bytes + 4 * n * v
-        free = machine.available_memory_bytes(device)
+        need, free = 5 * group[0].logits_bytes + 4 * n * v, machine.available_memory_bytes(device)
         out_of_time = settings.time_limit_s is not None and time.perf_counter() - started > settings.time_limit_s
-        if out_of_time or (free is not None and need > free):
+        if out_of_time or need > free:
             why = "time limit" if out_of_time else f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
             done += [{**record, "skipped": f"skipped: {why}", "results": {}} for record in base]
             _log(f"[{len(done)}/{total}] {n}x{v} {dtype}: skipped, {why}")
@@ -183,35 +168,25 @@ def _run(settings: Settings, checkpoint) -> dict:
             torch.compiler.reset()  # compiled code per vocabulary size; no recompile limit across the sweep
             last_v = v
         logits, target = make_inputs(n, v, dtype, device, settings.seed, settings.ignore_every)
-        limits = {kind: Limit(logits, kind) for kind in {"copy" if c.mode == FWD_BWD else "read" for c in group}}
-        references: dict[float, float] = {}
-        records = []
-        for case, record in zip(group, base, strict=True):
-            lam = case.label_smoothing
-            if lam not in references:
-                references[lam] = reference_loss(logits, target, lam)
-            limit = limits["copy" if case.mode == FWD_BWD else "read"]
-            record.update(reference_loss=references[lam], ignored_rows=int((target == IGNORE_INDEX).sum()))
-            record.update(_time_case(settings, case, logits, target, references[lam], timer, limit))
-            records.append(record)
+        limits = {mode: Limit(logits, "copy" if mode == FWD_BWD else "read") for mode in {c.mode for c in group}}
+        references = {lam: reference_loss(logits, target, lam) for lam in {c.label_smoothing for c in group}}
+        for i, (case, record) in enumerate(zip(group, base, strict=True), 1):
+            reference = references[case.label_smoothing]
+            record.update(reference_loss=reference, ignored_rows=int((target == IGNORE_INDEX).sum()))
+            record.update(_time_case(settings, case, logits, target, reference, timer, limits[case.mode]))
             cells = [
                 f"{name} {e['median_s'] * 1e3:.3g} ms ({e['of_limit'] or 0:.2f})" if "median_s" in e else f"{name} ✗"
                 for name, e in record["results"].items()
             ]  # time (share of the limit) per implementation
             elapsed = time.perf_counter() - started
-            _log(f"[{len(done) + len(records)}/{total} {elapsed:.0f} s] {case.label}: {', '.join(cells)}")
-        for limit in limits.values():
-            limit.close()
+            _log(f"[{len(done) + i}/{total} {elapsed:.0f} s] {case.label}: {', '.join(cells)}")
         del logits, target, limits
         gc.collect()
         if not on_cpu:
             getattr(torch, device.type).empty_cache()
-        if on_cpu and settings.memory:
-            _probe_cpu_memory(settings, records)
-        for record in records:
-            record["ratios"] = report.ratios(record)
-        done += records
-        if checkpoint is not None:
-            checkpoint(_record(settings, environment, done))
+        elif settings.memory:
+            _probe_cpu_memory(settings, base)
+        done += [{**record, "ratios": report.ratios(record)} for record in base]
+        checkpoint(_record(settings, environment, done))
     environment["load_average_at_end"] = machine.load_average()
     return _record(settings, environment, done)

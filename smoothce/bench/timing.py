@@ -28,9 +28,9 @@ from collections.abc import Callable, Mapping
 import torch
 
 
-def _describe_error(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}"[:300]
+def describe_error(error: BaseException) -> str:
+    """"Type: first line of the message", at most 300 characters, for tables and JSON."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:300]
 
 
 class Timer:
@@ -81,16 +81,13 @@ class Limit:
         self.kind, self.logits = kind, logits
         self.out = torch.zeros_like(logits) if kind == "copy" else None  # written once: pages resident
 
-    def prepare(self) -> None:
-        pass
-
-    release = prepare
-
     def run(self):
         return self.out.copy_(self.logits) if self.kind == "copy" else torch.amax(self.logits)
 
-    def close(self) -> None:
-        self.out = None
+    def prepare(self) -> None:
+        pass
+
+    release = close = prepare
 
 
 def summarize(times: list[float]) -> dict:
@@ -100,9 +97,7 @@ def summarize(times: list[float]) -> dict:
     return {"median_s": statistics.median(ordered), "min_s": ordered[0], "q1_s": q1, "q3_s": q3, "reps": len(ordered)}
 
 
-def time_rounds(
-    steps: Mapping[str, object], measure: Callable[[object], float], rounds: int
-) -> tuple[dict[str, list[float]], dict[str, str], list[str]]:
+def time_rounds(steps: Mapping[str, object], measure: Callable[[object], float], rounds: int):
     """``rounds`` rounds of ``measure(step)`` for every step, the start rotating by one each round.
 
     Returns (seconds per round per name, error per name that failed, the order of the
@@ -119,7 +114,7 @@ def time_rounds(
                 times[name].append(measure(steps[name]))
                 order.append(name)
             except Exception as error:  # one failing implementation must not end the sweep
-                errors[name] = _describe_error(error)
+                errors[name] = describe_error(error)
         for name in [n for n in alive if n in errors]:
             alive.remove(name)
             del times[name]
