@@ -205,18 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     out.mkdir(parents=True, exist_ok=True)
-
-    def write(record: dict, pngs: list[str]) -> list[Path]:
-        report.write_json(record, out / "results.json")
-        return [*report.write_markdown(record, out, pngs), out / "results.json"]
-
-    record = runner.run(settings, checkpoint=lambda partial: write(partial, []))
-    pngs: list[str] = []
-    if not args.no_plots:
-        pngs, why_not = plots.write_plots(record, out)
-        if why_not:
-            print(why_not, file=sys.stderr)
-    written = write(record, pngs) + [out / name for name in pngs]
+    record = runner.run(settings, checkpoint=lambda partial: report.write(partial, out, []))
+    pngs, why_not = ([], None) if args.no_plots else plots.write_plots(record, out)
+    if why_not:
+        print(why_not, file=sys.stderr)
+    written = report.write(record, out, pngs) + [out / name for name in pngs]
     print("\n".join(report.summary_lines(record)))
     print("\nwrote " + ", ".join(str(path) for path in written))
     return 0

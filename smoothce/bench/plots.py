@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smoothce.bench.report import MIB, plot_name
+from smoothce.bench.report import MIB, groups, plot_name
 
 
 def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
@@ -21,47 +21,31 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
         import matplotlib.pyplot as plt
     except ImportError:
         return [], "matplotlib is not installed (pip install 'smoothce[bench]'), so no plots were drawn"
-    names = list(record["implementations"])
-    memory = record["settings"]["memory_measured"]
+    names, metrics = list(record["implementations"]), [("median_s", 1e3, "time per call (ms)")]
+    if record["settings"]["memory_measured"]:
+        metrics.append(("peak_extra_bytes", 1 / MIB, "peak memory beyond logits (MiB)"))
     written = []
-    groups: dict[tuple[str, str, float], list[dict]] = {}
-    for case in record["cases"]:
-        groups.setdefault((case["mode"], case["dtype"], case["label_smoothing"]), []).append(case)
-    for (mode, dtype, lam), cases in groups.items():
+    for (mode, dtype, lam), cases in groups(record).items():
         tokens = sorted({c["n"] for c in cases})
-        rows = 2 if memory else 1
-        fig, axes = plt.subplots(rows, len(tokens), figsize=(4.2 * len(tokens) + 0.8, 3.4 * rows), squeeze=False)
+        fig, axes = plt.subplots(len(metrics), len(tokens), figsize=(4.2 * len(tokens) + 0.8, 3.4 * len(metrics)),
+                                 squeeze=False)  # fmt: skip
         for col, n in enumerate(tokens):
             row_cases = sorted((c for c in cases if c["n"] == n), key=lambda c: c["v"])
-            for name in names:
-                points = [
-                    (c["v"], c["results"][name]["median_s"] * 1e3)
-                    for c in row_cases
-                    if "median_s" in c["results"].get(name, {})
-                ]
-                if points:
-                    axes[0][col].plot(*zip(*points, strict=False), marker="o", label=name)
-                if memory:
-                    points = [
-                        (c["v"], c["results"][name]["peak_extra_bytes"] / MIB)
-                        for c in row_cases
-                        if "peak_extra_bytes" in c["results"].get(name, {})
-                    ]
+            vocab = sorted({c["v"] for c in row_cases})
+            for ax, (key, scale, ylabel) in zip(axes[:, col], metrics, strict=True):
+                for name in names:
+                    points = [(c["v"], c["results"][name][key] * scale) for c in row_cases
+                              if key in c["results"].get(name, {})]  # fmt: skip
                     if points:
-                        axes[1][col].plot(*zip(*points, strict=False), marker="o", label=name)
-            axes[0][col].set_title(f"{mode}, {dtype}, λ = {lam:g}, N = {n}")
-            axes[0][col].set_ylabel("time per call (ms)")
-            if memory:
-                axes[1][col].set_ylabel("peak memory beyond logits (MiB)")
-            for row in range(rows):
-                ax = axes[row][col]
+                        ax.plot(*zip(*points, strict=False), marker="o", label=name)
+                ax.set_ylabel(ylabel)
                 ax.set_xscale("log", base=2)
-                vocab = sorted({c["v"] for c in row_cases})
                 ax.set_xticks(vocab, [str(v) for v in vocab], rotation=30, fontsize=7)
                 ax.minorticks_off()
                 ax.set_xlabel("vocabulary size V")
                 ax.set_ylim(bottom=0)
                 ax.grid(alpha=0.3)
+            axes[0][col].set_title(f"{mode}, {dtype}, λ = {lam:g}, N = {n}")
         handles, labels = axes[0][0].get_legend_handles_labels()
         if handles:
             fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)

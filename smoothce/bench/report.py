@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from smoothce.bench.impls import BASELINE_FOR_RATIOS
+from smoothce.bench.impls import BASELINE_FOR_RATIOS as OURS
 
-MIB = 1 << 20
-MEMORY_FLOOR = MIB
+MIB = 1 << 20  # also the resolution of the memory measurement: smaller peaks count as 1 MiB
 DEFAULT_LABEL_SMOOTHING = 0.1
 HOST_BOUND_S = 10e-6  # a limit this short on an accelerator: the device waits for the host's launches
 
@@ -30,31 +29,28 @@ def plot_name(mode: str, dtype: str, label_smoothing: float = DEFAULT_LABEL_SMOO
     return f"{mode.replace('+', '_')}-{dtype}{suffix}.png"
 
 
-def ratios(case: dict) -> dict:
-    """Speed-up and memory saving of smoothce against every other implementation of ``case``."""
-    results = case["results"]
-    ours = results.get(BASELINE_FOR_RATIOS, {})
-    out = {}
-    for name, entry in results.items():
-        if name == BASELINE_FOR_RATIOS:
-            continue
-        ratio: dict = {"speedup": None, "memory_saving": None, "memory_saving_bound": None}
-        if "median_s" in ours and "median_s" in entry:
-            ratio["speedup"] = entry["median_s"] / ours["median_s"]
-        if "peak_extra_bytes" in ours and "peak_extra_bytes" in entry:
-            theirs, mine = entry["peak_extra_bytes"], ours["peak_extra_bytes"]
-            if mine >= MEMORY_FLOOR and theirs >= MEMORY_FLOOR:
-                ratio["memory_saving"] = theirs / mine
-            elif theirs >= MEMORY_FLOOR:  # ours is below resolution: the saving is at least this
-                ratio["memory_saving"], ratio["memory_saving_bound"] = theirs / MEMORY_FLOOR, "lower"
-            elif mine >= MEMORY_FLOOR:  # theirs is below resolution: the saving is at most this
-                ratio["memory_saving"], ratio["memory_saving_bound"] = MEMORY_FLOOR / mine, "upper"
-        out[name] = ratio
+def groups(record: dict) -> dict[tuple[str, str, float], list[dict]]:
+    """The record's cases by (mode, dtype, λ), in order of appearance: one table and one plot each."""
+    out: dict[tuple[str, str, float], list[dict]] = {}
+    for case in record["cases"]:
+        out.setdefault((case["mode"], case["dtype"], case["label_smoothing"]), []).append(case)
     return out
 
 
-def write_json(record: dict, path: Path) -> None:
-    path.write_text(json.dumps(record, indent=1) + "\n")
+def ratios(case: dict) -> dict:
+    """Speed-up and memory saving of smoothce against every other implementation of ``case``."""
+    ours, out = case["results"].get(OURS, {}), {}
+    for name, entry in case["results"].items():
+        ratio: dict = {"speedup": None, "memory_saving": None, "memory_saving_bound": None}
+        if "median_s" in ours and "median_s" in entry:
+            ratio["speedup"] = entry["median_s"] / ours["median_s"]
+        mine, theirs = ours.get("peak_extra_bytes"), entry.get("peak_extra_bytes")
+        if mine is not None and theirs is not None and max(mine, theirs) >= MIB:  # none when both are below
+            ratio["memory_saving"] = max(theirs, MIB) / max(mine, MIB)
+            ratio["memory_saving_bound"] = "lower" if mine < MIB else "upper" if theirs < MIB else None
+        if name != OURS:
+            out[name] = ratio
+    return out
 
 
 def _time(seconds: float) -> str:
@@ -80,8 +76,13 @@ def _ratio(value: float | None, bound: str | None = None) -> str:
     return {"lower": "≥ ", "upper": "≤ ", None: ""}[bound] + digits + "×"
 
 
-def _saving(ratio: dict) -> str:
-    return _ratio(ratio.get("memory_saving"), ratio.get("memory_saving_bound"))
+def _speedups(case: dict, baselines: list[str]) -> list[str]:
+    return [_ratio(case.get("ratios", {}).get(b, {}).get("speedup")) for b in baselines]
+
+
+def _savings(case: dict, baselines: list[str]) -> list[str]:
+    ratios_ = [case.get("ratios", {}).get(b, {}) for b in baselines]
+    return [_ratio(r.get("memory_saving"), r.get("memory_saving_bound")) for r in ratios_]
 
 
 def _of_limit(entry: dict) -> str:
@@ -89,8 +90,7 @@ def _of_limit(entry: dict) -> str:
 
 
 def _mib(nbytes: float) -> str:
-    mib = nbytes / MIB
-    return f"{mib:.0f} MiB" if mib >= 100 else f"{mib:.3g} MiB"
+    return f"{nbytes / MIB:.0f} MiB" if nbytes >= 100 * MIB else f"{nbytes / MIB:.3g} MiB"
 
 
 def _memory_cell(entry: dict, logits_bytes: int) -> str:
@@ -112,9 +112,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _impl_names(record: dict) -> tuple[list[str], list[str]]:
+def _names(record: dict) -> tuple[list[str], list[str]]:
+    """The implementations, and the baselines smoothce is compared with (none without smoothce)."""
     names = list(record["implementations"])
-    return names, [n for n in names if n != BASELINE_FOR_RATIOS] if BASELINE_FOR_RATIOS in names else []
+    return names, [n for n in names if n != OURS] if OURS in names else []
 
 
 def _host_bound(record: dict, case: dict) -> bool:
@@ -124,22 +125,20 @@ def _host_bound(record: dict, case: dict) -> bool:
 
 def summary_lines(record: dict) -> list[str]:
     """One table with every case's time, share of the limit, speed-ups and memory savings (for the README)."""
-    baselines = _impl_names(record)[1]
+    baselines = _names(record)[1]
     if not baselines:
         return ["(smoothce and at least one baseline are needed for ratios.)"]
-    header = ["case", "smoothce time", "of limit"]
-    header += [f"speed-up vs {b}" for b in baselines] + [f"memory saving vs {b}" for b in baselines]
     rows = []
     for case in record["cases"]:
         label = _label(case) + (" (host-bound)" if _host_bound(record, case) else "")
         if case.get("skipped"):
             rows.append([label, case["skipped"]] + ["—"] * (1 + 2 * len(baselines)))
-            continue
-        ours, ratio = case["results"].get(BASELINE_FOR_RATIOS, {}), case.get("ratios", {})
-        row = [label, _time_cell(ours), _of_limit(ours)]
-        row += [_ratio(ratio.get(b, {}).get("speedup")) for b in baselines]
-        rows.append(row + [_saving(ratio.get(b, {})) for b in baselines])
-    return _table(header, rows)
+        else:
+            ours = case["results"].get(OURS, {})
+            rows.append([label, _time_cell(ours), _of_limit(ours), *_speedups(case, baselines),
+                         *_savings(case, baselines)])  # fmt: skip
+    header = ["case", "smoothce time", "of limit", *(f"speed-up vs {b}" for b in baselines)]
+    return _table(header + [f"memory saving vs {b}" for b in baselines], rows)
 
 
 def _header(record: dict) -> list[str]:
@@ -156,11 +155,8 @@ def _header(record: dict) -> list[str]:
         timer = (f"`triton.testing.do_bench` (runs back to back between device events, L2 flushed before each; "
                  f"{settings['warmup_ms']:g} ms warm-up, {settings['rep_ms']:g} ms of runs, median)")  # fmt: skip
     ignored = f"every {settings['ignore_every']}th target ignored" if settings["ignore_every"] else "no ignored rows"
-    lines = [
-        f"Measured {env['date']} on **{machine}**.",
-        "",
-        f"Versions: {versions}{commit}. smoothce backend: `{backend}`.",
-    ]
+    lines = [f"Measured {env['date']} on **{machine}**.", "", f"Versions: {versions}{commit}. smoothce backend: "
+             f"`{backend}`."]  # fmt: skip
     if env.get("load_average_at_start") is not None:
         lines.append(
             f"Load average (1 minute): {env['load_average_at_start']:.2f} at the start, "
@@ -179,55 +175,46 @@ def _header(record: dict) -> list[str]:
         "",
         "Implementations:",
         "",
+        *(f"- **{name}**: {text}" for name, text in record["implementations"].items()),
     ]
-    lines += [f"- **{name}**: {text}" for name, text in record["implementations"].items()]
     return lines + [f"- not run: **{name}**, {why}" for name, why in record.get("not_run", {}).items()]
 
 
 def markdown(record: dict, plots: list[str]) -> str:
     env, settings = record["environment"], record["settings"]
-    names, baselines = _impl_names(record)
+    names, baselines = _names(record)
     lines = [f"# smoothce benchmark: {env['device_name']} ({env['device_type']})", "", *_header(record)]
     lines += ["", "## Summary", "", *summary_lines(record)]
-    groups: dict[tuple, list[dict]] = {}
-    for case in record["cases"]:
-        groups.setdefault((case["mode"], case["dtype"], case["label_smoothing"]), []).append(case)
-    for (mode, dtype, lam), cases in groups.items():
+    for (mode, dtype, lam), cases in groups(record).items():
         kind = "copy" if mode == "fwd+bwd" else "read"
-        lines += ["", f"## {mode}, {dtype}, λ = {lam:g}", ""]
         time_rows, limit_rows, mem_rows = [], [], []
         for case in cases:
-            shape, results, ratio = _shape(case), case["results"], case.get("ratios", {})
+            shape, results = _shape(case), case["results"]
             if case.get("skipped"):
                 time_rows.append([shape, case["skipped"]] + ["—"] * (len(names) + len(baselines)))
                 continue
             limit = case["limit"]["median_s"]
-            time_rows.append(
-                [shape, _time(limit) if limit else "—"]
-                + [_time_cell(results.get(n, {})) for n in names]
-                + [_ratio(ratio.get(b, {}).get("speedup")) for b in baselines]
-            )
+            time_rows.append([shape, _time(limit) if limit else "—", *(_time_cell(results.get(n, {})) for n in names),
+                              *_speedups(case, baselines)])
             limit_rows.append([shape] + [
                 f"{_of_limit(results[n])} ({results[n]['gbps']:.1f} GB/s)" if "gbps" in results.get(n, {}) else "—"
                 for n in names
-            ])  # fmt: skip
-            mem_rows.append(
-                [shape, _mib(case["logits_bytes"])]
-                + [_memory_cell(results.get(n, {}), case["logits_bytes"]) for n in names]
-                + [_saving(ratio.get(b, {})) for b in baselines]
-            )
-        lines += ["Time per call (median ± half the interquartile range) and smoothce's speed-up:", ""]
+            ])
+            mem_rows.append([shape, _mib(case["logits_bytes"]),
+                             *(_memory_cell(results.get(n, {}), case["logits_bytes"]) for n in names),
+                             *_savings(case, baselines)])  # fmt: skip
+        lines += ["", f"## {mode}, {dtype}, λ = {lam:g}", "",
+                  "Time per call (median ± half the interquartile range) and smoothce's speed-up:", ""]
         lines += _table(["N × V", f"{kind} limit", *names] + [f"speed-up vs {b}" for b in baselines], time_rows)
         if limit_rows:
             lines += ["", f"Share of the {kind} limit (limit time / time) and effective bandwidth, bytes = "
-                      f"{settings['bytes_model'][mode]}:", ""]  # fmt: skip
-            lines += _table(["N × V", *names], limit_rows)
+                      f"{settings['bytes_model'][mode]}:", "", *_table(["N × V", *names], limit_rows)]
         if settings["memory_measured"] and mem_rows:
             lines += ["", "Peak memory beyond the logits (in brackets: as a multiple of the logits' size):", ""]
             lines += _table(["N × V", "logits"] + names + [f"memory saving vs {b}" for b in baselines], mem_rows)
         if plot_name(mode, dtype, lam) in plots:
             lines += ["", f"![time and memory against V, {mode} {dtype} λ={lam:g}]({plot_name(mode, dtype, lam)})"]
-    return "\n".join([*lines, "", "## Notes", "", *_notes(record)]) + "\n"
+    return "\n".join([*lines, "", "## Notes", "", *_notes(record)]) + "\n"  # fmt: skip
 
 
 def _notes(record: dict) -> list[str]:
@@ -263,18 +250,17 @@ def _notes(record: dict) -> list[str]:
             where = f"  - {_label(case)}, {name}: "
             problems += [where + entry[key] for key in ("error", "memory_error") if key in entry]
             if entry.get("loss_ok") is False:
-                problems.append(
-                    f"  - {_label(case)}, {name}: loss {entry['loss']:.6g} vs reference {case['reference_loss']:.6g} "
-                    f"(relative error {entry['loss_rel_error']:.1e})"
-                )
+                problems.append(f"{where}loss {entry['loss']:.6g} vs reference {case['reference_loss']:.6g} "
+                                f"(relative error {entry['loss_rel_error']:.1e})")  # fmt: skip
     return notes + (["- Problems:", *problems] if problems else [])
 
 
-def write_markdown(record: dict, directory: Path, plots: list[str]) -> list[Path]:
-    """results.md (everything) and summary.md (the README's table); returns their paths."""
-    results, summary = directory / "results.md", directory / "summary.md"
+def write(record: dict, directory: Path, plots: list[str]) -> list[Path]:
+    """results.md (everything), summary.md (the README's table) and results.json (raw numbers); their paths."""
+    results, summary, raw = directory / "results.md", directory / "summary.md", directory / "results.json"
     results.write_text(markdown(record, plots))
     env = record["environment"]
-    head = f"{env['device_name']} ({env['device_type']}), {env['date']}; details in results.md."
-    summary.write_text("\n".join([head, "", *summary_lines(record)]) + "\n")
-    return [results, summary]
+    summary.write_text("\n".join([f"{env['device_name']} ({env['device_type']}), {env['date']}; details in "
+                                  "results.md.", "", *summary_lines(record)]) + "\n")  # fmt: skip
+    raw.write_text(json.dumps(record, indent=1) + "\n")
+    return [results, summary, raw]
