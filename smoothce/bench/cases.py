@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from smoothce.bench.impls import FWD_BWD
 
@@ -38,12 +39,8 @@ class Case:
     impls: tuple[str, ...] | None = None  # only these of the run's implementations (None: all)
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
     def logits_bytes(self) -> int:
-        return self.n * self.v * self.torch_dtype.itemsize
+        return self.n * self.v * DTYPES[self.dtype].itemsize
 
     @property
     def bytes_moved(self) -> int:
@@ -87,15 +84,9 @@ def make_inputs(n: int, v: int, dtype: str, device: torch.device, seed: int, ign
 
 def reference_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> float:
     """The mean loss over counted rows, in float64, a few rows at a time so it needs little memory."""
-    total = 0.0
-    rows = max(1, (1 << 22) // logits.shape[1])
-    with torch.no_grad():
-        for start in range(0, logits.shape[0], rows):
-            chunk = logits[start : start + rows].double()
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    chunk, target[start : start + rows], label_smoothing=label_smoothing, reduction="sum"
-                )
-            )
+    rows, total = max(1, (1 << 22) // logits.shape[1]), 0.0
+    for start in range(0, logits.shape[0], rows):
+        chunk, chunk_target = logits[start : start + rows].double(), target[start : start + rows]
+        total += float(F.cross_entropy(chunk, chunk_target, label_smoothing=label_smoothing, reduction="sum"))
     counted = int((target != IGNORE_INDEX).sum())
     return total / counted if counted else float("nan")

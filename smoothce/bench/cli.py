@@ -6,16 +6,12 @@
     python -m smoothce.bench --preset gpu-targets --out DIR   # the issue's GPU targets, ~3 minutes
     python -m smoothce.bench --shapes 2048x32000,512x128256 --dtypes fp32,bf16 --modes fwd+bwd,fwd
 
-The sweeps cross the vocabulary sizes of real models with token counts sized for the
-device (small on CPU). ``gpu-targets`` runs exactly the GPU targets: forward+backward and
-the no-grad forward, mean, λ = 0.1, every 10th target ignored, bf16 and fp32, at 8192 x
-32000, 8192 x 128256, 4096 x 262144, 16384 x 151936, the default sweep's 1024-row shapes
-and a 16 x 32000 row that times the host's launch overhead; plus forward+backward at
-λ = 0 on the four target shapes, so quack (no label smoothing) is compared too (without
-torch.compile there, to stay within the time limit). ``--tiny`` divides every shape by
-256 both ways, to try a preset anywhere in seconds. Results go to
-benchmarks/results/<device>/ for the default sweep and to
-benchmarks/results/<device>/<preset>/ otherwise, unless --out says.
+The sweeps cross the vocabulary sizes of real models with token counts sized for the device.
+``gpu-targets``: fwd+bwd and fwd, λ = 0.1, every 10th target ignored, bf16 and fp32, at
+TARGET_SHAPES, the default sweep's 1024-row shapes and HOST_SHAPE (the host's launch
+overhead); plus fwd+bwd at λ = 0 on TARGET_SHAPES, so quack (no label smoothing) is compared
+too (without torch.compile, to stay within the time limit). ``--tiny`` divides every shape by
+256 both ways. Results go to benchmarks/results/<device>/[<preset>/] unless --out says.
 """
 
 from __future__ import annotations
@@ -153,36 +149,22 @@ def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]
         case_list = cases.grid(shapes, args.dtypes, args.modes, args.label_smoothing)
         case_list = [_shrunk(case) for case in case_list] if args.tiny else case_list
     least_lam = min(case.label_smoothing for case in case_list)
-    skipped = {}
-    if args.impls:
-        impls = args.impls
-        for name in impls:
-            reason = IMPLEMENTATIONS[name].unavailable_reason(device.type, least_lam)
-            if reason is not None:
-                raise ValueError(f"implementation {name!r} cannot run here: {reason}")
-    else:
-        impls = []
-        for name, impl in IMPLEMENTATIONS.items():
-            reason = impl.unavailable_reason(device.type, least_lam)
-            if reason is None:
-                impls.append(name)
-            elif impl.module is not None and device.type in (impl.device_types or (device.type,)):
-                skipped[name] = reason  # worth a line only where it could have run
+    why_not = {name: IMPLEMENTATIONS[name].unavailable_reason(device.type, least_lam)
+               for name in args.impls or IMPLEMENTATIONS}  # fmt: skip
+    for name in args.impls or []:
+        if why_not[name] is not None:
+            raise ValueError(f"implementation {name!r} cannot run here: {why_not[name]}")
     settings = runner.Settings(
-        device=device,
-        cases=case_list,
-        impls=impls,
-        rounds=args.rounds or (3 if targets else preset["rounds"][0 if on_cpu else 1]),
-        warmup_ms=args.warmup_ms,
+        device=device, cases=case_list, impls=[name for name, why in why_not.items() if why is None],
+        rounds=args.rounds or (3 if targets else preset["rounds"][0 if on_cpu else 1]), warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms if args.rep_ms is not None else (0.0 if on_cpu else 100.0),
-        ignore_every=10 if targets else args.ignore_every,
-        memory=not args.no_memory,
-        seed=args.seed,
-        threads=args.threads or torch.get_num_threads(),
-        time_limit_s=args.time_limit or (165.0 if targets else None),
+        ignore_every=10 if targets else args.ignore_every, memory=not args.no_memory, seed=args.seed,
+        threads=args.threads or torch.get_num_threads(), time_limit_s=args.time_limit or (165.0 if targets else None),
         preset=("custom" if custom else args.preset) + (" (tiny)" if args.tiny else ""),
-        skipped_impls=skipped,
-    )
+        # a line in the report for an optional library only where it could have run
+        skipped_impls={name: why for name, why in why_not.items() if why is not None and IMPLEMENTATIONS[name].module
+                       and device.type in (IMPLEMENTATIONS[name].device_types or (device.type,))},
+    )  # fmt: skip
     if args.out is not None:
         return settings, args.out
     out = Path("benchmarks", "results", machine.device_kind(device))

@@ -3,16 +3,16 @@
     python -m smoothce.bench.vocab_parallel [--vocab 32000 128256 262144] [--rows 64 256]
         [--world 2] [--backend gloo|nccl] [--dtype bfloat16] [--out PATH]
 
-Starts ``--world`` ranks (``launch``, on ``torch.multiprocessing``): gloo on the CPU, or NCCL with one GPU per
-rank (``--backend nccl --world 1`` works on a single GPU). Every rank builds the same
-full (rows, V) logits and keeps an even slice of the vocabulary. Per (V, rows) it records
-the collectives one forward + backward issues (every ``_c10d_functional`` op, caught by
-a dispatch mode, counted from its input's shape and dtype), so the bytes are measured,
-not assumed; next to them, what all-gathering the logits instead would receive per row,
+Starts ``--world`` ranks (``launch``): gloo on the CPU, or NCCL with one GPU per rank
+(``--backend nccl --world 1`` works on a single GPU). Every rank builds the same full
+(rows, V) logits and keeps an even slice of the vocabulary. Per (V, rows) it records the
+collectives one forward + backward issues (every ``_c10d_functional`` op, caught by a
+dispatch mode, counted from its input's shape and dtype), so the bytes are measured, not
+assumed; next to them, what all-gathering the logits instead would receive per row,
 (V - V_i) * itemsize, and the full-logits buffer it would materialise per rank. Then it
-times, on rank 0, ``--repeat`` forward + backward steps back to back (synchronised once
-at the end): the vocabulary-parallel loss on the slice, and ``smoothce.cross_entropy``
-on the full logits in one process. A Markdown table goes to stdout and, with ``--out``, to a file.
+times, on rank 0, ``--repeat`` forward + backward steps back to back: the vocabulary-parallel
+loss on the slice, and ``smoothce.cross_entropy`` on the full logits in one process.
+A Markdown table goes to stdout and, with ``--out``, to a file.
 
 What to read: "stats B/row" is the same for every V (O(rows) communication); "gather B/row" grows with V.
 """
@@ -25,11 +25,13 @@ import os
 import queue
 import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.benchmark import Timer
 
 COLLECTIVES = {"all_reduce", "all_reduce_", "all_reduce_coalesced", "all_gather_into_tensor", "broadcast",
                "all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "all_to_all_single"}  # fmt: skip
@@ -78,8 +80,6 @@ def launch(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 600.
     ``fn`` and its arguments must be picklable. A rank that raises or dies, or ranks that outlive
     ``timeout_s``, end the launch with a RuntimeError naming the rank (with its traceback).
     """
-    if world < 1:
-        raise ValueError(f"world must be at least 1, got {world}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -105,18 +105,10 @@ def launch(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 600.
     return [values[r] for r in range(world)]
 
 
-def _seconds_per_step(step, repeat: int, device: torch.device) -> float:
-    """Seconds per ``step()`` over ``repeat`` back-to-back runs after one warm-up, synchronised at the end."""
-    module = None if device.type == "cpu" else getattr(torch, device.type)
-    step()
-    if module is not None:
-        module.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        step()
-    if module is not None:
-        module.synchronize(device)
-    return (time.perf_counter() - start) / repeat
+def _seconds_per_step(step, repeat: int) -> float:
+    """Seconds per ``step()`` over ``repeat`` back-to-back runs after two warm-up runs, the GPU synchronised
+    at the start and the end (``torch.utils.benchmark.Timer``, with the process's torch threads)."""
+    return Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).timeit(repeat).mean
 
 
 def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_name: str, repeat: int) -> list:
@@ -149,9 +141,9 @@ def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_n
             recorder = CollectiveRecorder()
             with recorder:
                 ours()
-            t_ours = _seconds_per_step(ours, repeat, device)
+            t_ours = _seconds_per_step(ours, repeat)
             dist.barrier()
-            t_single = _seconds_per_step(single, repeat, device) if rank == 0 else float("nan")
+            t_single = _seconds_per_step(single, repeat) if rank == 0 else float("nan")
             dist.barrier()
             table_bytes = world * 10 * 8  # the per-call (world, 10) int64 table
             out.append({
@@ -213,8 +205,7 @@ def main(argv=None) -> str:
     text = markdown(per_rank[0], args.world, args.backend, args.dtype)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        Path(args.out).write_text(text + "\n")
     return text
 
 
