@@ -616,3 +616,49 @@ def test_torch_compile_reduce_overhead_training_step():
         expected.backward()
         torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, head.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every kernel is compiled by the tests above")
+def test_kernels_compile_for_hopper():
+    """Without a GPU, compile the real (not interpreted) kernels ahead of time for sm_90 (H100/H200).
+
+    The interpreter accepts code that the compiler rejects (a global that is not a constexpr,
+    say); this catches that here. A fresh process, since TRITON_INTERPRET is read at import.
+    """
+    script = textwrap.dedent(
+        """
+        import triton, triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from smoothce.backends import triton_kernels as tk
+
+        FLOATS = {"oml", "lov", "off_hi", "off_lo", "tgt_hi", "tgt_lo", "lam_k", "kept_scale"}
+        POINTERS = {"logits_ptr": "*bf16", "grad_ptr": "*bf16", "out_ptr": "*bf16", "target_ptr": "*i64",
+                    "sync_ptr": "*i32"}
+
+        def compile_for_hopper(fn, constexprs, **options):
+            names = fn.arg_names
+            signature = {
+                name: "constexpr" if name in constexprs else POINTERS.get(name, "*fp32") if name.endswith("_ptr")
+                else "fp32" if name in FLOATS else "i32"
+                for name in names
+            }
+            source = ASTSource(fn=fn, signature=signature,
+                               constexprs={(names.index(k),): v for k, v in constexprs.items()})
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+        common = dict(SMOOTHING=True, REDUCE=True, ACC_DTYPE=tl.float32)
+        for grad in (True, False):
+            compile_for_hopper(tk.split_kernel, dict(CHUNK=8192, MAX_CHUNKS=16, PHASE=0, COMPUTE_GRAD=grad, **common),
+                               num_warps=8)
+        compile_for_hopper(tk.loop_kernel, dict(BLOCK=8192, COMPUTE_GRAD=True, KEEP="evict_last",
+                                                DROP="evict_first", **common), num_warps=16)
+        compile_for_hopper(tk.prologue_kernel, dict(MEAN=True, FOLD=False, BLOCK=1024), num_warps=4, debug=True)
+        compile_for_hopper(tk.scale_grad_kernel, dict(PER_ROW=True, INPLACE=True, BLOCK=4096, ACC_DTYPE=tl.float32),
+                           num_warps=8)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SMOOTHCE_BACKEND")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when it is unset
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
