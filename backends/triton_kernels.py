@@ -83,6 +83,13 @@ def _log1p(x):
 
 
 @triton.jit
+def _wide(hi, lo, ACC_DTYPE: tl.constexpr):
+    # A constant passed as two float32 halves (Triton passes Python floats as float32): all of it
+    # in float64 accumulation, its float32 rounding otherwise.
+    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+
+
+@triton.jit
 def _block_stats(z, mask, SMOOTHING: tl.constexpr):
     """(m, rem, s) of a block: m = max z, rem = sum of exp(z - m) over all but one maximum,
     s = sum of (z - m); masked lanes hold -inf. A block with no finite value has m = -inf."""
@@ -210,13 +217,16 @@ def split_kernel(
     num_classes,
     num_chunks,
     ignore_index,
-    oml,  # 1 - lam
-    lov,  # lam / V, for the loss
+    oml_hi,  # 1 - lam = oml_hi + oml_lo
+    oml_lo,
+    lov_hi,  # lam / V = lov_hi + lov_lo, for the loss
+    lov_lo,
     off_hi,  # lam / V = off_hi + off_lo, for the gradient
     off_lo,
     tgt_hi,  # 1 - lam + lam / V = tgt_hi + tgt_lo, for the target column
     tgt_lo,
-    lam_k,  # lam (1 - 1/V), for a target column holding the max
+    lamk_hi,  # lam (1 - 1/V) = lamk_hi + lamk_lo, for a target column holding the max
+    lamk_lo,
     # compile-time switches
     CHUNK: tl.constexpr,
     MAX_CHUNKS: tl.constexpr,  # a power of two >= num_chunks; 1: the whole row in one program
@@ -286,11 +296,13 @@ def split_kernel(
         shift = tl.where(M == NEG_INF, 0.0, M)
         if writer:
             # Ignored rows read nothing (M = z_k = -inf): 0 for both keeps their loss from NaN.
-            loss = _row_loss(R, tl.where(valid, M, 0.0), tl.where(valid, z_k, 0.0), s_rel, oml, lov, SMOOTHING)
+            loss = _row_loss(R, tl.where(valid, M, 0.0), tl.where(valid, z_k, 0.0), s_rel,
+                             _wide(oml_hi, oml_lo, ACC_DTYPE), _wide(lov_hi, lov_lo, ACC_DTYPE), SMOOTHING)
             tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
         if COMPUTE_GRAD:
             scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
-            g = _grad_values(z, cols == k, shift, R, 1.0 / (1.0 + R), scale, off_hi, off_lo, tgt_hi, tgt_lo, lam_k)
+            g = _grad_values(z, cols == k, shift, R, 1.0 / (1.0 + R), scale, off_hi, off_lo, tgt_hi, tgt_lo,
+                             _wide(lamk_hi, lamk_lo, ACC_DTYPE))
             g = tl.where(valid, g, 0.0)  # ignored rows: exact zeros
             tl.store(
                 grad_ptr + row * stride_gr + cols * stride_gc,
@@ -321,13 +333,16 @@ def loop_kernel(
     n_rows,
     num_classes,
     ignore_index,
-    oml,
-    lov,
+    oml_hi,
+    oml_lo,
+    lov_hi,
+    lov_lo,
     off_hi,
     off_lo,
     tgt_hi,
     tgt_lo,
-    lam_k,
+    lamk_hi,
+    lamk_lo,
     BLOCK: tl.constexpr,
     SMOOTHING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -371,13 +386,15 @@ def loop_kernel(
         M = m_new
 
     z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
-    loss = _row_loss(R, tl.where(valid, M, 0.0), z_k, s_rel, oml, lov, SMOOTHING)
+    loss = _row_loss(R, tl.where(valid, M, 0.0), z_k, s_rel, _wide(oml_hi, oml_lo, ACC_DTYPE),
+                     _wide(lov_hi, lov_lo, ACC_DTYPE), SMOOTHING)
     tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
 
     if COMPUTE_GRAD:
         # Sweep 2, backwards: the first blocks it reads are the last sweep 1 left in the cache.
         shift = tl.where(M == NEG_INF, 0.0, M)
         inv_d = 1.0 / (1.0 + R)
+        lam_k = _wide(lamk_hi, lamk_lo, ACC_DTYPE)
         scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
         grad_row = grad_ptr + row * stride_gr
         n_blocks = tl.cdiv(num_classes, BLOCK)
@@ -458,14 +475,20 @@ def _constants(label_smoothing: float, num_classes: int) -> dict:
     lam = float(label_smoothing)
     off_hi, off_lo = split_float(lam / num_classes)
     tgt_hi, tgt_lo = split_float(1.0 - lam + lam / num_classes)
+    oml_hi, oml_lo = split_float(1.0 - lam)
+    lov_hi, lov_lo = split_float(lam / num_classes)
+    lamk_hi, lamk_lo = split_float(lam - lam / num_classes)
     return {
-        "oml": 1.0 - lam,
-        "lov": lam / num_classes,
+        "oml_hi": oml_hi,
+        "oml_lo": oml_lo,
+        "lov_hi": lov_hi,
+        "lov_lo": lov_lo,
         "off_hi": off_hi,
         "off_lo": off_lo,
         "tgt_hi": tgt_hi,
         "tgt_lo": tgt_lo,
-        "lam_k": lam - lam / num_classes,
+        "lamk_hi": lamk_hi,
+        "lamk_lo": lamk_lo,
     }
 
 

@@ -632,7 +632,8 @@ def test_kernels_compile_for_hopper():
         from triton.compiler import ASTSource
         from smoothce.backends import triton_kernels as tk
 
-        FLOATS = {"oml", "lov", "off_hi", "off_lo", "tgt_hi", "tgt_lo", "lam_k", "kept_scale"}
+        FLOATS = {"oml_hi", "oml_lo", "lov_hi", "lov_lo", "off_hi", "off_lo", "tgt_hi", "tgt_lo", "lamk_hi",
+                  "lamk_lo", "kept_scale"}
         POINTERS = {"logits_ptr": "*bf16", "grad_ptr": "*bf16", "out_ptr": "*bf16", "target_ptr": "*i64",
                     "sync_ptr": "*i32"}
 
