@@ -113,16 +113,13 @@ class Backend:
         ``grad`` itself; otherwise a new tensor. On CPU a product of exactly 1 in place is seen
         for free and skips the pass (``loss.backward()`` of a "mean" or "sum" loss).
         """
+        if not per_row and inplace and grad.device.type == "cpu" and grad_out.item() * factor.item() == 1.0:
+            return grad  # (exactly 1 in float64 is exactly 1 in float32)
+        # Per row (N, 1); else shape (1,), not 0-d: a 0-d multiplier would be rounded to the
+        # gradient's (half) dtype first, and 2**-15 / count can underflow float16; this way the
+        # product is taken in float32 and rounded once into the result.
         scale = grad_out * factor
-        if per_row:
-            scale = scale.unsqueeze(-1)
-        elif inplace and grad.device.type == "cpu" and bool(scale == 1):
-            return grad
-        else:
-            # Shape (1,), not 0-d: a 0-d multiplier would be rounded to the gradient's (half)
-            # dtype first, and 2**-15 / count can underflow float16; this way the product is
-            # taken in float32 and rounded once into the result.
-            scale = scale.reshape(1)
+        scale = scale.unsqueeze(-1) if per_row else scale.reshape(1)
         if inplace:
             return grad.mul_(scale)
         return torch.mul(grad, scale, out=torch.empty_like(grad))

@@ -67,34 +67,59 @@ def _targets(target, num_classes, ignore_index):
     target = target.long()  # compare in int64: an int32 target never equals a wider ignore_index
     valid = target != ignore_index
     k = target * valid  # ignored rows read class 0, harmlessly
-    low, high = torch.aminmax(k)
-    if int(low) < 0 or int(high) >= num_classes:
-        check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
+    _check_range(k, target, num_classes, ignore_index)
     return k.unsqueeze(1), valid
 
 
+def _check_range(k, target, num_classes, ignore_index):
+    low, high = torch.aminmax(k)
+    if int(low) < 0 or int(high) >= num_classes:
+        check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
+
+
+def _small_targets(target, num_classes, ignore_index):
+    """``_targets`` for a small input, where each op call counts: ``valid`` is None when no row
+    is ignored (no masking to do), and the number of counted rows comes along."""
+    target = target.long()
+    valid = target != ignore_index
+    counted = int(valid.sum())
+    if counted == target.shape[0]:
+        k, valid = target, None
+    else:
+        k = target * valid
+    _check_range(k, target, num_classes, ignore_index)
+    return k.unsqueeze(1), valid, counted
+
+
 def _forward_small(logits, k, valid, lam, grad, scale, acc):
-    """``forward`` of a small input in float64, the spec's formulas as they stand:
-        loss = (1 - lam) (r - z_k) + lam (r - s / V),  grad = scale (exp(z - r) - lam / V - (1 - lam) onehot(k))
-    with r = logsumexp(z) (relative to the row max). Both loss terms are >= 0 (a target on a -inf
-    column gives +inf, not inf - inf); each is left out where its weight is 0.
+    """``forward`` of a small input in float64, the spec's formulas with l = log_softmax(z) = z - r:
+        loss = -(1 - lam) l_k - lam mean_j l_j,  grad = scale (exp(l) - lam / V - (1 - lam) onehot(k))
+    (r - z_k and r - s / V, each >= 0, so a target on a -inf column gives +inf, not inf - inf; a
+    term whose weight is 0 is left out). ``valid`` None: no ignored row.
     """
     num_classes = logits.shape[1]
-    z = logits.to(torch.float64)
-    r = torch.logsumexp(z, 1, keepdim=True)
-    z_k = z.gather(1, k)
-    loss = (r - z_k).mul_(1.0 - lam) if lam != 1.0 else 0.0
-    if lam != 0.0:
-        loss = (r - z.mean(1, keepdim=True)).mul_(lam).add_(loss)
-    loss = torch.where(valid, loss.squeeze(1), 0.0).to(acc)
+    log_p = torch.log_softmax(logits.to(torch.float64), 1)
+    log_p_k = log_p.gather(1, k)
+    if lam == 0.0:
+        loss = log_p_k.neg_()
+    else:
+        loss = log_p.mean(1, keepdim=True).mul_(-lam)
+        if lam != 1.0:
+            loss.sub_(log_p_k, alpha=1.0 - lam)
+    loss = loss.squeeze(1)
+    if valid is not None:
+        loss = torch.where(valid, loss, 0.0)
     if grad is not None:
-        g = torch.exp(z - r)
+        g = log_p.exp_()
         if lam != 0.0:
-            g -= lam / num_classes
-        g.scatter_add_(1, k, torch.full_like(z_k, lam - 1.0))
-        g *= valid.to(g.dtype).unsqueeze(1) * scale
+            g.sub_(lam / num_classes)
+        g.scatter_add_(1, k, torch.full(k.shape, lam - 1.0, dtype=torch.float64))
+        if scale != 1.0:
+            g.mul_(scale)
+        if valid is not None:
+            g.mul_(valid.unsqueeze(1))
         grad.copy_(g)  # rounded to the gradient's dtype once
-    return loss
+    return loss.to(acc)
 
 
 class CpuBackend(Backend):
@@ -113,15 +138,15 @@ class CpuBackend(Backend):
         if n_rows * num_classes > _SMALL_ELEMENTS:
             return super().loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, compute_grad)
         acc = loss_dtype(logits.dtype)
-        k, valid = _targets(target, num_classes, ignore_index)
-        count = max(int(valid.sum()), 1) if reduction == "mean" else 1  # no counted target: loss 0, not NaN
+        k, valid, counted = _small_targets(target, num_classes, ignore_index)
+        count = max(counted, 1) if reduction == "mean" else 1  # no counted target: loss 0, not NaN
         scale, fold = kept_gradient_scale(logits.dtype)
         # As the default: 1/count folded into the kept gradient, or (float16) 2**15 x 2**e / count.
         power = 1.0 if fold else math.ldexp(scale, math.frexp(count)[1] - 1)
         grad = torch.empty_like(logits) if compute_grad else None
-        rows = _forward_small(logits.detach(), k, valid, label_smoothing, grad, power / count, acc)
+        rows = _forward_small(logits, k, valid, label_smoothing, grad, power / count, acc)
         loss = rows if reduction == "none" else rows.sum() / count
-        return loss, grad, torch.tensor(1.0 / power, dtype=acc)
+        return loss, grad, torch.full((), 1.0 / power, dtype=acc)
 
     def forward(self, logits, target, label_smoothing, ignore_index, grad, grad_scale):
         """Per-row loss, and the gradient written into ``grad`` when it is given.
@@ -138,9 +163,10 @@ class CpuBackend(Backend):
         lam = label_smoothing
         acc = loss_dtype(logits.dtype)
         logits = logits.detach()
-        k, valid = _targets(target, num_classes, ignore_index)
         if n_rows * num_classes <= _SMALL_ELEMENTS:
+            k, valid, _ = _small_targets(target, num_classes, ignore_index)
             return _forward_small(logits, k, valid, lam, grad, float(grad_scale), acc)
+        k, valid = _targets(target, num_classes, ignore_index)
         z_k = logits.gather(1, k).to(acc).squeeze(1)
         # Per row: p_k, and q = sum_{j != k} p_j in blocks with a confident row; s = sum_j z_j,
         # in fp64 where that costs nothing.

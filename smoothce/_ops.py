@@ -37,22 +37,15 @@ _lib.define(
 def _cross_entropy(logits, target, *, label_smoothing=0.0, ignore_index=-100, reduction="mean"):
     # Composite: autograd and torch.compile trace through this into cross_entropy_fwd.
     target = check_arguments(logits, target, label_smoothing, ignore_index, reduction)  # every rule, once
-    num_classes = logits.shape[-1]
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     # The autograd.Function is applied here, above the dispatcher, so that torch.func's
     # transforms see it (they cannot reach one applied inside the op's Autograd kernel).
     forward = _KeptCrossEntropy.apply if compute_grad else torch.ops.smoothce.cross_entropy_fwd
-    loss, _, _ = forward(
-        logits.reshape(-1, num_classes),
-        target.reshape(-1),
-        float(label_smoothing),
-        ignore_index,
-        reduction,
-        compute_grad,
-    )
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    return loss
+    options = (float(label_smoothing), ignore_index, reduction, compute_grad)
+    if logits.dim() == 2:  # as it is: a reshape would still cost a view and its backward node
+        return forward(logits, target, *options)[0]
+    loss = forward(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), *options)[0]
+    return loss.reshape(target.shape) if reduction == "none" else loss
 
 
 _lib.impl("cross_entropy", _cross_entropy, "CompositeImplicitAutograd")
