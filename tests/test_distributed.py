@@ -52,16 +52,6 @@ def test_gloo(world, tmp_path):
     assert not failures, f"failures on {world} gloo ranks:\n{failures}"
 
 
-@needs_gloo
-@pytest.mark.compile
-@pytest.mark.timeout(300)
-def test_gloo_inductor(tmp_path):
-    # Inductor (C++ codegen on CPU) compiles the whole function with the functional collectives.
-    results = _dist_worker.launch(2, ["compile_inductor"], timeout=280, tmp_path=tmp_path)
-    failures = _report(results)
-    assert not failures, f"failures under torch.compile(inductor):\n{failures}"
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and dist.is_available() and dist.is_nccl_available()),
@@ -69,10 +59,11 @@ def test_gloo_inductor(tmp_path):
 )
 @pytest.mark.timeout(300)
 def test_nccl(tmp_path):
-    # One rank per GPU, at most two (one rank if that is all there is).
+    # One rank per GPU, at most two (one rank if that is all there is). The distributed loss's one
+    # Inductor compilation is here (Triton code for the GPU); on CPU, gloo's tests trace it with aot_eager.
     world = min(2, torch.cuda.device_count())
-    results = _dist_worker.launch(world, ["values", "precision", "comm", "errors"], backend="nccl", timeout=280,
-                                  tmp_path=tmp_path)
+    jobs = ["values", "precision", "comm", "errors", "compile_inductor"]
+    results = _dist_worker.launch(world, jobs, backend="nccl", timeout=280, tmp_path=tmp_path)
     failures = _report(results)
     assert not failures, f"failures on {world} NCCL ranks:\n{failures}"
 
