@@ -26,7 +26,9 @@ rounding errors only, so no cancellation is left in them:
 * the smoothing term lam (z_k - s / V), s = sum_j z_j: fp32's error in s, a few eps x
   sum_j |z_j|, only shows where the row shares a large offset; rows where lam |s / V| exceeds
   four times the loss sum s again in fp64, where the offset cancels exactly (inputs of up to
-  64K logits sum in fp64 from the start).
+  64K logits sum in fp64 from the start). A gradient written over its own logits (the fused
+  linear loss) leaves nothing to re-read: each block picks those rows before its softmax, by
+  the stricter |s / V| > 4 (m - s / V), m the row max.
 """
 
 from __future__ import annotations
@@ -122,6 +124,24 @@ def _forward_small(logits, k, valid, lam, grad, scale, acc):
     return loss.to(acc)
 
 
+def _offset_exact_sum(x, row_max, out, exact):
+    """Row sums s of the block ``x`` into the fp64 ``out``: in fp64 outright where ``exact``, else in
+    fp32 and again in fp64 for the rows whose mean lies far from their spread, |s / V| > 4 (m - s / V).
+
+    Elsewhere fp32's error, a few eps x sum_j |z_j| <= a few eps x V (|s / V| + 2 (m - s / V)), is a
+    few ulps of the loss, which is at least lam (m - s / V). (The refinement after the block loop
+    needs the logits, which an aliased gradient has overwritten by then.)
+    """
+    if exact:
+        torch.sum(x, 1, keepdim=True, dtype=torch.float64, out=out)
+        return
+    out.copy_(torch.sum(x, 1, keepdim=True))
+    mean = out / x.shape[1]
+    offset = (mean.abs() > _OFFSET_RATIO * (row_max - mean)).squeeze(1)
+    if bool(offset.any()):
+        out[offset] = x[offset].sum(1, keepdim=True, dtype=torch.float64)
+
+
 class CpuBackend(Backend):
     """Vectorized torch on CPU tensors; any float dtype, any strides."""
 
@@ -174,12 +194,14 @@ class CpuBackend(Backend):
         p_k, rest = stats[0], stats[1]
         any_confident = False
         # The gradient may be written over the logits (the fused linear loss does): then nothing
-        # after the loop may read them, so the sums are fp64 from the start and each block's
-        # logsumexp is kept for the rows whose p_k underflows.
+        # after the loop may read them. Each block then keeps its row max m before the softmax,
+        # and r = m - log(max_j p_j) for the rows whose p_k underflows (max_j p_j = 1 / sum_j exp(z_j - m),
+        # never tiny); and its rows with a large common offset take s in fp64 at once (below).
         aliased = grad is not None and grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
         lse = torch.empty((n_rows, 1), dtype=acc) if aliased else None
-        exact_sums = acc == torch.float64 or n_rows * num_classes <= _EXACT_SUM_ELEMENTS or aliased
-        row_sum = torch.empty((n_rows, 1), dtype=torch.float64 if exact_sums else acc) if lam != 0.0 else None
+        exact_sums = acc == torch.float64 or n_rows * num_classes <= _EXACT_SUM_ELEMENTS
+        sum_dtype = torch.float64 if exact_sums or aliased else acc
+        row_sum = torch.empty((n_rows, 1), dtype=sum_dtype) if lam != 0.0 else None
 
         rows_per_block = min(n_rows, max(torch.get_num_threads(), self.block_elements // num_classes, 1))
         in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
@@ -201,12 +223,16 @@ class CpuBackend(Backend):
                 p = scratch if stop - start == rows_per_block else scratch[: stop - start]
                 if x.dtype != acc:
                     x = p.copy_(x)  # half inputs: upcast once, then work in place
-            if lam != 0.0:
-                torch.sum(x, 1, keepdim=True, dtype=sum_block.dtype, out=sum_block)
             if aliased:
-                torch.logsumexp(x, 1, keepdim=True, out=lse[start:stop])
+                row_max = torch.amax(x, 1, keepdim=True)
+                if lam != 0.0:
+                    _offset_exact_sum(x, row_max, sum_block, exact_sums)
+            elif lam != 0.0:
+                torch.sum(x, 1, keepdim=True, dtype=sum_block.dtype, out=sum_block)
             p = _softmax_(p, x)
             torch.gather(p, 1, k_block, out=p_k_block)
+            if aliased and bool((p_k_block < _TINY).any()):
+                torch.sub(row_max, torch.amax(p, 1, keepdim=True).log_(), out=lse[start:stop])
             if bool((p_k_block >= _CONFIDENT).any()):
                 any_confident = True
                 p.scatter_(1, k_block, 0.0)  # the target column is written after the loop
@@ -235,7 +261,7 @@ class CpuBackend(Backend):
         if lam != 0.0:
             mean_term = row_sum.squeeze(1) / num_classes
             smoothing = (z_k - mean_term).mul_(lam).to(acc)
-            if not exact_sums:
+            if not (exact_sums or aliased):  # (an aliased block refined its sums in the loop)
                 refine = (mean_term.abs() * lam > _OFFSET_RATIO * (loss + smoothing)) & valid
                 if bool(refine.any()):  # a large common offset: the mean again, summed in fp64
                     exact_mean = logits[refine].to(torch.float64).mean(1)

@@ -3,6 +3,8 @@ edge cases, errors, opcheck, torch.compile, and peak memory in a fresh process."
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -400,6 +402,35 @@ def test_backend_gradient_in_place(dtype, label_smoothing):
     same = logits.clone()
     loss_in_place = backend.forward(same, target, label_smoothing, -100, same, scale)
     torch.testing.assert_close(loss_in_place, loss, rtol=0, atol=0)
+    torch.testing.assert_close(same, separate, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_backend_gradient_in_place_rare_rows(dtype, label_smoothing):
+    # Above the small-input path and fp64 sums (40 x 3000 logits): a target 200 below its row's
+    # max (p_k underflows), a row near 1000 (a common offset), a confident row, a -inf target,
+    # an ignored row. Written over its own logits, the gradient and loss match a separate
+    # gradient's, and the loss matches float64.
+    backend = smoothce.registry.select(DEVICE)
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(40, 3000, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 3000, (40,), generator=generator)
+    z[0, target[0]] -= 200.0
+    z[1] += 1000.0
+    z[2, target[2]] += 30.0
+    z[3, target[3]] = -math.inf
+    target[4] = -100
+    logits, target = z.to(dtype).to(DEVICE), target.to(DEVICE)
+    scale = torch.tensor(0.5, device=DEVICE)
+    separate = torch.empty_like(logits)
+    loss = backend.forward(logits, target, label_smoothing, -100, separate, scale)
+    same = logits.clone()
+    loss_in_place = backend.forward(same, target, label_smoothing, -100, same, scale)
+    ref, _ = cross_entropy_reference(logits.cpu(), target.cpu(), label_smoothing=label_smoothing, reduction="none")
+    assert loss_in_place[3].item() == math.inf
+    torch.testing.assert_close(loss_in_place.cpu().double(), ref, rtol=2e-6, atol=0)
+    torch.testing.assert_close(loss_in_place, loss, rtol=2e-6, atol=0)
     torch.testing.assert_close(same, separate, rtol=0, atol=0)
 
 
