@@ -17,9 +17,10 @@ Times are medians over ``--reps`` interleaved rounds (each round runs every impl
 once, in turn). Peak memory is what one forward + backward needs beyond its inputs and the
 gradients it returns (d hidden, d weight), as a multiple of the logits' size: on
 accelerators from the allocator's statistics in this process; on CPU in a fresh process per
-implementation from the resident set's high-water mark (``--probe``, below), since the CPU
-allocator keeps no statistics. Accuracy: max |error| of d hidden and d weight against a
-float64 reference on the same inputs, relative to the largest |value|.
+implementation from the resident set's high-water mark (``probe``, run by
+``smoothce.bench.memory``), since the CPU allocator keeps no statistics. Accuracy: max
+|error| of d hidden and d weight against a float64 reference on the same inputs, relative
+to the largest |value|.
 
 ``run_linear_sweep(device, out)`` is what ``python -m smoothce.bench --op linear`` calls;
 ``linear_main_check(device)`` and ``linear_main_table(device)`` give the rows that
@@ -29,34 +30,25 @@ float64 reference on the same inputs, relative to the largest |value|.
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import smoothce
-from smoothce.bench import memory
+from smoothce.bench import cases, machine, memory
+from smoothce.bench.cli import _arg, _device, _positive
+from smoothce.bench.impls import FWD_BWD
+from smoothce.bench.timing import Timer, describe_error, time_rounds
 
 LABEL_SMOOTHING = 0.1
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {**cases.DTYPES, "fp64": torch.float64}
 # The issue's target sizes (N, D, V): CPU fp32, and a GPU at Llama-3's vocabulary in bf16.
 CPU_SHAPES = ((4096, 1024, 32000),)
 ACCELERATOR_SHAPES = ((8192, 4096, 128256),)
-PROBE_MARKER = "SMOOTHCE_LINEAR_MEMPROBE "
-# glibc gives every freed block over 64 KiB back, so memory freed earlier cannot hide a later peak.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-
-
-# ---------------------------------------------------------------------------------------
-# Inputs and implementations
-# ---------------------------------------------------------------------------------------
 
 
 def make_inputs(n, d, v, dtype, device, seed=0):
@@ -69,12 +61,8 @@ def make_inputs(n, d, v, dtype, device, seed=0):
     return hidden, weight, target.to(device)
 
 
-def _eager(hidden, weight, target, bias=None):
-    return F.cross_entropy(F.linear(hidden, weight, bias), target, label_smoothing=LABEL_SMOOTHING)
-
-
-def _smoothce(hidden, weight, target, bias=None):
-    return smoothce.linear_cross_entropy(hidden, weight, target, bias=bias, label_smoothing=LABEL_SMOOTHING)
+def _eager(hidden, weight, target, bias=None, label_smoothing=LABEL_SMOOTHING, reduction="mean"):
+    return F.cross_entropy(F.linear(hidden, weight, bias), target, label_smoothing=label_smoothing, reduction=reduction)
 
 
 def liger_available(device: torch.device) -> str | None:
@@ -88,20 +76,20 @@ def liger_available(device: torch.device) -> str | None:
     return None
 
 
-def _build(name: str, device: torch.device):
-    """A loss function (hidden, weight, target) -> scalar for implementation ``name``."""
-    if name == "smoothce":
-        return _smoothce
-    if name == "torch-eager":
-        return _eager
-    if name == "torch-compile":
-        return torch.compile(_eager, dynamic=False)
-    if name == "liger":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+def _liger():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        module = LigerFusedLinearCrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
-        return lambda hidden, weight, target: module(weight, hidden, target)
-    raise ValueError(f"unknown implementation {name!r}")
+    module = LigerFusedLinearCrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    return lambda hidden, weight, target: module(weight, hidden, target)
+
+
+# Per implementation: a builder of its loss function (hidden, weight, target) -> scalar.
+BUILDERS = {
+    "smoothce": lambda: functools.partial(smoothce.linear_cross_entropy, label_smoothing=LABEL_SMOOTHING),
+    "torch-eager": lambda: _eager,
+    "torch-compile": lambda: torch.compile(_eager, dynamic=False),
+    "liger": _liger,
+}
 
 
 def available_impls(device: torch.device, compile_: bool = True) -> list[str]:
@@ -117,11 +105,10 @@ class Step:
     """One forward + backward of an implementation on fixed inputs; ``run`` leaves the gradients."""
 
     def __init__(self, name, hidden, weight, target):
-        self.name = name
         self.hidden = hidden.detach().clone().requires_grad_(True)
         self.weight = weight.detach().clone().requires_grad_(True)
         self.target = target
-        self.fn = None if name == "matmuls" else _build(name, hidden.device)
+        self.fn = None if name == "matmuls" else BUILDERS[name]()
 
     def release(self):
         self.hidden.grad = None
@@ -147,81 +134,25 @@ class Step:
         return sum(t.numel() * t.element_size() for t in (self.hidden, self.weight))
 
 
-# ---------------------------------------------------------------------------------------
-# Timing and memory
-# ---------------------------------------------------------------------------------------
+def probe(impl, n, d, v, dtype, threads, chunk_bytes) -> dict:
+    """In a fresh process (``smoothce.bench.memory``): inputs, one warm-up run, then the measured run.
 
-
-def _sync(device):
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
-
-
-def time_interleaved(steps: dict[str, Step], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per forward + backward, ``reps`` of them per step, each round running every step once, in turn."""
-    device = next(iter(steps.values())).hidden.device
-    for step in steps.values():
-        for _ in range(warmup):
-            step.run()
-        step.release()
-    times = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            step.release()
-            gc.collect()
-            _sync(device)
-            start = time.perf_counter()
-            step.run()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    for step in steps.values():
-        step.release()
-    return times
-
-
-def accelerator_peak_extra(step: Step) -> int:
-    """Bytes beyond the inputs and the returned gradients during one run, from the allocator's statistics."""
-    return memory.accelerator_peak_extra(step, step.hidden.device) - step.grad_bytes()
-
-
-def cpu_peak_extra_here(step: Step) -> int:
-    """Resident-set growth of one run beyond the returned gradients (in a fresh process, after a warm-up)."""
-    step.release()
-    return memory.rss_growth(step.run) - step.grad_bytes()
-
-
-def probe(request: dict) -> dict:
-    """In this (fresh) process: inputs, one warm-up run, then the measured run's extra bytes."""
-    torch.set_num_threads(int(request.get("threads") or torch.get_num_threads()))
-    n, d, v = (int(x) for x in request["shape"])
-    hidden, weight, target = make_inputs(n, d, v, DTYPES[request["dtype"]], torch.device("cpu"))
-    with smoothce.linear.settings(chunk_bytes=request.get("chunk_bytes")):
-        step = Step(request["impl"], hidden, weight, target)
+    The items are ``cpu_peak_extra``'s, as text (chunk_bytes "0": the default budget). The
+    answer, for mode fwd+bwd: the resident set's growth beyond the returned gradients.
+    """
+    torch.set_num_threads(int(threads))
+    hidden, weight, target = make_inputs(int(n), int(d), int(v), DTYPES[dtype], torch.device("cpu"))
+    with smoothce.linear.settings(chunk_bytes=int(chunk_bytes) or None):
+        step = Step(impl, hidden, weight, target)
         step.run()  # warm-up: libraries, thread pools, compilation
-        return {"peak_extra_bytes": cpu_peak_extra_here(step)}
+        step.release()
+        return {FWD_BWD: {"peak_extra_bytes": memory.rss_growth(step.run) - step.grad_bytes()}}
 
 
 def cpu_peak_extra(impl, shape, dtype, *, threads=None, chunk_bytes=None, timeout_s=1800.0) -> dict:
     """Run ``probe`` in a fresh process: {"peak_extra_bytes": ...} or {"error": ...}."""
-    request = {"impl": impl, "shape": list(shape), "dtype": dtype, "threads": threads, "chunk_bytes": chunk_bytes}
-    env = dict(os.environ, **MALLOC_ENV)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "smoothce.bench.linear", "--probe", json.dumps(request)],
-            capture_output=True, text=True, env=env, timeout=timeout_s, check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"memory probe timed out after {timeout_s:.0f} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(PROBE_MARKER):
-            return json.loads(line[len(PROBE_MARKER):])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"memory probe exited with status {done.returncode}: {tail}"[:300]}
-
-
-# ---------------------------------------------------------------------------------------
-# Accuracy
-# ---------------------------------------------------------------------------------------
+    argv = ["linear", impl, *shape, dtype, threads or torch.get_num_threads(), chunk_bytes or 0]
+    return memory.in_fresh_process(argv, [FWD_BWD], timeout_s)[FWD_BWD]
 
 
 def reference_grads(hidden, weight, target, bias=None, label_smoothing=LABEL_SMOOTHING, reduction="mean",
@@ -255,47 +186,41 @@ def gradient_errors(steps: dict[str, Step], hidden, weight, target) -> dict[str,
     _, ref_h, ref_w, _ = reference_grads(hidden, weight, target)
     errors = {}
     for name, step in steps.items():
-        if name == "matmuls":
-            continue
-        step.run()
-        errors[name] = {
-            "d_hidden": relative_error(step.hidden.grad, ref_h.to(step.hidden.device)),
-            "d_weight": relative_error(step.weight.grad, ref_w.to(step.weight.device)),
-        }
-        step.release()
+        if name != "matmuls":
+            step.run()
+            errors[name] = {"d_hidden": relative_error(step.hidden.grad, ref_h),
+                            "d_weight": relative_error(step.weight.grad, ref_w)}  # fmt: skip
+            step.release()
     return errors
-
-
-# ---------------------------------------------------------------------------------------
-# The sweep
-# ---------------------------------------------------------------------------------------
 
 
 def run_case(device, shape, dtype_name, *, reps, impls, accuracy, threads=None) -> dict:
     n, d, v = shape
     dtype = DTYPES[dtype_name]
     hidden, weight, target = make_inputs(n, d, v, dtype, device)
-    logits_bytes = n * v * dtype.itemsize
     flops = 3 * 2 * n * d * v
     steps = {name: Step(name, hidden, weight, target) for name in ["matmuls", *impls]}
-    times = time_interleaved(steps, reps)
+    for step in steps.values():  # untimed: libraries, thread pools, compilation
+        step.run()
+        step.release()
+    times, errors, _ = time_rounds(steps, Timer(device, rep_ms=0.0 if device.type == "cpu" else 100.0).measure, reps)
+    if errors:
+        raise RuntimeError(f"timing failed: {errors}")
     results = {}
-    for name, values in times.items():
-        median = statistics.median(values)
-        results[name] = {"ms": median * 1e3, "ms_min": min(values) * 1e3, "tflops": flops / median / 1e12}
     for name, step in steps.items():
+        median = statistics.median(times[name])
+        results[name] = {"ms": median * 1e3, "ms_min": min(times[name]) * 1e3, "tflops": flops / median / 1e12}
         if device.type == "cpu":
-            peak = cpu_peak_extra(name, shape, dtype_name, threads=threads)
-        else:
-            try:
-                peak = {"peak_extra_bytes": accelerator_peak_extra(step)}
-            except Exception as error:  # e.g. out of memory: recorded for this implementation
-                peak = {"error": f"{type(error).__name__}: {error}"[:200]}
-        results[name].update(peak)
+            results[name].update(cpu_peak_extra(name, shape, dtype_name, threads=threads))
+            continue
+        try:
+            results[name]["peak_extra_bytes"] = memory.accelerator_peak_extra(step, device) - step.grad_bytes()
+        except Exception as error:  # e.g. out of memory: recorded for this implementation
+            results[name]["error"] = describe_error(error)
     if accuracy:
         for name, errs in gradient_errors(steps, hidden, weight, target).items():
             results[name].update(errs)
-    return {"n": n, "d": d, "v": v, "dtype": dtype_name, "logits_bytes": logits_bytes, "results": results}
+    return {"n": n, "d": d, "v": v, "dtype": dtype_name, "logits_bytes": n * v * dtype.itemsize, "results": results}
 
 
 def markdown(record: dict) -> str:
@@ -320,9 +245,8 @@ def markdown(record: dict) -> str:
             err_w = f"{r['d_weight']:.2e}" if "d_weight" in r else ""
             vs_eager = f"{eager / r['ms']:.2f}x" if eager else ""
             lines.append(
-                f"| {case['n']}x{case['d']}x{case['v']} | {case['dtype']} | {name} | {r['ms']:.1f} "
-                f"| {r['ms_min']:.1f} | {vs_eager} "
-                f"| {r['ms'] / floor:.2f} | {r['tflops']:.2f} | {mem} | {err_h} | {err_w} |"
+                f"| {case['n']}x{case['d']}x{case['v']} | {case['dtype']} | {name} | {r['ms']:.1f} | {r['ms_min']:.1f} "
+                f"| {vs_eager} | {r['ms'] / floor:.2f} | {r['tflops']:.2f} | {mem} | {err_h} | {err_w} |"
             )
     lines += [
         "",
@@ -345,19 +269,17 @@ def run_linear_sweep(device, out=None, *, shapes=None, dtypes=None, reps=None, c
     dtypes = dtypes or (["fp32"] if cpu else ["bf16"])
     reps = reps or (3 if cpu else 10)
     impls = impls or available_impls(device, compile_)
+    name = machine.device_name(device)
     record = {
         "device": str(device),
-        "device_name": _device_name(device),
+        "device_name": f"CPU {name}, {torch.get_num_threads()} threads" if cpu else name,
         "torch": torch.__version__,
         "reps": reps,
         "chunk_bytes": smoothce.linear.chunk_bytes_for(device),
         "liger": liger_available(device) or "available",
-        "cases": [],
+        "cases": [run_case(device, shape, dtype_name, reps=reps, impls=impls, accuracy=accuracy, threads=threads)
+                  for shape in shapes for dtype_name in dtypes],
     }
-    for shape in shapes:
-        for dtype_name in dtypes:
-            record["cases"].append(run_case(device, shape, dtype_name, reps=reps, impls=impls, accuracy=accuracy,
-                                            threads=threads))
     text = markdown(record)
     if out is not None:
         out = Path(out)
@@ -366,18 +288,6 @@ def run_linear_sweep(device, out=None, *, shapes=None, dtypes=None, reps=None, c
         (out / "linear.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
-
-def _device_name(device) -> str:
-    if device.type == "cpu":
-        from smoothce.bench.machine import cpu_model
-
-        return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
-    return getattr(torch, device.type).get_device_name(device)
-
-
-# ---------------------------------------------------------------------------------------
-# For python -m smoothce: a check and a short table
-# ---------------------------------------------------------------------------------------
 
 CHECK_DTYPES = ("fp32", "bf16", "fp16", "fp64")
 # Allowed relative error of the loss and gradients. fp32, fp64: against float64. Half precision
@@ -413,7 +323,7 @@ def linear_main_check(device) -> list[dict]:
         for reduction in ("mean", "sum", "none"):
             ref = reference_grads(h, w, target, b, reduction=reduction)
             ours = _grads(smoothce.linear_cross_entropy, h, w, b, target, device, reduction)
-            theirs = _grads(None, h, w, b, target, device, reduction)
+            theirs = _grads(_eager, h, w, b, target, device, reduction)
             loss_err = relative_error(ours[0], ref[0])
             grad_err = max(relative_error(g, r) for g, r in zip(ours[1:], ref[1:], strict=True))
             torch_err = max(relative_error(g, r) for g, r in zip(theirs[1:], ref[1:], strict=True))
@@ -430,10 +340,7 @@ def _grads(fn, h, w, b, target, device, reduction):
     leaves = [t.to(device, copy=True).requires_grad_(True) for t in (h, w, b)]
     t = target.to(device)
     with smoothce.linear.settings(chunk_bytes=16 * (w.shape[0] * w.element_size() + 4 * w.shape[1])):
-        if fn is None:
-            loss = F.cross_entropy(F.linear(*leaves), t, label_smoothing=LABEL_SMOOTHING, reduction=reduction)
-        else:
-            loss = fn(leaves[0], leaves[1], t, bias=leaves[2], label_smoothing=LABEL_SMOOTHING, reduction=reduction)
+        loss = fn(leaves[0], leaves[1], t, bias=leaves[2], label_smoothing=LABEL_SMOOTHING, reduction=reduction)
     loss.backward(torch.ones_like(loss))
     return [loss.detach().cpu()] + [leaf.grad.cpu() for leaf in leaves]
 
@@ -454,7 +361,7 @@ def linear_main_table(device, reps: int | None = None) -> list[str]:
     cpu = device.type == "cpu"
     shape = (1024, 1024, 32000) if cpu else ACCELERATOR_SHAPES[0]
     dtype = "fp32" if cpu else "bf16"
-    impls = [name for name in available_impls(device, compile_=False)]
+    impls = available_impls(device, compile_=False)
     case = run_case(device, shape, dtype, reps=reps or (3 if cpu else 10), impls=impls, accuracy=False)
     lines = [f"  linear + cross-entropy, {shape[0]}x{shape[1]}x{shape[2]} {dtype}, forward+backward:"]
     floor = case["results"]["matmuls"]["ms"]
@@ -467,32 +374,20 @@ def linear_main_table(device, reps: int | None = None) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m smoothce.bench.linear", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None, help="torch device (default: cuda, else xpu, else cpu)")
-    parser.add_argument("--shapes", help="NxDxV, comma separated (default: the issue's target size)")
-    parser.add_argument("--dtypes", help="of fp32, bf16, fp16 (default: fp32 on CPU, bf16 elsewhere)")
-    parser.add_argument("--reps", type=int, help="interleaved rounds (default 3 on CPU, 10 elsewhere)")
-    parser.add_argument("--threads", type=int, help="torch threads on CPU")
+    positive_int = _arg(int, "positive int", _positive)
+    shape = _arg(lambda text: tuple(int(x) for x in text.lower().split("x")), "NxDxV shape",
+                 lambda dims: len(dims) == 3 and min(dims) > 0, many=True)  # fmt: skip
+    parser.add_argument("--device", help="torch device (default: cuda, else xpu, else cpu)")
+    parser.add_argument("--shapes", type=shape, help="NxDxV, comma separated (default: the issue's target size)")
+    parser.add_argument("--dtypes", type=_arg(str, "dtype", DTYPES.__contains__, many=True),
+                        help="of fp32, bf16, fp16 (default: fp32 on CPU, bf16 elsewhere)")  # fmt: skip
+    parser.add_argument("--reps", type=positive_int, help="interleaved rounds (default 3 on CPU, 10 elsewhere)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads on CPU")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd PyTorch")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference")
     parser.add_argument("--out", help="directory for linear.md and linear.json")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory probe, JSON request
     args = parser.parse_args(argv)
-    if args.probe:
-        try:
-            answer = probe(json.loads(args.probe))
-        except Exception as error:  # reported to the parent process, which records it
-            answer = {"error": f"{type(error).__name__}: {error}"[:300]}
-        print(PROBE_MARKER + json.dumps(answer), flush=True)
-        return 0
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = next((torch.device(k) for k in ("cuda", "xpu")
-                       if getattr(torch, k, None) is not None and getattr(torch, k).is_available()),
-                      torch.device("cpu"))
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
-    dtypes = args.dtypes.split(",") if args.dtypes else None
-    record = run_linear_sweep(device, args.out, shapes=shapes, dtypes=dtypes, reps=args.reps,
+    record = run_linear_sweep(_device(args.device), args.out, shapes=args.shapes, dtypes=args.dtypes, reps=args.reps,
                               compile_=not args.no_compile, accuracy=not args.no_accuracy, threads=args.threads)
     print(markdown(record))
     return 0

@@ -21,7 +21,8 @@ resident-set high-water mark. For each mode:
 
 The probe makes glibc's malloc give every block over 64 KiB back to the system when it
 is freed (``MALLOC_MMAP_THRESHOLD_``), so memory freed earlier and reused in step 4
-cannot hide what step 4 needs.
+cannot hide what step 4 needs. The fused linear loss's benchmark probes the same way:
+``python -m smoothce.bench.memory linear ...`` runs ``smoothce.bench.linear.probe``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,11 @@ def probe_in_fresh_process(impl, n, v, dtype, modes, label_smoothing, threads, s
 
     Returns, per mode, {"peak_extra_bytes": ...} or {"error": ...}.
     """
-    argv = [impl, n, v, dtype, label_smoothing, ignore_every, threads, seed, *modes]
+    return in_fresh_process([impl, n, v, dtype, label_smoothing, ignore_every, threads, seed, *modes], modes, timeout_s)
+
+
+def in_fresh_process(argv, modes, timeout_s=1800.0) -> dict:
+    """``python -m smoothce.bench.memory *argv`` in a fresh process: its answer, or an error for each of ``modes``."""
     try:
         command = [sys.executable, "-m", "smoothce.bench.memory", *map(str, argv)]
         env = dict(os.environ, **MALLOC_ENV)
@@ -120,5 +125,14 @@ def _probe(impl, n, v, dtype, label_smoothing, ignore_every, threads, seed, *mod
     return results
 
 
+def main(argv: list[str]) -> dict:
+    """The fresh process's answer: ``smoothce.bench.linear.probe(*argv[1:])`` after "linear", else ``_probe``'s."""
+    if argv[0] == "linear":
+        from smoothce.bench.linear import probe
+
+        return probe(*argv[1:])
+    return _probe(*argv)
+
+
 if __name__ == "__main__":
-    print(json.dumps(_probe(*sys.argv[1:])), flush=True)
+    print(json.dumps(main(sys.argv[1:])), flush=True)
