@@ -29,21 +29,25 @@ class CudaTritonBackend(TritonBackend):
     name = "cuda-triton"
     device_type = "cuda"
     # The launch table (see TritonBackend.LAUNCH_TABLE). Rows that fit one program take it whole
-    # (16 values per thread, one read); longer rows take the loop kernel. Chosen by
-    # benchmarks/tune_cuda.py on an NVIDIA H200 (benchmarks/results/h200/tuning.md): at every
+    # (16 values per thread, one read); longer rows take the loop kernel. The kernel choice is
+    # benchmarks/tune_cuda.py's on an NVIDIA H200 (benchmarks/results/h200/tuning.md): at every
     # target shape (V = 32000 to 262144) the loop kernel beat every split configuration tried,
-    # by 1.3-1.5x (bf16 8192 x 128256: loop 8192/16 2.38 ms, best split 4096/4 3.36 ms).
+    # by 1.3-1.5x (bf16 8192 x 128256: loop 8192/16 2.38 ms, best split 4096/4 3.36 ms). The loop
+    # kernel has since been rewritten (per-lane sweep, a third of the instructions per value) and
+    # its blocks reasoned, not yet measured: 8 values per thread (4 in float64) keep it at 48
+    # registers (76), so two programs of 16 warps share an SM; 16 values per thread took 88.
     # BEGIN LAUNCH TABLE
     LAUNCH_TABLE: ClassVar[dict[int, tuple[tuple[int, str, int, int], ...]]] = {
-        2: ((8192, "split", 0, 0), (2**31, "loop", 8192, 16)),
+        2: ((8192, "split", 0, 0), (2**31, "loop", 4096, 16)),
         4: ((4096, "split", 0, 0), (2**31, "loop", 4096, 16)),
-        8: ((2048, "split", 0, 0), (2**31, "loop", 2048, 8)),
+        8: ((2048, "split", 0, 0), (2**31, "loop", 2048, 16)),
     }
     # END LAUNCH TABLE
     VALUES_PER_WARP = 512
     MAX_NUM_WARPS = 16
     ROW_SPLIT = True  # CUDA starts thread blocks in grid order
     EVICTION = ("evict_last", "evict_first")
+    FAST_EXP = torch.version.hip is None  # PTX's ex2.approx.ftz (not on ROCm)
 
     def device_unavailable_reason(self) -> str | None:
         if not torch.cuda.is_available():

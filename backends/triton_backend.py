@@ -72,6 +72,7 @@ class TritonBackend(Backend):
     # kernel's waiting relies on; without it rows too long for one program take the loop kernel.
     ROW_SPLIT = False
     EVICTION = ("", "")  # the loop kernel's load hints: (sweep 1, sweep 2)
+    FAST_EXP = False  # the loop kernel's exp as the hardware's ex2 instruction in PTX (NVIDIA only)
     SCALE_GRAD: ClassVar[dict[str, int]] = {"block": 4096, "num_warps": 8, "programs_per_core": 8}
 
     def __init__(self, max_block_v: int | None = None, kernel: str | None = None):
@@ -123,7 +124,8 @@ class TritonBackend(Backend):
             if chunks > 1 and (not self.ROW_SPLIT or (cores is not None and chunks > cores)):
                 kernel = "loop"
         keep, drop = self.EVICTION
-        config = {"kernel": kernel, "block": block, "num_warps": num_warps, "keep": keep, "drop": drop}
+        config = {"kernel": kernel, "block": block, "num_warps": num_warps, "keep": keep, "drop": drop,
+                  "fast_exp": self.FAST_EXP}
         options = self.compile_options()
         if options:
             config["options"] = options

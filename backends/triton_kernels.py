@@ -32,8 +32,11 @@ Three launches make a forward+backward, none of them waits on the host:
    a row has chunks (the launcher checks this). Triton's interpreter runs programs one after
    another, so there the kernel runs in two launches (PHASE 1 publishes the statistics, PHASE 2
    reads them and writes the gradient) over the same protocol. ``loop_kernel`` reads the row in
-   blocks twice (statistics, then gradient; the second sweep walks backwards so it starts on what
-   the first left in the cache), for devices without the split and rows too long for it.
+   blocks twice, for devices without the split and rows too long for it: statistics, kept per
+   lane (each lane of a block its own max, remainder and sum, combined once at the end: no
+   reduction across the block per block), then the gradient, one exp and one fused
+   multiply-add per value (the target column written again after it); the second sweep walks
+   backwards so it starts on what the first left in the cache, and full blocks load unmasked.
    For "sum" and "mean" the last program of the launch to finish sums the per-row losses in a
    fixed order (a deterministic result) and scales them.
 3. ``scale_grad_kernel`` (backward): multiplies the kept gradient by dO times the backward factor,
@@ -80,6 +83,17 @@ def _log1p(x):
     # log(1 + x) to a few ulps for x >= 0: log(u) * x / (u - 1) with u = 1 + x (Goldberg).
     u = 1.0 + x
     return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _exp(x, FAST: tl.constexpr):
+    # exp(x) = 2**(x log2 e). FAST (float32 on NVIDIA GPUs): the hardware's ex2 with results below
+    # 2**-126 flushed to 0, two instructions; else Triton's exp, which also rescales such results.
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
 
 
 @triton.jit
@@ -318,6 +332,25 @@ def split_kernel(
 
 
 @triton.jit
+def _lane_step(z, m, r, s, ref, mask, MASKED: tl.constexpr, SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):
+    """Sweep 1's work on one block, lane by lane: no reduction across the block, one exp per element.
+
+    Each lane keeps its max m, its remainder r = sum exp(z - m) beside its max's exact 1, and
+    s = sum (z - ref). A new value z either raises the max (r <- (r + 1) exp(m - z)) or joins the
+    remainder (r <- r + exp(z - m)): both are r * f + exp(min(m, z) - max(m, z)). A tie adds 1.
+    """
+    m_new = tl.maximum(m, z)
+    e = _exp(tl.minimum(m, z, propagate_nan=tl.PropagateNan.ALL) - m_new, FAST_EXP)  # a NaN logit reaches r
+    r = r * tl.where(z > m, e, 1.0) + e
+    if SMOOTHING:
+        d = z - ref
+        if MASKED:
+            d = tl.where(mask, d, 0.0)
+        s += d
+    return m_new, r, s
+
+
+@triton.jit
 def loop_kernel(
     logits_ptr,
     target_ptr,
@@ -350,61 +383,80 @@ def loop_kernel(
     ACC_DTYPE: tl.constexpr,
     KEEP: tl.constexpr,  # eviction policy of sweep 1 ("evict_last" where supported, else "")
     DROP: tl.constexpr,  # eviction policy of sweep 2 ("evict_first" where supported, else "")
+    FAST_EXP: tl.constexpr,  # _exp's hardware form (float32 on NVIDIA GPUs)
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row).to(tl.int64)
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     k = tl.where(valid, target, 0)
-    n_read = tl.where(valid, num_classes, 0)
+    n_read = tl.where(valid, num_classes, 0)  # ignored rows read nothing
+    n_full = n_read // BLOCK * BLOCK  # full blocks: no masks
     logits_row = logits_ptr + row * stride_lr
     offsets = tl.arange(0, BLOCK)
+    z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
+    ref = tl.where(tl.abs(z_k) < float("inf"), z_k, 0.0)  # s is summed relative to a logit of the row
 
-    # Sweep 1, online: when a block raises the max from m to m', the old max's exact 1 joins the
-    # remainder as exp(m - m'), and the block contributes all its terms but one maximum's 1.
-    M = tl.full((), NEG_INF, ACC_DTYPE)
-    R = tl.zeros((), ACC_DTYPE)
-    s_rel = tl.zeros((), ACC_DTYPE)
-    for start in range(0, num_classes, BLOCK):
-        cols = start + offsets
+    # Sweep 1, lane by lane (_lane_step); lanes start below every finite value.
+    if ACC_DTYPE == tl.float64:
+        low = tl.full((BLOCK,), -1.7976931348623157e308, ACC_DTYPE)
+    else:
+        low = tl.full((BLOCK,), -3.4028234663852886e38, ACC_DTYPE)
+    m = low
+    r = tl.zeros((BLOCK,), ACC_DTYPE)
+    s = tl.zeros((BLOCK,), ACC_DTYPE)
+    for start in range(0, n_full, BLOCK):
+        z = tl.load(logits_row + (start + offsets) * stride_lc, eviction_policy=KEEP).to(ACC_DTYPE)
+        m, r, s = _lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+    if n_full < n_read:
+        cols = n_full + offsets
         mask = cols < n_read
         z = tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF, eviction_policy=KEEP).to(ACC_DTYPE)
-        m_new = tl.maximum(M, tl.max(z, axis=0))
-        shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-        e = tl.exp(z - shift)
-        is_max = (z == m_new) & mask
-        ties = tl.sum(is_max.to(ACC_DTYPE), axis=0)
-        grew = m_new > M
-        R = tl.where(
-            grew,
-            (R + 1.0) * tl.exp(M - shift) + tl.sum(tl.where(is_max, 0.0, e), axis=0) + tl.maximum(ties - 1.0, 0.0),
-            R + tl.sum(e, axis=0),
-        )
-        if SMOOTHING:
-            old_shift = tl.where(M == NEG_INF, 0.0, M)
-            seen = tl.minimum(start, n_read).to(ACC_DTYPE)
-            s_rel = s_rel + seen * (old_shift - shift) + tl.sum(tl.where(mask, z - shift, 0.0), axis=0)
-        M = m_new
+        m, r, s = _lane_step(z, m, r, s, ref, mask, True, SMOOTHING, FAST_EXP)
+    # The lanes combined: M = max m; R = r of the first lane holding M + the others' (1 + r) exp(m - M);
+    # s_rel = sum (z - M) = sum s + n (ref - M). Lanes that saw no value above -inf hold (low, 0).
+    seen = m > low
+    M = tl.max(m, axis=0)
+    first = tl.min(tl.where(seen & (m == M), offsets, BLOCK), axis=0)
+    R = tl.sum(tl.where(offsets == first, r, tl.where(seen, (1.0 + r) * tl.exp(m - M), 0.0)), axis=0)
+    M = tl.where(first < BLOCK, M, NEG_INF)  # no lane saw a value: the row is all -inf
+    shift = tl.where(M == NEG_INF, 0.0, M)
+    s_rel = tl.sum(s, axis=0) + n_read.to(ACC_DTYPE) * (ref - shift)
 
-    z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
     loss = _row_loss(R, tl.where(valid, M, 0.0), z_k, s_rel, _wide(oml_hi, oml_lo, ACC_DTYPE),
                      _wide(lov_hi, lov_lo, ACC_DTYPE), SMOOTHING)
     tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
 
     if COMPUTE_GRAD:
-        # Sweep 2, backwards: the first blocks it reads are the last sweep 1 left in the cache.
-        shift = tl.where(M == NEG_INF, 0.0, M)
-        inv_d = 1.0 / (1.0 + R)
-        lam_k = _wide(lamk_hi, lamk_lo, ACC_DTYPE)
-        scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
         grad_row = grad_ptr + row * stride_gr
         n_blocks = tl.cdiv(num_classes, BLOCK)
-        for i in range(0, n_blocks):
-            cols = (n_blocks - 1 - i) * BLOCK + offsets
-            z = tl.load(logits_row + cols * stride_lc, mask=cols < n_read, other=NEG_INF, eviction_policy=DROP)
-            g = _grad_values(z.to(ACC_DTYPE), cols == k, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo,
-                             lam_k)
-            g = tl.where(valid, g, 0.0)
-            tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
+        if valid:
+            # Sweep 2, backwards (the first blocks it reads are the last sweep 1 left in the cache):
+            # grad_j = scale p_j - scale lam / V, one exp and one fused multiply-add per element; the
+            # target column is written again after it (_grad_values' form, exact for every lam).
+            inv_d = 1.0 / (1.0 + R)
+            scale = tl.load(scalars_ptr).to(ACC_DTYPE)
+            a = inv_d * scale
+            b = _wide(off_hi, off_lo, ACC_DTYPE) * scale
+            if n_full < num_classes:
+                cols = n_full + offsets
+                mask = cols < num_classes
+                z = tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF, eviction_policy=DROP)
+                g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
+                tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            for i in range(0, n_full // BLOCK):
+                cols = n_full - (i + 1) * BLOCK + offsets
+                z = tl.load(logits_row + cols * stride_lc, eviction_policy=DROP)
+                g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
+                tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty))
+            g_k = _grad_values(z_k, True, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo,
+                               _wide(lamk_hi, lamk_lo, ACC_DTYPE))
+            tl.debug_barrier()  # after every thread's store of the block holding k
+            tl.store(grad_row + k * stride_gc, g_k.to(grad_ptr.dtype.element_ty))
+        else:
+            zeros = tl.zeros((BLOCK,), grad_ptr.dtype.element_ty)
+            for i in range(0, n_blocks):
+                cols = i * BLOCK + offsets
+                tl.store(grad_row + cols * stride_gc, zeros, mask=cols < num_classes)
     if REDUCE:
         _reduce_rows(rows_ptr, loss_ptr, scalars_ptr, sync_ptr, n_rows, n_rows, ACC_DTYPE)
 
@@ -543,7 +595,8 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
             loop_kernel[(n_rows,)](
                 logits, target, rows, grad_arg, scalars, sync, loss, *strides,
                 n_rows, num_classes, ignore_index, **constants,
-                BLOCK=block, KEEP=config.get("keep", ""), DROP=config.get("drop", ""), **common,
+                BLOCK=block, KEEP=config.get("keep", ""), DROP=config.get("drop", ""),
+                FAST_EXP=config.get("fast_exp", False) and not INTERPRETED and acc_dtype == tl.float32, **common,
             )
             return
         num_chunks = triton.cdiv(num_classes, block)

@@ -28,10 +28,10 @@ from smoothce.reference import cross_entropy_reference
 
 SHAPES = [(8192, 32000), (8192, 128256), (4096, 262144), (16384, 151936)]
 CANDIDATES = {
-    torch.bfloat16: [("split", 4096, 4), ("split", 8192, 8), ("split", 8192, 4), ("split", 16384, 16),
-                     ("loop", 8192, 16)],
-    torch.float32: [("split", 2048, 4), ("split", 4096, 8), ("split", 4096, 4), ("split", 8192, 16),
-                    ("loop", 4096, 16)],
+    torch.bfloat16: [("split", 4096, 4), ("split", 8192, 8), ("loop", 2048, 8), ("loop", 4096, 16),
+                     ("loop", 8192, 16), ("loop", 8192, 32)],
+    torch.float32: [("split", 2048, 4), ("split", 4096, 8), ("loop", 2048, 8), ("loop", 4096, 16),
+                    ("loop", 4096, 8), ("loop", 8192, 32)],
 }
 
 
@@ -64,7 +64,7 @@ def main() -> None:
             one = torch.ones((), device=device)
             for kernel, block, warps in candidates:
                 config = {"kernel": kernel, "block": block, "num_warps": warps,
-                          "keep": "evict_last", "drop": "evict_first"}
+                          "keep": "evict_last", "drop": "evict_first", "fast_exp": backend.FAST_EXP}
                 name = f"{kernel}/{block}/{warps}"
                 try:
                     def step():

@@ -450,6 +450,39 @@ def test_target_on_minus_inf_column_gives_inf(backend):
     assert loss.item() == float("inf")
 
 
+@pytest.mark.parametrize("num_classes", [13, 48, 57])  # blocks of 16: one partial block, whole blocks, a tail
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_maxima_ties_and_minus_inf_across_lanes_and_blocks(backend, num_classes, label_smoothing):
+    # Row 0: the max twice, in different lanes (and blocks); row 1: the max in the last column (the
+    # tail); row 2: every logit equal; row 3: one finite logit among -inf (at lam > 0 the loss is
+    # +inf, and nothing is NaN); row 4: a target holding a max that is tied elsewhere.
+    logits, target = make_inputs(5, num_classes, torch.float32, ignored=())
+    logits = logits.detach().clone()
+    peak = float(logits.max()) + 3.0
+    logits[0, 1] = logits[0, num_classes - 2] = peak
+    logits[1, num_classes - 1] = peak
+    logits[2] = 1.5
+    logits[3] = float("-inf")
+    logits[3, num_classes // 2] = 2.0
+    target[3] = num_classes // 2
+    logits[4, 0] = logits[4, num_classes - 1] = peak
+    target[4] = 0
+    check_against_reference(logits, target, label_smoothing, "none")
+
+
+def test_nan_logit_makes_its_row_nan(backend):
+    # As F.cross_entropy: a NaN logit makes its row's loss and gradient NaN, and only that row's.
+    logits, target = make_inputs(3, 40, torch.float32, ignored=())
+    logits = logits.detach().clone()
+    logits[1, 5] = float("nan")
+    logits.requires_grad_()
+    loss = smoothce.cross_entropy(logits, target, reduction="none")
+    loss.sum().backward()
+    assert loss[1].isnan() and loss[[0, 2]].isfinite().all()
+    grad = logits.grad.cpu()
+    assert grad[1].isnan().all() and grad[[0, 2]].isfinite().all()
+
+
 def test_unavailable_reasons(backend, monkeypatch):
     module = sys.modules["smoothce.backends.triton_backend"]
     assert "serves" in backend.unavailable_reason("mps")
@@ -652,8 +685,9 @@ def test_kernels_compile_for_hopper():
         for grad in (True, False):
             compile_for_hopper(tk.split_kernel, dict(CHUNK=8192, MAX_CHUNKS=16, PHASE=0, COMPUTE_GRAD=grad, **common),
                                num_warps=8)
-        compile_for_hopper(tk.loop_kernel, dict(BLOCK=8192, COMPUTE_GRAD=True, KEEP="evict_last",
-                                                DROP="evict_first", **common), num_warps=16)
+        for fast_exp in (True, False):
+            compile_for_hopper(tk.loop_kernel, dict(BLOCK=8192, COMPUTE_GRAD=True, KEEP="evict_last",
+                                                    DROP="evict_first", FAST_EXP=fast_exp, **common), num_warps=16)
         compile_for_hopper(tk.prologue_kernel, dict(MEAN=True, FOLD=False, BLOCK=1024), num_warps=4, debug=True)
         compile_for_hopper(tk.scale_grad_kernel, dict(PER_ROW=True, INPLACE=True, BLOCK=4096, ACC_DTYPE=tl.float32),
                            num_warps=8)
