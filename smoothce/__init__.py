@@ -6,8 +6,8 @@ only when used).
 """
 
 from smoothce import _ops, registry  # noqa: F401  (registers the ops)
+from smoothce._autograd import inplace_backward
 from smoothce._backends_setup import register_builtin_backends
-from smoothce._ops import inplace_backward
 from smoothce.distributed import count_tokens, vocab_parallel_cross_entropy
 from smoothce.functional import cross_entropy
 from smoothce.linear import linear_cross_entropy

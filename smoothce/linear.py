@@ -62,7 +62,7 @@ import threading
 
 import torch
 
-from smoothce import _ops, registry
+from smoothce import _autograd, registry
 from smoothce.backends.base import loss_dtype
 from smoothce.checks import FLOAT_DTYPES, INDEX_DTYPES, INT32_MAX, INT32_MIN, check_option_values, option_values
 
@@ -488,7 +488,7 @@ _OPTIONS = 8  # arguments after hidden, weight, bias, target: none of them diffe
 
 def _inplace_allowed() -> bool:
     # ``smoothce.inplace_backward(False)`` covers this op too; its state lives with the plain op.
-    state = getattr(_ops, "_inplace_backward", None)
+    state = getattr(_autograd, "_inplace_backward", None)
     return getattr(state, "enabled", True)
 
 
