@@ -404,9 +404,14 @@ def loop_kernel(
     m = low
     r = tl.zeros((BLOCK,), ACC_DTYPE)
     s = tl.zeros((BLOCK,), ACC_DTYPE)
-    for start in range(0, n_full, BLOCK):
-        z = tl.load(logits_row + (start + offsets) * stride_lc, eviction_policy=KEEP).to(ACC_DTYPE)
-        m, r, s = _lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+    if n_full > 0:
+        # Each block's load is issued before the previous block's work, so one is always in flight.
+        z = tl.load(logits_row + offsets * stride_lc, eviction_policy=KEEP)
+        for start in range(BLOCK, n_full, BLOCK):
+            z_next = tl.load(logits_row + (start + offsets) * stride_lc, eviction_policy=KEEP)
+            m, r, s = _lane_step(z.to(ACC_DTYPE), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+            z = z_next
+        m, r, s = _lane_step(z.to(ACC_DTYPE), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
     if n_full < n_read:
         cols = n_full + offsets
         mask = cols < n_read
@@ -443,9 +448,14 @@ def loop_kernel(
                 z = tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF, eviction_policy=DROP)
                 g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
                 tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=mask)
-            for i in range(0, n_full // BLOCK):
-                cols = n_full - (i + 1) * BLOCK + offsets
+            if n_full > 0:
+                cols = n_full - BLOCK + offsets
                 z = tl.load(logits_row + cols * stride_lc, eviction_policy=DROP)
+                for i in range(1, n_full // BLOCK):
+                    z_next = tl.load(logits_row + (cols - BLOCK) * stride_lc, eviction_policy=DROP)
+                    g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
+                    tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty))
+                    z, cols = z_next, cols - BLOCK
                 g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
                 tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty))
             g_k = _grad_values(z_k, True, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo,
