@@ -50,7 +50,8 @@ the last time, so small entries are not flushed to zero, and a power-of-two dO m
 product exact (each entry rounded once). bfloat16 shares float32's exponent range and keeps 1/count folded
 into the forward pass (then ``loss.backward()`` needs no pass at all).
 
-Offsets of rows and columns are 64-bit (N * V > 2**31 elements and transposed logits work).
+Row offsets are 64-bit (N * V > 2**31 elements work), and so are column offsets wherever
+(V - 1) x the column stride passes int32 (large transposed logits).
 Out-of-range targets never index out of bounds: the kernels clamp the index and treat the row as
 ignored, after the prologue's device-side assert (compiled with ``debug=True``) has reported it;
 on CPU tensors (the interpreter) the launcher raises a ValueError naming the value first.
@@ -384,6 +385,7 @@ def loop_kernel(
     KEEP: tl.constexpr,  # eviction policy of sweep 1 ("evict_last" where supported, else "")
     DROP: tl.constexpr,  # eviction policy of sweep 2 ("evict_first" where supported, else "")
     FAST_EXP: tl.constexpr,  # _exp's hardware form (float32 on NVIDIA GPUs)
+    WIDE_COLS: tl.constexpr,  # column offsets (V - 1) x stride past int32: compute them in int64
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row).to(tl.int64)
@@ -393,6 +395,8 @@ def loop_kernel(
     n_full = n_read // BLOCK * BLOCK  # full blocks: no masks
     logits_row = logits_ptr + row * stride_lr
     offsets = tl.arange(0, BLOCK)
+    if WIDE_COLS:
+        offsets = offsets.to(tl.int64)
     z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
     ref = tl.where(tl.abs(z_k) < float("inf"), z_k, 0.0)  # s is summed relative to a logit of the row
 
@@ -451,7 +455,7 @@ def loop_kernel(
             if n_full > 0:
                 cols = n_full - BLOCK + offsets
                 z = tl.load(logits_row + cols * stride_lc, eviction_policy=DROP)
-                for i in range(1, n_full // BLOCK):
+                for _ in range(1, n_full // BLOCK):
                     z_next = tl.load(logits_row + (cols - BLOCK) * stride_lc, eviction_policy=DROP)
                     g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
                     tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty))
@@ -524,6 +528,10 @@ def scale_grad_kernel(
 
 # True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors.
 INTERPRETED = type(split_kernel).__name__ == "InterpretedFunction"
+
+
+# Column offsets from this on are computed in int64 by the loop kernel (the split kernel always does).
+WIDE_OFFSETS = 2**31
 
 
 def split_float(value: float) -> tuple[float, float]:
@@ -606,7 +614,8 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
                 logits, target, rows, grad_arg, scalars, sync, loss, *strides,
                 n_rows, num_classes, ignore_index, **constants,
                 BLOCK=block, KEEP=config.get("keep", ""), DROP=config.get("drop", ""),
-                FAST_EXP=config.get("fast_exp", False) and not INTERPRETED and acc_dtype == tl.float32, **common,
+                FAST_EXP=config.get("fast_exp", False) and not INTERPRETED and acc_dtype == tl.float32,
+                WIDE_COLS=(num_classes - 1) * max(abs(strides[1]), abs(strides[3])) >= WIDE_OFFSETS, **common,
             )
             return
         num_chunks = triton.cdiv(num_classes, block)

@@ -173,6 +173,16 @@ def test_non_contiguous_logits(backend, dtype, layout):
     check_against_reference(logits.detach().requires_grad_(), target, 0.1, "sum")
 
 
+def test_wide_column_offsets(backend, monkeypatch):
+    # Transposed logits whose column offsets pass int32 take int64 offsets: forced here on a small
+    # input (the threshold lowered), which must give the same values.
+    from smoothce.backends import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "WIDE_OFFSETS", 8)
+    logits, target = _transposed(7, 40, torch.float32)
+    check_against_reference(logits.detach().requires_grad_(), target, 0.1, "sum")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_int32_targets(backend, reduction):
     logits, target = make_inputs(7, 40, torch.float32, target_dtype=torch.int32)
@@ -689,7 +699,8 @@ def test_kernels_compile_for_hopper():
                                num_warps=8)
         for fast_exp in (True, False):
             compile_for_hopper(tk.loop_kernel, dict(BLOCK=8192, COMPUTE_GRAD=True, KEEP="evict_last",
-                                                    DROP="evict_first", FAST_EXP=fast_exp, **common), num_warps=16)
+                                                    DROP="evict_first", FAST_EXP=fast_exp, WIDE_COLS=not fast_exp,
+                                                    **common), num_warps=16)
         compile_for_hopper(tk.prologue_kernel, dict(MEAN=True, FOLD=False, BLOCK=1024), num_warps=4, debug=True)
         compile_for_hopper(tk.scale_grad_kernel, dict(PER_ROW=True, INPLACE=True, BLOCK=4096, ACC_DTYPE=tl.float32),
                            num_warps=8)
