@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checks in one call, for a machine with an NVIDIA GPU and torch + triton installed (no nox,
+# no network needed): run from the project root. Results go to $OUT (default gpu-check/):
+#   tune/     benchmarks/tune_cuda.py: the launch table's candidates against the copy limit
+#   bench/    python -m smoothce.bench --preset gpu-targets (with the peers when .peers/ was packed
+#             by ../shared/tools/gpu-peers.sh and carried along)
+#   tests.log the CUDA test session (SMOOTHCE_TEST_DEVICE=cuda, pytest-xdist)
+# STEPS chooses and orders the steps (default "tune bench tests"); each has its own time limit, and
+# a step that fails or runs long does not stop the next.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD
+if [ -f .peers/activate.sh ]; then
+    bash .peers/activate.sh && source /tmp/peers.env
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+for step in ${STEPS:-tune bench tests}; do
+    case $step in
+        tune) timeout 150 python3 benchmarks/tune_cuda.py --out "$OUT/tune" 2>&1 | tee "$OUT/tune.log" ;;
+        bench) timeout 240 python3 -m smoothce.bench --preset gpu-targets --time-limit 180 --no-plots \
+                   --out "$OUT/bench" 2>&1 | tail -40 > "$OUT/bench.log" ;;
+        tests) SMOOTHCE_TEST_DEVICE=cuda timeout 290 python3 -m pytest tests -q -p no:cacheprovider \
+                   -p no:benchmark -n 14 --timeout 250 2>&1 | tail -80 > "$OUT/tests.log" ;;
+        *) echo "unknown step $step (tune, bench, tests)" >&2 ;;
+    esac
+    echo "[$step done, status ${PIPESTATUS[0]}]" | tee -a "$OUT/steps.txt"
+done
