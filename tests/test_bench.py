@@ -15,7 +15,7 @@ import torch
 from conftest import DEVICE
 
 from smoothce.bench import cli, impls, memory, report, runner, vocab_parallel
-from smoothce.bench.cases import VOCAB_SIZES, Case, grid, make_inputs, reference_loss, shape
+from smoothce.bench.cases import VOCAB_SIZES, Case, grid, make_inputs, reference_loss
 from smoothce.bench.impls import IMPLEMENTATIONS, Implementation
 from smoothce.bench.timing import Limit, Timer, time_rounds
 
@@ -23,18 +23,37 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 LINUX_RSS = os.access("/proc/self/clear_refs", os.W_OK)  # the resettable peak resident set
 
 
+class _Captured(Exception):
+    pass
+
+
+def _settings_from_cli(monkeypatch, tmp_path, *argv) -> runner.Settings:
+    """The settings ``python -m smoothce.bench *argv --device cpu`` would run with (nothing is measured)."""
+
+    def capture(settings, checkpoint=None):
+        raise _Captured(settings)
+
+    monkeypatch.setattr(runner, "run", capture)
+    with pytest.raises(_Captured) as caught:
+        cli.main([*argv, "--device", "cpu", "--out", str(tmp_path)])
+    return caught.value.args[0]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("2048x32000", (2048, 32000)), (" 7X50257 ", (7, 50257))],  # spaces and an upper-case X are accepted
 )
-def test_shape(text, expected):
-    assert shape(text) == expected
+def test_shape(text, expected, monkeypatch, tmp_path):
+    settings = _settings_from_cli(monkeypatch, tmp_path, "--shapes", text, "--dtypes", "fp32", "--modes", "fwd")
+    assert [(case.n, case.v) for case in settings.cases] == [expected]
 
 
 @pytest.mark.parametrize("text", ["2048", "12x", "x32000", "2048x32000x2", "0x10", "ax3", "2048by3"])
-def test_shape_rejects_and_names_the_bad_item(text):
-    with pytest.raises(ValueError, match="shape"):
-        shape(text)
+def test_shape_rejects_and_names_the_bad_item(text, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--shapes", text, "--device", "cpu", "--out", "unused"])
+    assert stopped.value.code == 2
+    assert f"invalid NxV shape value: '{text}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -125,10 +144,14 @@ def test_memory_probe_counts_the_gradient_and_not_the_logits():
     # per-row results and block scratch (a few MiB), so the logits must not be counted.
     n, v = 1024, 8192
     logits_bytes = n * v * 4
-    eager = memory.probe_in_fresh_process("torch-eager", n, v, "fp32", ["fwd+bwd"], 0.1, threads=1, seed=0)
+
+    def probe(impl, *modes):  # λ 0.1, no ignored rows, 1 thread, seed 0
+        return memory.in_fresh_process([impl, n, v, "fp32", 0.1, 0, 1, 0, *modes], modes)
+
+    eager = probe("torch-eager", "fwd+bwd")
     assert eager["fwd+bwd"]["peak_extra_bytes"] >= 0.95 * logits_bytes, eager
     # Both modes in one process: the second must not inherit the first one's peak.
-    ours = memory.probe_in_fresh_process("smoothce", n, v, "fp32", ["fwd+bwd", "fwd"], 0.1, threads=1, seed=0)
+    ours = probe("smoothce", "fwd+bwd", "fwd")
     assert ours["fwd+bwd"]["peak_extra_bytes"] >= 0.95 * logits_bytes, ours
     assert ours["fwd"]["peak_extra_bytes"] < 0.5 * logits_bytes, ours
 

@@ -1,12 +1,4 @@
-"""What one benchmark case is (N tokens, V classes, dtype, mode, λ), its inputs and its float64 loss.
-
-The least traffic any implementation needs, the yardstick for every bandwidth and limit:
-
-    fwd:      N * V * b      (read the logits once)
-    fwd+bwd:  2 * N * V * b  (read the logits once, write the gradient once)
-
-with b the bytes per logit.
-"""
+"""What one benchmark case is (N tokens, V classes, dtype, mode, λ), its inputs and its float64 loss."""
 
 from __future__ import annotations
 
@@ -21,6 +13,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
 # Vocabulary sizes of real models: Llama-2 / Mistral, GPT-2, Llama-3, Qwen2, Gemma-3.
 VOCAB_SIZES = (32000, 50257, 128256, 151936, 262144)
+# The least traffic any implementation needs (b: bytes per logit): the yardstick for every bandwidth and limit.
 BYTES_MODEL = {
     "fwd": "N·V·b (read the logits once)",
     FWD_BWD: "2·N·V·b (read the logits once, write the gradient once)",
@@ -44,28 +37,13 @@ class Case:
 
     @property
     def bytes_moved(self) -> int:
-        """The bandwidth model of the module docstring."""
+        """The least traffic of BYTES_MODEL."""
         return self.logits_bytes * (2 if self.mode == FWD_BWD else 1)
-
-    @property
-    def label(self) -> str:
-        return f"{self.mode} {self.dtype} {self.n}x{self.v} λ={self.label_smoothing:g}"
 
 
 def grid(shapes, dtypes, modes, label_smoothing: float = 0.1) -> list[Case]:
     """Every (shape, dtype, mode), shape by shape, so each shape's logits are made once per dtype."""
     return [Case(n, v, d, m, label_smoothing) for n, v in shapes for d in dtypes for m in modes]
-
-
-def shape(text: str) -> tuple[int, int]:
-    """argparse type: ``"2048x32000"`` -> (2048, 32000)."""
-    parts = text.strip().lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"shape {text!r} is not NxV (tokens x vocabulary, both positive), e.g. 2048x32000")
-    return int(parts[0]), int(parts[1])
-
-
-shape.__name__ = "NxV shape"  # argparse names the type in its error: "invalid NxV shape value: '12x'"
 
 
 def make_inputs(n: int, v: int, dtype: str, device: torch.device, seed: int, ignore_every: int = 0):

@@ -8,36 +8,37 @@
 
 The sweeps cross the vocabulary sizes of real models with token counts sized for the device.
 ``gpu-targets``: fwd+bwd and fwd, λ = 0.1, every 10th target ignored, bf16 and fp32, at
-TARGET_SHAPES, the default sweep's 1024-row shapes and HOST_SHAPE (the host's launch
-overhead); plus fwd+bwd at λ = 0 on TARGET_SHAPES, so quack (no label smoothing) is compared
-too (without torch.compile, to stay within the time limit). ``--tiny`` divides every shape by
-256 both ways. Results go to benchmarks/results/<device>/[<preset>/] unless --out says.
+TARGET_SHAPES, the default sweep's 1024-row shapes and HOST_SHAPE (the host's launch overhead);
+plus fwd+bwd at λ = 0 on TARGET_SHAPES, so quack (no label smoothing) is compared too (without
+torch.compile, to stay within the time limit). Results go to benchmarks/results/<device>/[<preset>/].
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
 import torch
 
-from smoothce.bench import cases, machine, plots, report, runner
+from smoothce.bench import cases, machine, report, runner
 from smoothce.bench.impls import FWD_BWD, IMPLEMENTATIONS, MODES
+from smoothce.registry import default_device
 
 TARGET_SHAPES = ((8192, 32000), (8192, 128256), (4096, 262144), (16384, 151936))
 HOST_SHAPE = (16, 32000)
 # Per sweep preset: token counts on CPU and on accelerators, and rounds (CPU, accelerator).
 PRESETS = {
     "quick": {"cpu_tokens": (128,), "accel_tokens": (1024,), "vocab": (32000, 128256), "rounds": (3, 3)},
-    "default": {"cpu_tokens": (256, 1024), "accel_tokens": (4096, 16384), "vocab": cases.VOCAB_SIZES,
-                "rounds": (5, 3)},
+    "default": {"cpu_tokens": (256, 1024), "accel_tokens": (4096, 16384), "vocab": cases.VOCAB_SIZES, "rounds": (5, 3)},
     "full": {"cpu_tokens": (256, 1024, 4096), "accel_tokens": (1024, 4096, 16384, 32768),
              "vocab": cases.VOCAB_SIZES, "rounds": (7, 5)},
 }  # fmt: skip
 
 
-def gpu_target_cases(tiny: bool = False) -> list[cases.Case]:
+def gpu_target_cases() -> list[cases.Case]:
     """The ``gpu-targets`` preset (module docstring), grouped by V so each V compiles once."""
     shapes = [*TARGET_SHAPES, *((1024, v) for v in cases.VOCAB_SIZES), HOST_SHAPE]
     order = list(dict.fromkeys(v for _, v in shapes))
@@ -48,12 +49,7 @@ def gpu_target_cases(tiny: bool = False) -> list[cases.Case]:
             if (n, v) in TARGET_SHAPES:
                 out.append(cases.Case(n, v, dtype, FWD_BWD, 0.0, impls=("smoothce", "torch-eager", "liger",
                                                                         "flash-attn", "quack")))  # fmt: skip
-    return [_shrunk(case) for case in out] if tiny else out
-
-
-def _shrunk(case: cases.Case) -> cases.Case:
-    return cases.Case(max(2, case.n // 256), max(2, case.v // 256), case.dtype, case.mode, case.label_smoothing,
-                      case.impls)  # fmt: skip
+    return out
 
 
 def _arg(kind, name: str, ok=lambda value: True, many: bool = False):
@@ -78,7 +74,7 @@ def _positive(value) -> bool:
 
 def _device(text: str | None) -> torch.device:
     if text is None:
-        return machine.default_device()
+        return default_device()
     try:
         device = torch.device(text)
         torch.empty(0, device=device)  # raises where this device is not present
@@ -87,18 +83,26 @@ def _device(text: str | None) -> torch.device:
     return device
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m smoothce.bench",
-        description="Time and peak memory of smoothce's cross-entropy against PyTorch (eager and "
-        "torch.compile) and, on GPUs where installed, other libraries' kernels.",
-    )
+def main(argv: list[str] | None = None) -> int:
+    # `--op linear` hands the rest of the command line to the fused linear loss's sweep.
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy")
+    chosen, rest = chooser.parse_known_args(argv)
+    if chosen.op == "linear":
+        from smoothce.bench import linear
+
+        return linear.main(rest)
+    parser = argparse.ArgumentParser(prog="python -m smoothce.bench", description="Time and peak memory of smoothce's "
+                                     "cross-entropy against PyTorch (eager and torch.compile) and, on GPUs where "
+                                     "installed, other libraries' kernels.")  # fmt: skip
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--preset", choices=[*PRESETS, "gpu-targets"], default="default")
     size.add_argument("--quick", action="store_const", const="quick", dest="preset", help="--preset quick")
     size.add_argument("--full", action="store_const", const="full", dest="preset", help="--preset full")
     parser.add_argument("--tiny", action="store_true", help="every shape divided by 256 both ways (a quick try)")
-    parser.add_argument("--shapes", type=_arg(cases.shape, "NxV shape", many=True), action="extend",
+    shape = _arg(lambda text: tuple(int(x) for x in text.lower().split("x")), "NxV shape",
+                 lambda dims: len(dims) == 2 and min(dims) > 0, many=True)  # fmt: skip
+    parser.add_argument("--shapes", type=shape, action="extend",
                         help="exact shapes NxV, comma separated, e.g. 2048x32000,512x128256")  # fmt: skip
     counts = _arg(int, "positive int", _positive, many=True)
     parser.add_argument("--tokens", type=counts, help="token counts N, comma separated")
@@ -127,33 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>/...)")
     parser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy",
                         help="linear: the fused linear loss's sweep (options of python -m smoothce.bench.linear)")
-    return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]:
-    """Validated settings and the output folder; ValueError naming the bad option."""
-    device = _device(args.device)
-    on_cpu = device.type == "cpu"
-    if args.shapes and (args.tokens or args.vocab):
-        raise ValueError("give either --shapes or --tokens/--vocab, not both")
+    args = parser.parse_args(rest)
+    try:
+        device = _device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    on_cpu, targets = device.type == "cpu", args.preset == "gpu-targets"
     custom = bool(args.shapes or args.tokens or args.vocab)
-    targets = args.preset == "gpu-targets"
+    if args.shapes and (args.tokens or args.vocab):
+        parser.error("give either --shapes or --tokens/--vocab, not both")
     if targets and custom:
-        raise ValueError("--preset gpu-targets runs fixed shapes: leave out --shapes/--tokens/--vocab")
+        parser.error("--preset gpu-targets runs fixed shapes: leave out --shapes/--tokens/--vocab")
     preset = PRESETS.get(args.preset, PRESETS["default"])
     if targets:
-        case_list = gpu_target_cases(args.tiny)
+        case_list = gpu_target_cases()
     else:
         tokens = args.tokens or preset["cpu_tokens" if on_cpu else "accel_tokens"]
         shapes = args.shapes or [(n, v) for n in tokens for v in (args.vocab or preset["vocab"])]
         case_list = cases.grid(shapes, args.dtypes, args.modes, args.label_smoothing)
-        case_list = [_shrunk(case) for case in case_list] if args.tiny else case_list
+    if args.tiny:
+        case_list = [dataclasses.replace(c, n=max(2, c.n // 256), v=max(2, c.v // 256)) for c in case_list]
     least_lam = min(case.label_smoothing for case in case_list)
     why_not = {name: IMPLEMENTATIONS[name].unavailable_reason(device.type, least_lam)
                for name in args.impls or IMPLEMENTATIONS}  # fmt: skip
     for name in args.impls or []:
         if why_not[name] is not None:
-            raise ValueError(f"implementation {name!r} cannot run here: {why_not[name]}")
+            parser.error(f"implementation {name!r} cannot run here: {why_not[name]}")
     settings = runner.Settings(
         device=device, cases=case_list, impls=[name for name, why in why_not.items() if why is None],
         rounds=args.rounds or (3 if targets else preset["rounds"][0 if on_cpu else 1]), warmup_ms=args.warmup_ms,
@@ -165,32 +168,16 @@ def settings_from_args(args: argparse.Namespace) -> tuple[runner.Settings, Path]
         skipped_impls={name: why for name, why in why_not.items() if why is not None and IMPLEMENTATIONS[name].module
                        and device.type in (IMPLEMENTATIONS[name].device_types or (device.type,))},
     )  # fmt: skip
-    if args.out is not None:
-        return settings, args.out
-    out = Path("benchmarks", "results", machine.device_kind(device))
-    return settings, out if settings.preset == "default" else out / settings.preset.replace(" (tiny)", "-tiny")
-
-
-def main(argv: list[str] | None = None) -> int:
-    # `--op linear` hands the rest of the command line to the fused linear loss's sweep.
-    chooser = argparse.ArgumentParser(add_help=False)
-    chooser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy")
-    chosen, rest = chooser.parse_known_args(argv)
-    if chosen.op == "linear":
-        from smoothce.bench import linear
-
-        return linear.main(rest)
-    parser = build_parser()
-    args = parser.parse_args(rest)
-    try:
-        settings, out = settings_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
+    out = args.out
+    if out is None:  # benchmarks/results/ "cpu", or the type and card name, e.g. "cuda-NVIDIA-H100-80GB-HBM3"
+        card = re.sub(r"[^A-Za-z0-9.]+", "-", machine.device_name(device)).strip("-")
+        out = Path("benchmarks", "results", "cpu" if on_cpu else f"{device.type}-{card}")
+        out = out if settings.preset == "default" else out / settings.preset.replace(" (tiny)", "-tiny")
     out.mkdir(parents=True, exist_ok=True)
     record = runner.run(settings, checkpoint=lambda partial: report.write(partial, out, []))
-    pngs, why_not = ([], None) if args.no_plots else plots.write_plots(record, out)
-    if why_not:
-        print(why_not, file=sys.stderr)
+    pngs, why_no_plots = ([], None) if args.no_plots else report.write_plots(record, out)
+    if why_no_plots:
+        print(why_no_plots, file=sys.stderr)
     written = report.write(record, out, pngs) + [out / name for name in pngs]
     print("\n".join(report.summary_lines(record)))
     print("\nwrote " + ", ".join(str(path) for path in written))

@@ -5,27 +5,15 @@ of logits (N, V) against int64 targets (N,):
 
     loss = mean over counted rows of  logsumexp(z) - (1 - lam) z_k - (lam / V) sum_j z_j
 
-* ``smoothce``: ``smoothce.cross_entropy`` (the backend the registry selects).
-* ``torch-eager``: ``torch.nn.functional.cross_entropy`` on the logits as given, which
-  is what users call (PyTorch decides per device how it upcasts half inputs).
-* ``torch-compile``: ``torch.compile(F.cross_entropy, dynamic=False)`` with the rows
-  (dim 0) marked dynamic, so one compilation per vocabulary size, dtype and mode serves
-  every token count; V stays static, as Inductor likes it. Compilation happens in the
-  untimed first run.
-* ``liger``, ``flash-attn``, ``quack``: the Triton/CuTe kernels of other libraries,
-  imported only when installed and only on the GPUs they support. They are never
-  dependencies of smoothce. quack has no label smoothing, so it runs only at lam = 0.
-
-A ``Step`` is the unit the timer measures: the forward under ``torch.no_grad()``
-("fwd"), or forward and ``loss.backward()`` on a leaf that requires grad ("fwd+bwd").
-``prepare()`` runs outside the timed region: it drops the previous gradient (so each
-timed run allocates its gradient, as a training step does) and restores the logits for
-implementations that overwrite their input (Liger writes the gradient into them; such
-an implementation gets a copy of its own, so the others never see its writes).
+``torch-eager`` is ``F.cross_entropy`` on the logits as given, which is what users call
+(PyTorch decides per device how it upcasts half inputs). liger, flash-attn and quack, the
+kernels of other libraries, are imported only when installed and only on the GPUs they
+support; they are never dependencies of smoothce.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -34,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+import smoothce
 
 FWD = "fwd"
 FWD_BWD = "fwd+bwd"
@@ -72,14 +62,8 @@ class Implementation:
         return None
 
 
-def _build_smoothce(label_smoothing: float, ignore_index: int) -> LossFn:
-    import smoothce
-
-    return lambda z, t: smoothce.cross_entropy(z, t, label_smoothing=label_smoothing, ignore_index=ignore_index)
-
-
-def _eager_loss_fn(label_smoothing: float, ignore_index: int) -> LossFn:
-    return lambda z, t: F.cross_entropy(z, t, label_smoothing=label_smoothing, ignore_index=ignore_index)
+def _build_eager(label_smoothing: float, ignore_index: int, loss=F.cross_entropy) -> LossFn:
+    return lambda z, t: loss(z, t, label_smoothing=label_smoothing, ignore_index=ignore_index)
 
 
 # torch.compile's backend for the torch-compile baseline; tests of the sweep's logic set "aot_eager".
@@ -87,10 +71,9 @@ COMPILE_BACKEND = "inductor"
 
 
 def _build_compile(label_smoothing: float, ignore_index: int) -> LossFn:
-    # Dynamo's caches hang on the code object, so a sweep over many vocabulary sizes would
-    # hit the recompile limit and silently fall back to eager: the runner resets the
-    # compiler whenever V changes. Step marks the rows dynamic (dynamic=False keeps V static).
-    return torch.compile(_eager_loss_fn(label_smoothing, ignore_index), backend=COMPILE_BACKEND, dynamic=False)
+    # dynamic=False keeps V static (Step marks the rows dynamic). Dynamo's caches hang on the code object, so a
+    # sweep over many V would hit the recompile limit and fall back to eager: the runner resets it when V changes.
+    return torch.compile(_build_eager(label_smoothing, ignore_index), backend=COMPILE_BACKEND, dynamic=False)
 
 
 def _build_liger(label_smoothing: float, ignore_index: int) -> LossFn:
@@ -127,8 +110,9 @@ def _build_quack(label_smoothing: float, ignore_index: int) -> LossFn:
 IMPLEMENTATIONS: dict[str, Implementation] = {
     impl.name: impl
     for impl in (
-        Implementation("smoothce", "smoothce.cross_entropy", _build_smoothce),
-        Implementation("torch-eager", "torch.nn.functional.cross_entropy", _eager_loss_fn),
+        Implementation("smoothce", "smoothce.cross_entropy",
+                       functools.partial(_build_eager, loss=smoothce.cross_entropy)),
+        Implementation("torch-eager", "torch.nn.functional.cross_entropy", _build_eager),
         Implementation("torch-compile", "torch.compile(F.cross_entropy, dynamic=False), rows marked dynamic: compiled "
                        "per V, dtype and mode, compilation not timed", _build_compile, dynamic_rows=True),
         Implementation("liger", "liger_kernel.transformers.functional.liger_cross_entropy (Triton)", _build_liger,
@@ -143,15 +127,17 @@ BASELINE_FOR_RATIOS = "smoothce"  # every other implementation is a baseline it 
 
 
 class Step:
-    """One run of one implementation on one case: ``prepare()`` untimed, then ``run()`` timed."""
+    """One run of one implementation on one case: ``prepare()`` untimed, then ``run()`` timed.
+
+    The run is the forward under ``torch.no_grad()`` ("fwd"), or forward and ``loss.backward()``
+    on a leaf that requires grad ("fwd+bwd"). An implementation that writes into the logits
+    (Liger writes the gradient there) gets a copy of its own, so the others never see its writes.
+    """
 
     def __init__(self, impl: Implementation, logits, target, mode: str, label_smoothing: float, ignore_index=-100):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode, self.target = mode, target
         self.loss_fn = impl.build(label_smoothing, ignore_index)
-        # A leaf of its own per step (sharing the logits' storage unless the implementation
-        # writes into them), so gradients never mix.
+        # A leaf of its own per step, sharing the logits' storage otherwise, so gradients never mix.
         self._pristine = logits.detach() if impl.mutates_input else None
         source = logits.detach().clone() if impl.mutates_input else logits.detach()
         self.logits = source.requires_grad_(mode == FWD_BWD)
@@ -164,7 +150,8 @@ class Step:
         self.logits.grad = None
 
     def prepare(self) -> None:
-        """Reset to the state before a run: no gradient held, logits as generated."""
+        """Reset to the state before a run: no gradient held (each run allocates its own, as a training step
+        does), logits as generated."""
         self.release()
         if self._pristine is not None:
             with torch.no_grad():
@@ -178,8 +165,3 @@ class Step:
         loss = self.loss_fn(self.logits, self.target)
         loss.backward()
         return loss.detach()
-
-    def close(self) -> None:
-        """Drop the gradient and the implementation's own copy of the logits."""
-        self.release()
-        self._pristine = self.logits = None

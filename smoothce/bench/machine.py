@@ -1,9 +1,6 @@
-"""Where and with what a benchmark ran: PyTorch's own environment report
-(``torch.utils.collect_env``) plus what it leaves out: the device's name and memory, the
-peer libraries' versions, smoothce's backend and commit, the date and the load.
-
-Also names the results folder after the device ("cpu", "cuda-NVIDIA-H100-80GB-HBM3", ...);
-the default device is ``smoothce.registry.default_device`` (CUDA, then XPU, then CPU).
+"""Where and with what a benchmark ran: PyTorch's own environment report (``torch.utils.collect_env``)
+plus what it leaves out: the device's name and memory, the peer libraries' versions, smoothce's
+backend and commit, the date and the load.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils import collect_env
 
-from smoothce.registry import default_device  # noqa: F401 (the benchmark's default device, for cli)
+from smoothce import registry
 
 # Distributions whose versions are recorded when installed (collect_env lists only torch's kin).
 PACKAGES = ("torch", "triton", "smoothce", "numpy", "liger-kernel", "flash-attn", "quack-kernels")
@@ -37,24 +34,12 @@ def device_name(device: torch.device) -> str:
     return cpu_model() if device.type == "cpu" else getattr(torch, device.type).get_device_name(device)
 
 
-def device_kind(device: torch.device) -> str:
-    """A folder name for the device: "cpu", or the type and card name, e.g. "cuda-NVIDIA-H100"."""
-    if device.type == "cpu":
-        return "cpu"
-    return f"{device.type}-{re.sub(r'[^A-Za-z0-9.]+', '-', device_name(device)).strip('-')}"
-
-
 def available_memory_bytes(device: torch.device) -> int:
     """Memory free for new tensors now: MemAvailable on CPU (Linux), ``mem_get_info`` on accelerators."""
     if device.type != "cpu":
         return getattr(torch, device.type).mem_get_info(device)[0]
     with open("/proc/meminfo") as meminfo:
         return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-
-
-def load_average() -> float:
-    """The 1-minute load average: how busy the machine was."""
-    return os.getloadavg()[0]
 
 
 def _commit() -> str | None:
@@ -70,8 +55,6 @@ def _commit() -> str | None:
 
 def describe(device: torch.device) -> dict:
     """The record written with every result."""
-    from smoothce import registry
-
     info = collect_env.get_env_info()._asdict()
     try:
         backend = registry.select(device).name
@@ -96,6 +79,6 @@ def describe(device: torch.device) -> dict:
         "smoothce_backend": backend,
         "smoothce_backend_env": os.environ.get("SMOOTHCE_BACKEND") or None,
         "commit": _commit(),
-        "load_average_at_start": load_average(),
+        "load_average_at_start": os.getloadavg()[0],  # the 1-minute load average: how busy the machine was
         "collect_env": info,
     }

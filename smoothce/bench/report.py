@@ -1,4 +1,4 @@
-"""Writing a benchmark record out: results.json (raw numbers), results.md (tables), summary.md.
+"""Writing a benchmark record out: results.json (raw numbers), results.md (tables), summary.md, PNG plots.
 
 Ratios always compare smoothce with each baseline measured in the same run:
 
@@ -69,20 +69,13 @@ def _time_cell(entry: dict) -> str:
     return f"{_time(entry['median_s'])} ±{spread:.0%}" + ("" if entry.get("loss_ok", True) else " ⚠")
 
 
-def _ratio(value: float | None, bound: str | None = None) -> str:
-    if value is None:
-        return "—"
-    digits = f"{value:#.3g}".rstrip(".")  # three significant digits, trailing zeros kept: 3.00, 0.640
-    return {"lower": "≥ ", "upper": "≤ ", None: ""}[bound] + digits + "×"
-
-
-def _speedups(case: dict, baselines: list[str]) -> list[str]:
-    return [_ratio(case.get("ratios", {}).get(b, {}).get("speedup")) for b in baselines]
-
-
-def _savings(case: dict, baselines: list[str]) -> list[str]:
-    ratios_ = [case.get("ratios", {}).get(b, {}) for b in baselines]
-    return [_ratio(r.get("memory_saving"), r.get("memory_saving_bound")) for r in ratios_]
+def _ratios(case: dict, baselines: list[str], key: str) -> list[str]:
+    """The ``key`` ratio against each baseline: three significant digits, trailing zeros kept (3.00×, 0.640×)."""
+    cells = []
+    for ratio in (case.get("ratios", {}).get(b, {}) for b in baselines):
+        bound = {"lower": "≥ ", "upper": "≤ ", None: ""}[ratio.get(key + "_bound")]
+        cells.append("—" if ratio.get(key) is None else bound + f"{ratio[key]:#.3g}".rstrip(".") + "×")
+    return cells
 
 
 def _of_limit(entry: dict) -> str:
@@ -99,12 +92,8 @@ def _memory_cell(entry: dict, logits_bytes: int) -> str:
     return f"{_mib(entry['peak_extra_bytes'])} ({entry['peak_extra_bytes'] / logits_bytes:.2f}×)"
 
 
-def _shape(case: dict) -> str:
-    return f"{case['n']} × {case['v']}"
-
-
 def _label(case: dict) -> str:
-    return f"{case['mode']} {case['dtype']} {_shape(case)} λ={case['label_smoothing']:g}"
+    return f"{case['mode']} {case['dtype']} {case['n']} × {case['v']} λ={case['label_smoothing']:g}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -135,8 +124,8 @@ def summary_lines(record: dict) -> list[str]:
             rows.append([label, case["skipped"]] + ["—"] * (1 + 2 * len(baselines)))
         else:
             ours = case["results"].get(OURS, {})
-            rows.append([label, _time_cell(ours), _of_limit(ours), *_speedups(case, baselines),
-                         *_savings(case, baselines)])  # fmt: skip
+            rows.append([label, _time_cell(ours), _of_limit(ours), *_ratios(case, baselines, "speedup"),
+                         *_ratios(case, baselines, "memory_saving")])  # fmt: skip
     header = ["case", "smoothce time", "of limit", *(f"speed-up vs {b}" for b in baselines)]
     return _table(header + [f"memory saving vs {b}" for b in baselines], rows)
 
@@ -149,20 +138,17 @@ def _header(record: dict) -> list[str]:
     machine += f"; {env['logical_cores']} logical cores, {settings['threads']} torch threads; {env['platform']}"
     backend = env["smoothce_backend"] + (" (set by SMOOTHCE_BACKEND)" if env.get("smoothce_backend_env") else "")
     commit = f"; smoothce commit {env['commit']}" if env.get("commit") else ""
-    if settings["warmup_ms"] is None:
-        timer = f"`time.perf_counter` around each run, runs repeated for {settings['rep_ms']:g} ms, median"
-    else:
+    timer = f"`time.perf_counter` around each run, runs repeated for {settings['rep_ms']:g} ms, median"
+    if settings["warmup_ms"] is not None:
         timer = (f"`triton.testing.do_bench` (runs back to back between device events, L2 flushed before each; "
                  f"{settings['warmup_ms']:g} ms warm-up, {settings['rep_ms']:g} ms of runs, median)")  # fmt: skip
     ignored = f"every {settings['ignore_every']}th target ignored" if settings["ignore_every"] else "no ignored rows"
     lines = [f"Measured {env['date']} on **{machine}**.", "", f"Versions: {versions}{commit}. smoothce backend: "
              f"`{backend}`."]  # fmt: skip
     if env.get("load_average_at_start") is not None:
-        lines.append(
-            f"Load average (1 minute): {env['load_average_at_start']:.2f} at the start, "
-            f"{env.get('load_average_at_end') or 0:.2f} at the end; above the core count, other work "
-            "competed for the machine and the times are noisy."
-        )
+        lines.append(f"Load average (1 minute): {env['load_average_at_start']:.2f} at the start, "
+                     f"{env.get('load_average_at_end') or 0:.2f} at the end; above the core count, other work "
+                     "competed for the machine and the times are noisy.")  # fmt: skip
     lines += [
         "",
         f'Loss: reduction="mean", int64 targets, {ignored}, logits ~ N(0, 1) (seed {settings["seed"]}); '
@@ -189,20 +175,20 @@ def markdown(record: dict, plots: list[str]) -> str:
         kind = "copy" if mode == "fwd+bwd" else "read"
         time_rows, limit_rows, mem_rows = [], [], []
         for case in cases:
-            shape, results = _shape(case), case["results"]
+            shape, results = f"{case['n']} × {case['v']}", case["results"]
             if case.get("skipped"):
                 time_rows.append([shape, case["skipped"]] + ["—"] * (len(names) + len(baselines)))
                 continue
             limit = case["limit"]["median_s"]
             time_rows.append([shape, _time(limit) if limit else "—", *(_time_cell(results.get(n, {})) for n in names),
-                              *_speedups(case, baselines)])
+                              *_ratios(case, baselines, "speedup")])
             limit_rows.append([shape] + [
                 f"{_of_limit(results[n])} ({results[n]['gbps']:.1f} GB/s)" if "gbps" in results.get(n, {}) else "—"
                 for n in names
             ])
             mem_rows.append([shape, _mib(case["logits_bytes"]),
                              *(_memory_cell(results.get(n, {}), case["logits_bytes"]) for n in names),
-                             *_savings(case, baselines)])  # fmt: skip
+                             *_ratios(case, baselines, "memory_saving")])  # fmt: skip
         lines += ["", f"## {mode}, {dtype}, λ = {lam:g}", "",
                   "Time per call (median ± half the interquartile range) and smoothce's speed-up:", ""]
         lines += _table(["N × V", f"{kind} limit", *names] + [f"speed-up vs {b}" for b in baselines], time_rows)
@@ -231,19 +217,14 @@ def _notes(record: dict) -> list[str]:
     ]
     host = [_label(c) for c in record["cases"] if _host_bound(record, c)]
     if host:
-        notes.append(
-            f"- Host-bound rows ({'; '.join(host)}): the limit takes under {HOST_BOUND_S * 1e6:.0f} µs, so the "
-            "device waits for the host's launches and these times are each implementation's launch overhead per call."
-        )
+        notes.append(f"- Host-bound rows ({'; '.join(host)}): the limit takes under {HOST_BOUND_S * 1e6:.0f} µs, so "
+                     "the device waits for the host's launches and these times are each implementation's launch "
+                     "overhead per call.")  # fmt: skip
     if settings["memory_measured"]:
-        notes.append(
-            f"- Peak memory beyond the logits: {settings['memory_method']}. For fwd+bwd it includes "
-            "the gradient (N·V·b, 1.00× the logits), which every implementation returns."
-        )
-    notes.append(
-        "- Every implementation's loss is checked against a float64 reference; ⚠ marks a loss off by more "
-        "than the dtype's tolerance (fp32 1e-4, bf16 2e-2, fp16 5e-3, relative)."
-    )
+        notes.append(f"- Peak memory beyond the logits: {settings['memory_method']}. For fwd+bwd it includes "
+                     "the gradient (N·V·b, 1.00× the logits), which every implementation returns.")  # fmt: skip
+    notes.append("- Every implementation's loss is checked against a float64 reference; ⚠ marks a loss off by more "
+                 "than the dtype's tolerance (fp32 1e-4, bf16 2e-2, fp16 5e-3, relative).")  # fmt: skip
     problems = []
     for case in record["cases"]:
         for name, entry in case["results"].items():
@@ -264,3 +245,50 @@ def write(record: dict, directory: Path, plots: list[str]) -> list[Path]:
                                   "results.md.", "", *summary_lines(record)]) + "\n")  # fmt: skip
     raw.write_text(json.dumps(record, indent=1) + "\n")
     return [results, summary, raw]
+
+
+def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
+    """PNGs of time (top row) and peak memory beyond the logits (below) against V, one line per implementation:
+    one figure per (mode, dtype, λ), named by ``plot_name``, one column per token count N. Returns the file names
+    written, and the reason when none could be (matplotlib is optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed (pip install 'smoothce[bench]'), so no plots were drawn"
+    names, metrics = list(record["implementations"]), [("median_s", 1e3, "time per call (ms)")]
+    if record["settings"]["memory_measured"]:
+        metrics.append(("peak_extra_bytes", 1 / MIB, "peak memory beyond logits (MiB)"))
+    written = []
+    for (mode, dtype, lam), cases in groups(record).items():
+        tokens = sorted({c["n"] for c in cases})
+        fig, axes = plt.subplots(len(metrics), len(tokens), figsize=(4.2 * len(tokens) + 0.8, 3.4 * len(metrics)),
+                                 squeeze=False)  # fmt: skip
+        for col, n in enumerate(tokens):
+            row_cases = sorted((c for c in cases if c["n"] == n), key=lambda c: c["v"])
+            vocab = sorted({c["v"] for c in row_cases})
+            for ax, (key, scale, ylabel) in zip(axes[:, col], metrics, strict=True):
+                for name in names:
+                    points = [(c["v"], c["results"][name][key] * scale) for c in row_cases
+                              if key in c["results"].get(name, {})]  # fmt: skip
+                    if points:
+                        ax.plot(*zip(*points, strict=False), marker="o", label=name)
+                ax.set(xlabel="vocabulary size V", ylabel=ylabel, ylim=(0, None))
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(vocab, [str(v) for v in vocab], rotation=30, fontsize=7)
+                ax.minorticks_off()
+                ax.grid(alpha=0.3)
+            axes[0][col].set_title(f"{mode}, {dtype}, λ = {lam:g}, N = {n}")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+        env = record["environment"]
+        fig.suptitle(f"{env['device_name']}, {env['date']}", fontsize=9)
+        fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+        name = plot_name(mode, dtype, lam)
+        fig.savefig(directory / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written, None

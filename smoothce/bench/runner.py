@@ -1,13 +1,9 @@
 """The sweep: every case's implementations timed in interleaved rounds, checked, and their memory measured.
 
-Per (shape, dtype) the logits are made once and shared by the case's modes, λs and
-implementations. Each implementation runs once untimed first (imports, compilation)
-and that run's loss is compared with a float64 reference, so a table never compares
-implementations that compute different things. Next to the implementations the rounds
-time the case's limit (timing.Limit): a copy of the logits for fwd+bwd, a read of them
-for fwd; "of limit" = limit time / implementation time (1.0 = as fast as that).
-Shapes whose inputs and worst-case temporaries would not fit in the memory free then
-(5x the logits plus one float32 copy) are skipped and marked, as are the cases left
+Per (shape, dtype) the logits are made once and shared by the case's modes, λs and implementations.
+Each implementation runs once untimed first (imports, compilation) and that run's loss is compared
+with a float64 reference, so a table never compares implementations that compute different things.
+Shapes that would not fit in the memory free then are skipped and marked, as are the cases left
 when ``time_limit_s`` has passed. One progress line per case goes to stderr.
 """
 
@@ -15,12 +11,14 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.utils.benchmark.utils.common import set_torch_threads
 
 from smoothce.bench import machine, memory, report
 from smoothce.bench.cases import BYTES_MODEL, IGNORE_INDEX, Case, make_inputs, reference_loss
@@ -52,7 +50,7 @@ class Settings:
 
 
 def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(text, file=sys.stderr, flush=True)  # sys.stderr as it is now (tests capture it)
 
 
 def _time_case(settings: Settings, case: Case, logits, target, reference: float, timer: Timer, limit) -> dict:
@@ -64,8 +62,7 @@ def _time_case(settings: Settings, case: Case, logits, target, reference: float,
         try:
             step = Step(IMPLEMENTATIONS[name], logits, target, case.mode, case.label_smoothing, IGNORE_INDEX)
             step.prepare()
-            losses[name] = float(step.run())  # untimed: imports, compilation, the loss check
-            timer.synchronize()
+            losses[name] = float(step.run())  # untimed: imports, compilation, the loss check (float() waits for it)
             step.release()
             steps[name] = step
         except Exception as error:
@@ -90,25 +87,21 @@ def _time_case(settings: Settings, case: Case, logits, target, reference: float,
         if name in errors:
             entry["error"] = errors[name]
         results[name] = entry
-    for step in steps.values():
-        step.close()
     limit_record = {"kind": limit.kind, "median_s": limit_s, "error": errors.get(LIMIT)}
     return {"results": results, "run_order": [n for n in order if n != LIMIT], "limit": limit_record}
 
 
 def _probe_cpu_memory(settings: Settings, records: list[dict]) -> None:
-    """Peak memory of each implementation that timed fine: one fresh process per implementation
-    and λ, for all modes of this shape and dtype."""
-    first = records[0]
+    """Peak memory of each implementation that timed fine: one fresh process per implementation and λ."""
+    n, v, dtype = (records[0][key] for key in ("n", "v", "dtype"))
     for name, lam in itertools.product(settings.impls, dict.fromkeys(r["label_smoothing"] for r in records)):
         mine = [r for r in records if r["label_smoothing"] == lam and "median_s" in r["results"].get(name, {})]
         if not mine:
             continue
-        _log(f"    memory {name} {first['n']}x{first['v']} {first['dtype']} λ={lam:g}")
-        answers = memory.probe_in_fresh_process(
-            name, first["n"], first["v"], first["dtype"], [r["mode"] for r in mine], lam, settings.threads,
-            settings.seed, settings.ignore_every,
-        )  # fmt: skip
+        _log(f"    memory {name} {n}x{v} {dtype} λ={lam:g}")
+        modes = [r["mode"] for r in mine]
+        argv = [name, n, v, dtype, lam, settings.ignore_every, settings.threads, settings.seed, *modes]
+        answers = memory.in_fresh_process(argv, modes)
         for record in mine:
             answer = answers.get(record["mode"], {"error": "the probe did not answer for this mode"})
             record["results"][name].update({"memory_error": answer["error"]} if "error" in answer else answer)
@@ -135,58 +128,48 @@ def _record(settings: Settings, environment: dict, cases: list[dict]) -> dict:
 
 
 def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: None) -> dict:
-    """Measure everything ``settings`` asks for; the record that report writes out.
+    """Measure everything ``settings`` asks for, with ``settings.threads`` torch threads; the record report writes.
 
-    ``checkpoint(record)`` sees the record so far after every shape and dtype, so a run
-    cut short still leaves its results. Runs with ``settings.threads`` torch threads and
-    restores the caller's count after.
+    ``checkpoint(record)`` sees the record so far after every shape and dtype, so a run cut short still leaves
+    its results.
     """
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
-        return _run(settings, checkpoint)
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def _run(settings: Settings, checkpoint: Callable[[dict], None]) -> dict:
-    device, on_cpu = settings.device, settings.device.type == "cpu"
-    environment = machine.describe(device)
-    timer = Timer(device, settings.warmup_ms, settings.rep_ms)
-    started, done, last_v, total = time.perf_counter(), [], None, len(settings.cases)
-    for (n, v, dtype), group in itertools.groupby(settings.cases, key=lambda c: (c.n, c.v, c.dtype)):
-        group = list(group)
-        base = [{**asdict(c), "logits_bytes": c.logits_bytes, "bytes_moved": c.bytes_moved} for c in group]
-        need, free = 5 * group[0].logits_bytes + 4 * n * v, machine.available_memory_bytes(device)
-        out_of_time = settings.time_limit_s is not None and time.perf_counter() - started > settings.time_limit_s
-        if out_of_time or need > free:
-            why = "time limit" if out_of_time else f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
-            done += [{**record, "skipped": f"skipped: {why}", "results": {}} for record in base]
-            _log(f"[{len(done)}/{total}] {n}x{v} {dtype}: skipped, {why}")
-            continue
-        if v != last_v:
-            torch.compiler.reset()  # compiled code per vocabulary size; no recompile limit across the sweep
-            last_v = v
-        logits, target = make_inputs(n, v, dtype, device, settings.seed, settings.ignore_every)
-        limits = {mode: Limit(logits, "copy" if mode == FWD_BWD else "read") for mode in {c.mode for c in group}}
-        references = {lam: reference_loss(logits, target, lam) for lam in {c.label_smoothing for c in group}}
-        for i, (case, record) in enumerate(zip(group, base, strict=True), 1):
-            reference = references[case.label_smoothing]
-            record.update(reference_loss=reference, ignored_rows=int((target == IGNORE_INDEX).sum()))
-            record.update(_time_case(settings, case, logits, target, reference, timer, limits[case.mode]))
-            cells = [
-                f"{name} {e['median_s'] * 1e3:.3g} ms ({e['of_limit'] or 0:.2f})" if "median_s" in e else f"{name} ✗"
-                for name, e in record["results"].items()
-            ]  # time (share of the limit) per implementation
-            elapsed = time.perf_counter() - started
-            _log(f"[{len(done) + i}/{total} {elapsed:.0f} s] {case.label}: {', '.join(cells)}")
-        del logits, target, limits
-        gc.collect()
-        if not on_cpu:
-            getattr(torch, device.type).empty_cache()
-        elif settings.memory:
-            _probe_cpu_memory(settings, base)
-        done += [{**record, "ratios": report.ratios(record)} for record in base]
-        checkpoint(_record(settings, environment, done))
-    environment["load_average_at_end"] = machine.load_average()
+    device, done, last_v = settings.device, [], None
+    with set_torch_threads(settings.threads):
+        environment, timer = machine.describe(device), Timer(device, settings.warmup_ms, settings.rep_ms)
+        started = time.perf_counter()
+        for (n, v, dtype), group in itertools.groupby(settings.cases, key=lambda c: (c.n, c.v, c.dtype)):
+            group = list(group)
+            base = [{**asdict(c), "logits_bytes": c.logits_bytes, "bytes_moved": c.bytes_moved} for c in group]
+            # GiB: the inputs and the worst case's temporaries (5x the logits plus one float32 copy), and what is free
+            need, free = (5 * group[0].logits_bytes + 4 * n * v) / 2**30, machine.available_memory_bytes(device) / 2**30
+            out_of_time = settings.time_limit_s is not None and time.perf_counter() - started > settings.time_limit_s
+            if out_of_time or need > free:
+                why = "time limit" if out_of_time else f"needs about {need:.1f} GiB, {free:.1f} GiB free"
+                done += [{**record, "skipped": f"skipped: {why}", "results": {}} for record in base]
+                _log(f"[{len(done)}/{len(settings.cases)}] {n}x{v} {dtype}: skipped, {why}")
+                continue
+            if v != last_v:
+                torch.compiler.reset()  # compiled code per vocabulary size; no recompile limit across the sweep
+                last_v = v
+            logits, target = make_inputs(n, v, dtype, device, settings.seed, settings.ignore_every)
+            limits = {mode: Limit(logits, "copy" if mode == FWD_BWD else "read") for mode in {c.mode for c in group}}
+            references = {lam: reference_loss(logits, target, lam) for lam in {c.label_smoothing for c in group}}
+            for i, (case, record) in enumerate(zip(group, base, strict=True), 1):
+                reference = references[case.label_smoothing]
+                record.update(reference_loss=reference, ignored_rows=int((target == IGNORE_INDEX).sum()))
+                record.update(_time_case(settings, case, logits, target, reference, timer, limits[case.mode]))
+                cells = [f"{name} {e['median_s'] * 1e3:.3g} ms ({e['of_limit'] or 0:.2f})" if "median_s" in e
+                         else f"{name} ✗" for name, e in record["results"].items()]  # fmt: skip
+                label = f"{case.mode} {dtype} {n}x{v} λ={case.label_smoothing:g}"
+                _log(f"[{len(done) + i}/{len(settings.cases)} {time.perf_counter() - started:.0f} s] {label}: "
+                     + ", ".join(cells))  # fmt: skip
+            del logits, target, limits
+            gc.collect()
+            if device.type != "cpu":
+                getattr(torch, device.type).empty_cache()
+            elif settings.memory:
+                _probe_cpu_memory(settings, base)
+            done += [{**record, "ratios": report.ratios(record)} for record in base]
+            checkpoint(_record(settings, environment, done))
+    environment["load_average_at_end"] = os.getloadavg()[0]
     return _record(settings, environment, done)

@@ -1,22 +1,13 @@
 """Timing: one measurement per implementation per round, rounds interleaved, medians over rounds.
 
-Accelerators: ``triton.testing.do_bench``, as the peers (Liger, quack, the Triton
-tutorials) publish their numbers: runs back to back, each between two device events,
-the L2 cache flushed before each, the previous gradient dropped before each (outside
-the events); a round's number is the median over ``rep_ms`` of runs, after ``warmup_ms``
-of warm-up. The host's launch time is hidden wherever the device is the bottleneck; it
-shows only in shapes so small that the device waits for the host (a tiny-shape row).
-Liger, which writes its gradient into the logits, is not restored between these runs:
-its later runs read its own gradient in place of the logits, the same work.
+Accelerators: ``triton.testing.do_bench``, as the peers (Liger, quack, the Triton tutorials)
+publish their numbers; a round's number is its median over ``rep_ms`` of runs (``Timer.measure``).
+Liger, which writes its gradient into the logits, is not restored between these runs: its later
+runs read its own gradient in place of the logits, the same work.
 
 CPU: ``time.perf_counter`` around each run, runs repeated for ``rep_ms``, median. Not
-``torch.utils.benchmark.Timer``: it times blocks of back-to-back calls with nothing
-untimed in between, so dropping the previous gradient (freeing hundreds of MiB) would
-be timed in fwd+bwd runs, or gradients would accumulate; here, as in do_bench's
-``grad_to_none``, the drop happens outside the timed region.
-
-Rounds: round r times every implementation once, starting with implementation r mod k,
-so slow drifts of the machine (clocks, other processes) fall on all alike.
+``torch.utils.benchmark.Timer``: it times blocks of back-to-back calls with nothing untimed in
+between, so dropping the previous gradient would be timed too, or gradients would accumulate.
 """
 
 from __future__ import annotations
@@ -34,18 +25,15 @@ def describe_error(error: BaseException) -> str:
 
 
 class Timer:
-    """Seconds per run of a ``Step`` (prepare / run / release) or of a plain function, on ``device``."""
+    """Seconds per run of a ``Step`` (prepare / run / release) on ``device``."""
 
     def __init__(self, device: torch.device, warmup_ms: float = 25.0, rep_ms: float = 100.0):
         self.device, self.warmup_ms, self.rep_ms = torch.device(device), warmup_ms, rep_ms
         self.module = None if self.device.type == "cpu" else getattr(torch, self.device.type)
 
-    def synchronize(self) -> None:
-        if self.module is not None:
-            self.module.synchronize(self.device)
-
     def measure(self, step) -> float:
-        """The median seconds of one round of ``step``'s runs."""
+        """The median seconds of one round of ``step``'s runs. do_bench: runs back to back, each between two
+        device events, the L2 flushed and the previous gradient dropped before each (outside the events)."""
         if self.module is None:
             times, started = [], time.perf_counter()
             while not times or time.perf_counter() - started < self.rep_ms / 1e3:
@@ -84,10 +72,7 @@ class Limit:
     def run(self):
         return self.out.copy_(self.logits) if self.kind == "copy" else torch.amax(self.logits)
 
-    def prepare(self) -> None:
-        pass
-
-    release = close = prepare
+    prepare = release = lambda self: None  # nothing to reset
 
 
 def summarize(times: list[float]) -> dict:
@@ -98,24 +83,21 @@ def summarize(times: list[float]) -> dict:
 
 
 def time_rounds(steps: Mapping[str, object], measure: Callable[[object], float], rounds: int):
-    """``rounds`` rounds of ``measure(step)`` for every step, the start rotating by one each round.
+    """``rounds`` rounds of ``measure(step)`` for every step, the start rotating by one each round, so slow
+    drifts of the machine (clocks, other processes) fall on all alike.
 
     Returns (seconds per round per name, error per name that failed, the order of the
     measurements). A step that raises is dropped and its error recorded; the others go on.
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {rounds}")
     alive, errors, order = list(steps), {}, []
     times: dict[str, list[float]] = {name: [] for name in alive}
     for r in range(rounds):
-        shift = r % len(alive) if alive else 0
+        shift = r % max(1, len(alive))
         for name in alive[shift:] + alive[:shift]:
             try:
                 times[name].append(measure(steps[name]))
                 order.append(name)
             except Exception as error:  # one failing implementation must not end the sweep
                 errors[name] = describe_error(error)
-        for name in [n for n in alive if n in errors]:
-            alive.remove(name)
-            del times[name]
-    return times, errors, order
+        alive = [name for name in alive if name not in errors]
+    return {name: times[name] for name in alive}, errors, order

@@ -4,17 +4,12 @@
         [--world 2] [--backend gloo|nccl] [--dtype bfloat16] [--out PATH]
 
 Starts ``--world`` ranks (``launch``): gloo on the CPU, or NCCL with one GPU per rank
-(``--backend nccl --world 1`` works on a single GPU). Every rank builds the same full
-(rows, V) logits and keeps an even slice of the vocabulary. Per (V, rows) it records the
-collectives one forward + backward issues (every ``_c10d_functional`` op, caught by a
-dispatch mode, counted from its input's shape and dtype), so the bytes are measured, not
-assumed; next to them, what all-gathering the logits instead would receive per row,
-(V - V_i) * itemsize, and the full-logits buffer it would materialise per rank. Then it
-times, on rank 0, ``--repeat`` forward + backward steps back to back: the vocabulary-parallel
-loss on the slice, and ``smoothce.cross_entropy`` on the full logits in one process.
-A Markdown table goes to stdout and, with ``--out``, to a file.
-
-What to read: "stats B/row" is the same for every V (O(rows) communication); "gather B/row" grows with V.
+(``--backend nccl --world 1`` works on a single GPU). Every rank builds the same full (rows, V)
+logits and keeps an even slice of the vocabulary. Per (V, rows) it records the collectives one
+forward + backward issues (``CollectiveRecorder``), so the bytes are measured, not assumed, and
+times the vocabulary-parallel loss on rank 0 against ``smoothce.cross_entropy`` on the full
+logits in one process. The Markdown table's notes define its columns. What to read: "stats
+B/row" is the same for every V (O(rows) communication); "gather B/row" grows with V.
 """
 
 from __future__ import annotations
@@ -121,13 +116,11 @@ def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_n
     dtype = getattr(torch, dtype_name)
     out = []
     for num_classes in vocab:
-        sizes = [num_classes // world + (1 if r < num_classes % world else 0) for r in range(world)]
-        start = sum(sizes[:rank])
         for rows in rows_list:
             generator = torch.Generator().manual_seed(1234)
             full = torch.randn(rows, num_classes, generator=generator).to(device, dtype)
             target = torch.randint(0, num_classes, (rows,), generator=generator).to(device)
-            shard = full[:, start : start + sizes[rank]].clone().requires_grad_()
+            shard = full.tensor_split(world, dim=1)[rank].clone().requires_grad_()  # an even slice of the vocabulary
             full.requires_grad_()
 
             def ours(shard=shard, target=target):
@@ -149,37 +142,11 @@ def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_n
             out.append({
                 "V": num_classes, "rows": rows, "collectives": len(recorder.calls),
                 "stats_per_row": (recorder.total_bytes - table_bytes) / rows, "fixed": table_bytes,
-                "gather_per_row": (num_classes - sizes[rank]) * full.element_size(),
+                "gather_per_row": (num_classes - shard.shape[1]) * full.element_size(),
                 "full_mib": full.numel() * full.element_size() / 2**20, "t_ours": t_ours * 1e3,
                 "t_single": t_single * 1e3,
             })  # fmt: skip
     return out
-
-
-def markdown(rows: list[dict], world: int, backend: str, dtype: str) -> str:
-    where = "CPU" if backend == "gloo" else "GPUs"
-    lines = [
-        f"Vocabulary-parallel cross-entropy, {world} {backend} rank(s) on {where}, {dtype} logits, "
-        f"label_smoothing={LABEL_SMOOTHING}, forward + backward.",
-        "",
-        "| V | rows | all-reduces | stats B/row | fixed B/call | gather B/row | full logits MiB/rank "
-        "| vocab-parallel ms | full logits, one process, ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['V']} | {r['rows']} | {r['collectives']} | {r['stats_per_row']:.0f} | {r['fixed']} "
-        f"| {r['gather_per_row']} | {r['full_mib']:.1f} | {r['t_ours']:.3g} | {r['t_single']:.3g} |"
-        for r in rows
-    ]
-    lines += [
-        "",
-        "stats B/row: bytes all-reduced per row; fixed B/call: the per-call shard-size/consistency table. "
-        "gather B/row: bytes each rank would receive per row to all-gather the logits instead; full logits: "
-        "the buffer that gathering would materialise on every rank, which the vocabulary-parallel path never "
-        "allocates. Times: rank 0, forward + backward steps back to back; the last column is "
-        "smoothce.cross_entropy on the full logits in rank 0 alone.",
-    ]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> str:
@@ -202,7 +169,24 @@ def main(argv=None) -> str:
         parser.error(f"--backend nccl --world {args.world} needs {args.world} GPUs, {torch.cuda.device_count()} here")
     per_rank = launch(_rank, args.world, args.vocab, args.rows, args.dtype, args.repeat, backend=args.backend,
                       timeout_s=args.timeout)  # fmt: skip
-    text = markdown(per_rank[0], args.world, args.backend, args.dtype)
+    text = "\n".join([
+        f"Vocabulary-parallel cross-entropy, {args.world} {args.backend} rank(s) on "
+        f"{'CPU' if args.backend == 'gloo' else 'GPUs'}, {args.dtype} logits, label_smoothing={LABEL_SMOOTHING}, "
+        "forward + backward.",
+        "",
+        "| V | rows | all-reduces | stats B/row | fixed B/call | gather B/row | full logits MiB/rank "
+        "| vocab-parallel ms | full logits, one process, ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['V']} | {r['rows']} | {r['collectives']} | {r['stats_per_row']:.0f} | {r['fixed']} "
+          f"| {r['gather_per_row']} | {r['full_mib']:.1f} | {r['t_ours']:.3g} | {r['t_single']:.3g} |"
+          for r in per_rank[0]),
+        "",
+        "stats B/row: bytes all-reduced per row; fixed B/call: the per-call shard-size/consistency table. "
+        "gather B/row: bytes each rank would receive per row to all-gather the logits instead; full logits: "
+        "the buffer that gathering would materialise on every rank, which the vocabulary-parallel path never "
+        "allocates. Times: rank 0, forward + backward steps back to back; the last column is "
+        "smoothce.cross_entropy on the full logits in rank 0 alone.",
+    ])  # fmt: skip
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
