@@ -162,7 +162,8 @@ class TritonBackend(Backend):
 
         self.check_inputs(logits)
         config = triton_shard_kernels.launch_config(
-            logits.shape[1], logits.dtype, max_block_v=self.max_block_v, options=self.compile_options()
+            logits.shape[1], logits.dtype, max_block_v=self.max_block_v, options=self.compile_options(),
+            fast_exp=self.FAST_EXP,
         )
         return triton_shard_kernels.shard_stats(logits, target, start, label_smoothing, ignore_index, config)
 
@@ -172,7 +173,8 @@ class TritonBackend(Backend):
 
         self.check_inputs(logits)
         config = triton_shard_kernels.launch_config(
-            logits.shape[1], logits.dtype, max_block_v=self.max_block_v, options=self.compile_options()
+            logits.shape[1], logits.dtype, max_block_v=self.max_block_v, options=self.compile_options(),
+            fast_exp=self.FAST_EXP,
         )
         triton_shard_kernels.shard_grad(
             logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index, grad_scale, grad,

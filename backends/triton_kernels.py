@@ -98,6 +98,17 @@ def _exp(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _to_acc(z, ACC_DTYPE: tl.constexpr, FAST: tl.constexpr):
+    # A loaded block in the accumulation dtype. FAST (NVIDIA): a bfloat16 pair, packed in a 32-bit
+    # register, is its low half shifted up and its high half masked, one instruction per value.
+    if FAST and z.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xFFFF0000;", "=r,=r,r", [z],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return z.to(ACC_DTYPE)
+
+
+@triton.jit
 def _wide(hi, lo, ACC_DTYPE: tl.constexpr):
     # A constant passed as two float32 halves (Triton passes Python floats as float32): all of it
     # in float64 accumulation, its float32 rounding otherwise.
@@ -334,21 +345,23 @@ def split_kernel(
 
 @triton.jit
 def _lane_step(z, m, r, s, ref, mask, MASKED: tl.constexpr, SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):
-    """Sweep 1's work on one block, lane by lane: no reduction across the block, one exp per element.
+    """Sweep 1's work on one block, lane by lane: no reduction across the block, one exp per value.
 
     Each lane keeps its max m, its remainder r = sum exp(z - m) beside its max's exact 1, and
-    s = sum (z - ref). A new value z either raises the max (r <- (r + 1) exp(m - z)) or joins the
-    remainder (r <- r + exp(z - m)): both are r * f + exp(min(m, z) - max(m, z)). A tie adds 1.
+    s = sum (z - ref). With d = z - m, a new max (d > 0) gives r <- (r + 1) exp(-d), any other
+    value r <- r + exp(d) (a tie adds 1): both are r f + exp(-|d|). A NaN logit makes d, and so r,
+    NaN; z = -inf adds exp(-inf) = 0. (Also the vocabulary-parallel stats kernel's.)
     """
-    m_new = tl.maximum(m, z)
-    e = _exp(tl.minimum(m, z, propagate_nan=tl.PropagateNan.ALL) - m_new, FAST_EXP)  # a NaN logit reaches r
-    r = r * tl.where(z > m, e, 1.0) + e
+    d = z - m
+    e = _exp(-tl.abs(d), FAST_EXP)
+    r = r * tl.where(d > 0.0, e, 1.0) + e
+    m = tl.maximum(m, z)
     if SMOOTHING:
-        d = z - ref
+        dz = z - ref
         if MASKED:
-            d = tl.where(mask, d, 0.0)
-        s += d
-    return m_new, r, s
+            dz = tl.where(mask, dz, 0.0)
+        s += dz
+    return m, r, s
 
 
 @triton.jit
@@ -398,7 +411,9 @@ def loop_kernel(
     if WIDE_COLS:
         offsets = offsets.to(tl.int64)
     z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
-    ref = tl.where(tl.abs(z_k) < float("inf"), z_k, 0.0)  # s is summed relative to a logit of the row
+    # s is summed relative to a logit of the row: the target's, unless it is not finite or passes
+    # 2**64 in size (a class masked with the dtype's lowest value), where z - ref could overflow.
+    ref = tl.where(tl.abs(z_k) < 1.8446744073709552e19, z_k, 0.0)
 
     # Sweep 1, lane by lane (_lane_step); lanes start below every finite value.
     if ACC_DTYPE == tl.float64:  # noqa: SIM300 (a constexpr, not a constant)
@@ -413,9 +428,9 @@ def loop_kernel(
         z = tl.load(logits_row + offsets * stride_lc, eviction_policy=KEEP)
         for start in range(BLOCK, n_full, BLOCK):
             z_next = tl.load(logits_row + (start + offsets) * stride_lc, eviction_policy=KEEP)
-            m, r, s = _lane_step(z.to(ACC_DTYPE), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+            m, r, s = _lane_step(_to_acc(z, ACC_DTYPE, FAST_EXP), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
             z = z_next
-        m, r, s = _lane_step(z.to(ACC_DTYPE), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+        m, r, s = _lane_step(_to_acc(z, ACC_DTYPE, FAST_EXP), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
     if n_full < n_read:
         cols = n_full + offsets
         mask = cols < n_read
@@ -426,7 +441,8 @@ def loop_kernel(
     seen = m > low
     M = tl.max(m, axis=0)
     first = tl.min(tl.where(seen & (m == M), offsets, BLOCK), axis=0)
-    R = tl.sum(tl.where(offsets == first, r, tl.where(seen, (1.0 + r) * tl.exp(m - M), 0.0)), axis=0)
+    # (A lane that saw nothing holds r = 0, or NaN from a NaN logit, which must reach R.)
+    R = tl.sum(tl.where(offsets == first, r, tl.where(seen, (1.0 + r) * tl.exp(m - M), r)), axis=0)
     M = tl.where(first < BLOCK, M, NEG_INF)  # no lane saw a value: the row is all -inf
     shift = tl.where(M == NEG_INF, 0.0, M)
     s_rel = tl.sum(s, axis=0) + n_read.to(ACC_DTYPE) * (ref - shift)
@@ -450,17 +466,17 @@ def loop_kernel(
                 cols = n_full + offsets
                 mask = cols < num_classes
                 z = tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF, eviction_policy=DROP)
-                g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
+                g = _exp(_to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
                 tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=mask)
             if n_full > 0:
                 cols = n_full - BLOCK + offsets
                 z = tl.load(logits_row + cols * stride_lc, eviction_policy=DROP)
                 for _ in range(1, n_full // BLOCK):
                     z_next = tl.load(logits_row + (cols - BLOCK) * stride_lc, eviction_policy=DROP)
-                    g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
+                    g = _exp(_to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
                     tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty))
                     z, cols = z_next, cols - BLOCK
-                g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
+                g = _exp(_to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
                 tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty))
             g_k = _grad_values(z_k, True, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo,
                                _wide(lamk_hi, lamk_lo, ACC_DTYPE))

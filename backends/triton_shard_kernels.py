@@ -6,19 +6,28 @@
 defaults in ``base`` compute the same):
 
 ``shard_stats_kernel``, one program per row of the slice z (V_i values), one sweep over
-blocks of ``BLOCK_V`` columns, in float32 (float64 for float64 logits). Each lane l of the
-block (columns l, l + BLOCK_V, ...) keeps its own running max m_l, remainder r_l and sum t_l,
-so the loop has no cross-lane reduction and one exp per value: for a value z of lane l,
+blocks of ``BLOCK_V`` columns, in float32 (float64 for float64 logits): the full blocks load
+with no mask, each one's load issued before the previous block's work, and only a last partial
+block is masked. Each lane l of the block (columns l, l + BLOCK_V, ...) keeps its own running
+max m_l, remainder r_l and sum s_l, so the loop has no cross-lane reduction and one exp per
+value. m_l starts at the lowest finite value (not -inf: no guard against -inf - -inf per value);
+for a value z of lane l, with d = z - m_l and e = exp(-|d|):
 
-    z > m_l (a new max):  r_l' = (r_l + 1) exp(m_l - z) = r_l e + e,  m_l' = z
-    otherwise:            r_l' = r_l + exp(z - m_l)                   (a tie adds an exact 1)
-    t_l' = t_l + n_l (m~_l - m~_l') + (z - m~_l'),  n_l = the lane's values so far  (lam > 0 only)
+    d > 0 (a new max):  r_l' = (r_l + 1) exp(-d) = r_l e + e,  m_l' = z
+    otherwise:          r_l' = r_l + exp(d) = r_l + e             (a tie adds an exact 1)
+    s_l' = s_l + (z - ref)                                         (lam > 0 only)
 
-with m~ = m where finite, else 0. After the sweep the lanes combine like ranks do in
-``smoothce.distributed``: m = max_l m_l, the first lane holding m keeps r_l, every other adds
-(1 + r_l) exp(m_l - m), and t = sum_l t_l + n_l (m~_l - m~). So R = sum over all values but one
-max of exp(z_j - m) and t = sum_j (z_j - m~), with no sum ever taken over raw logits and no 1
-ever added to R. It writes the (4, N) rows m, R, t, z_k.
+with ref a fixed logit of the row (z_k where the slice holds the target, else column 0; 0
+where that one is not finite or passes 2**64 in size, as a class masked with the dtype's
+lowest value does). A NaN logit makes d, so r_l and R, NaN (its row's loss and
+gradient then are NaN); -inf gives e = 0. After the sweep the lanes combine like ranks do
+in ``smoothce.distributed``: m = max_l m_l over the lanes that saw a value above -inf
+(m_l > low; none: m = -inf), the first lane holding m keeps r_l, every other adds
+(1 + r_l) exp(m_l - m), and t = sum_l s_l + V_i (ref - m~), m~ = m where finite, else 0.
+So R = sum over all values but one max of exp(z_j - m) and t = sum_j (z_j - m~), with no
+sum ever taken over raw logits (a common offset cancels in z - ref and ref - m~) and no 1
+ever added to R. (A logit equal to the lowest finite value counts as -inf.) It writes the
+(4, N) rows m, R, t, z_k; ignored rows too (the contract's m, R, t do not depend on the target).
 
 ``shard_grad_kernel``, one program per row, one sweep, from the global row max M and the
 excess e = S - 1 of S = sum_j exp(z_j - M) over all V classes:
@@ -26,13 +35,19 @@ excess e = S - 1 of S = sum_j exp(z_j - M) over all V classes:
     grad_j = c (p_j - lam / V),  p_j = exp(z_j - M) / S                      j != k - start
     grad_k = c ((p_k - lam / V) - (1 - lam)),  or c ((lam - lam / V) - e / S) when z_k = M, e < 1
 
-each rounded to the gradient's dtype once; ignored rows read nothing and write zeros.
+the sweep as exp(z_j - M~) a - b with a = c / S and b = c lam / V (one exp and one fused
+multiply-add per value, full blocks unmasked), the target column once as a scalar in its own
+form, written again after the sweep; each rounded to the gradient's dtype once. Ignored rows
+read nothing and write zeros.
 
-``start`` and ``V`` are Python ints or 0-d int64 device tensors (then read by the kernel,
-so the host never waits for them); constexpr switches pick which. Row and column offsets
-are 64-bit and every tensor has its own strides. Like ``triton_kernels`` this module
-imports Triton at import time and the backends import it at the first launch; Triton
-reads ``TRITON_INTERPRET`` then, which is what lets the kernels run on CPU tensors.
+``FAST_EXP`` (float32 accumulation on NVIDIA GPUs, never under the interpreter) takes
+``triton_kernels._exp``'s hardware exp and widens bfloat16 pairs with two integer
+instructions. ``start`` and ``V`` are Python ints or 0-d int64 device tensors (then read
+by the kernel, so the host never waits for them); constexpr switches pick which. Row
+offsets are 64-bit, column offsets 64-bit only where (V_i - 1) x a column stride passes
+int32 (``WIDE_COLS``), and every tensor has its own strides. Like ``triton_kernels`` this
+module imports Triton at import time and the backends import it at the first launch;
+Triton reads ``TRITON_INTERPRET`` then, which is what lets the kernels run on CPU tensors.
 """
 
 from __future__ import annotations
@@ -41,9 +56,18 @@ import torch
 import triton
 import triton.language as tl
 
+from smoothce.backends import triton_kernels
 from smoothce.backends.base import loss_dtype
 from smoothce.backends.triton_backend import next_power_of_2
-from smoothce.backends.triton_kernels import check_device, device_guard, split_float
+from smoothce.backends.triton_kernels import (
+    INTERPRETED,
+    _exp,
+    _lane_step,
+    _to_acc,
+    check_device,
+    device_guard,
+    split_float,
+)
 
 # The sweep kernels' blocks: 4 KiB of logits (2048 bfloat16 or 1024 float32 columns) and 8 warps.
 # On an H200 (4096 x 128256) the stats kernel took 0.49 ms (bfloat16) and 0.55 ms (float32) so,
@@ -81,51 +105,64 @@ def shard_stats_kernel(
     START_IN_MEMORY: tl.constexpr,
     SMOOTHING: tl.constexpr,  # lam > 0: compute t (else it is written as 0)
     ACC_DTYPE: tl.constexpr,
+    FAST_EXP: tl.constexpr,  # _exp's hardware form (float32 on NVIDIA GPUs)
+    WIDE_COLS: tl.constexpr,  # (V_i - 1) x the column stride past int32: column offsets in int64
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
-    offsets = tl.arange(0, BLOCK_V)
-
-    # Per lane l (one column of each block): its max m_l, remainder r_l (its other values'
-    # exp(z - m_l)) and t_l = sum (z - m~_l). No cross-lane reduction inside the loop.
-    m = tl.full((BLOCK_V,), float("-inf"), ACC_DTYPE)
-    r = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    t = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    for col in range(0, local_classes, BLOCK_V):
-        cols = col + offsets
-        mask = cols < local_classes
-        # Masked tails read -inf: no new max, exp(-inf) = 0 in r, left out of t.
-        z = tl.load(logits_row + cols.to(tl.int64) * stride_logits_col, mask=mask, other=float("-inf"))
-        z = z.to(ACC_DTYPE)
-        up = z > m  # a new lane max: the old max's 1 joins the remainder; ties add an exact 1
-        hi = tl.maximum(z, m)
-        hi_shift = tl.where(hi == float("-inf"), 0.0, hi)  # no exp sees -inf - (-inf)
-        e = tl.exp(tl.minimum(z, m) - hi_shift)  # exp(m - z) on a new max, else exp(z - m): one exp
-        r = tl.where(up, r * e + e, r + e)  # (r + 1) e as r e + e: the 1 never meets r in one rounding
-        if SMOOTHING:
-            # Move the lane's col / BLOCK_V values so far from its old shift to the new one.
-            old_shift = tl.where(m == float("-inf"), 0.0, m)
-            moved = tl.cast(col // BLOCK_V, ACC_DTYPE) * (old_shift - hi_shift)
-            t = tl.where(mask, t + moved + (z - hi_shift), t)
-        m = hi
-
-    # Lanes to row, as ranks to the whole row in smoothce.distributed: the first lane holding the
-    # max keeps its remainder, every other lane adds (1 + r_l) exp(m_l - m).
-    row_max = tl.max(m, axis=0)
-    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-    first = tl.min(tl.where(m == row_max, offsets, BLOCK_V), axis=0)  # (all -inf: lane 0, whose r is 0)
-    c = tl.exp(m - shift)
-    r_row = tl.sum(tl.where(offsets == first, r, r * c + c), axis=0)
-    t_row = tl.zeros((), ACC_DTYPE)
-    if SMOOTHING:
-        seen = tl.maximum(local_classes - offsets + BLOCK_V - 1, 0) // BLOCK_V  # values in each lane
-        lane_shift = tl.where(m == float("-inf"), 0.0, m)
-        t_row = tl.sum(t + tl.cast(seen, ACC_DTYPE) * (lane_shift - shift), axis=0)
-
+    lanes = tl.arange(0, BLOCK_V)
+    offsets = lanes
+    if WIDE_COLS:
+        offsets = offsets.to(tl.int64)
     target = tl.load(target_ptr + row).to(tl.int64)
     k = target - _scalar(start, START_IN_MEMORY)
     owned = (target != ignore_index) & (k >= 0) & (k < local_classes)
-    z_k = tl.load(logits_row + tl.where(owned, k, 0) * stride_logits_col, mask=owned, other=0.0).to(ACC_DTYPE)
+    # One scalar read: z_k where the slice holds the target, else column 0, a logit of the row that
+    # the per-lane sums s are taken from (a common offset cancels in z - ref); 0 where it is not
+    # finite or 2**64 or more in size (a class masked with the dtype's lowest value: z - ref overflows).
+    z_ref = tl.load(logits_row + tl.where(owned, k, 0) * stride_logits_col, mask=local_classes > 0, other=0.0)
+    z_ref = z_ref.to(ACC_DTYPE)
+    z_k = tl.where(owned, z_ref, 0.0)
+    ref = tl.where(tl.abs(z_ref) < 1.8446744073709552e19, z_ref, 0.0)
+
+    # Sweep, lane by lane (_lane_step): full blocks unmasked, each one's load issued before the
+    # previous block's work; lanes start below every finite value, then a masked tail.
+    if ACC_DTYPE == tl.float64:  # noqa: SIM300 (a constexpr, not a constant)
+        low = tl.full((BLOCK_V,), -1.7976931348623157e308, ACC_DTYPE)
+    else:
+        low = tl.full((BLOCK_V,), -3.4028234663852886e38, ACC_DTYPE)
+    m = low
+    r = tl.zeros((BLOCK_V,), ACC_DTYPE)
+    s = tl.zeros((BLOCK_V,), ACC_DTYPE)
+    n_full = local_classes // BLOCK_V * BLOCK_V
+    if n_full > 0:
+        z = _to_acc(tl.load(logits_row + offsets * stride_logits_col), ACC_DTYPE, FAST_EXP)
+        for col in range(BLOCK_V, n_full, BLOCK_V):
+            z_next = _to_acc(tl.load(logits_row + (col + offsets) * stride_logits_col), ACC_DTYPE, FAST_EXP)
+            m, r, s = _lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+            z = z_next
+        m, r, s = _lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+    if n_full < local_classes:
+        cols = n_full + offsets
+        mask = cols < local_classes
+        z = tl.load(logits_row + cols * stride_logits_col, mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        m, r, s = _lane_step(z, m, r, s, ref, mask, True, SMOOTHING, FAST_EXP)
+
+    # Lanes to row, as ranks to the whole row in smoothce.distributed: the first lane holding the
+    # max keeps its remainder, every other lane adds (1 + r_l) exp(m_l - m). A lane that saw no
+    # value above -inf holds (low, 0), or r = NaN after a NaN logit, which r * 0 passes on.
+    seen = m > low
+    row_max = tl.max(m, axis=0)
+    first = tl.min(tl.where(seen & (m == row_max), lanes, BLOCK_V), axis=0)
+    c = tl.exp(m - row_max)
+    r_row = tl.sum(tl.where(lanes == first, r, tl.where(seen, r * c + c, r * 0.0)), axis=0)
+    row_max = tl.where(first < BLOCK_V, row_max, float("-inf"))  # no lane saw a value: all -inf
+    t_row = tl.zeros((), ACC_DTYPE)
+    if SMOOTHING:
+        # t = sum (z - m~) = sum (z - ref) + V_i (ref - m~): nothing summed over raw logits.
+        shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        t_row = tl.sum(s, axis=0) + tl.cast(local_classes, ACC_DTYPE) * (ref - shift)
+
     out = stats_ptr.dtype.element_ty
     n = tl.cast(n_rows, tl.int64)  # the stride between the four rows of stats
     tl.store(stats_ptr + row, row_max.to(out))
@@ -163,57 +200,81 @@ def shard_grad_kernel(
     V_IN_MEMORY: tl.constexpr,
     SMOOTHING: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    FAST_EXP: tl.constexpr,  # _exp's hardware form (float32 on NVIDIA GPUs)
+    WIDE_COLS: tl.constexpr,  # (V_i - 1) x a column stride past int32: column offsets in int64
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row).to(tl.int64)
     valid = target != ignore_index
     k = target - _scalar(start, START_IN_MEMORY)
     owned = valid & (k >= 0) & (k < local_classes)
-    k = tl.where(owned, k, -1)  # -1 matches no column
-    lam = tl.cast(lam_hi, ACC_DTYPE) + tl.cast(lam_lo, ACC_DTYPE)
-    smooth = lam / _scalar(num_classes, V_IN_MEMORY).to(ACC_DTYPE)
-    row_max = tl.load(row_max_ptr + row * stride_row_max).to(ACC_DTYPE)
-    excess = tl.load(excess_ptr + row * stride_excess).to(ACC_DTYPE)
-    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-    inv_sum = tl.where(valid, 1.0 / tl.where(valid, 1.0 + excess, 1.0), 0.0)  # ignored rows: no 1 / 0
-    scale = tl.where(valid, tl.load(grad_scale_ptr).to(ACC_DTYPE), 0.0)
     logits_row = logits_ptr + row * stride_logits_row
-
-    # The target column: p_k - 1 = -e / S where z_k is the max and p_k > 1/2 (a confident row
-    # keeps its digits); else (p_k - lam / V) - (1 - lam), exact at lam = 1.
-    z_k = tl.load(logits_row + tl.where(owned, k, 0) * stride_logits_col, mask=owned, other=0.0).to(ACC_DTYPE)
-    p_k = tl.exp(z_k - shift) * inv_sum
-    g_k = tl.where((z_k == row_max) & (excess < 1.0), (lam - smooth) - excess * inv_sum, (p_k - smooth) - (1.0 - lam))
-
-    n_read = tl.where(valid, local_classes, 0)  # ignored rows read nothing
     grad_row = grad_ptr + row * stride_grad_row
     offsets = tl.arange(0, BLOCK_V)
-    for col in range(0, local_classes, BLOCK_V):
-        cols = col + offsets
-        cols64 = cols.to(tl.int64)
-        z = tl.load(logits_row + cols64 * stride_logits_col, mask=cols < n_read, other=float("-inf"))
-        g = tl.exp(z.to(ACC_DTYPE) - shift) * inv_sum
+    if WIDE_COLS:
+        offsets = offsets.to(tl.int64)
+    out = grad_ptr.dtype.element_ty
+    n_full = local_classes // BLOCK_V * BLOCK_V
+    if valid:
+        lam = tl.cast(lam_hi, ACC_DTYPE) + tl.cast(lam_lo, ACC_DTYPE)
+        smooth = lam / _scalar(num_classes, V_IN_MEMORY).to(ACC_DTYPE)
+        row_max = tl.load(row_max_ptr + row * stride_row_max).to(ACC_DTYPE)
+        excess = tl.load(excess_ptr + row * stride_excess).to(ACC_DTYPE)
+        shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        inv_sum = 1.0 / (1.0 + excess)
+        scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
+        # grad_j = c p_j - c lam / V: one exp and one fused multiply-add per value.
+        a = inv_sum * scale
+        b = tl.zeros((), ACC_DTYPE)
         if SMOOTHING:
-            g -= smooth
-        g = tl.where(cols == k, g_k, g)
-        g = tl.where(valid, g * scale, 0.0)
-        tl.store(grad_row + cols64 * stride_grad_col, g.to(grad_ptr.dtype.element_ty), mask=cols < local_classes)
-
-
+            b = smooth * scale
+        if n_full > 0:
+            z = _to_acc(tl.load(logits_row + offsets * stride_logits_col), ACC_DTYPE, FAST_EXP)
+            for col in range(BLOCK_V, n_full, BLOCK_V):
+                z_next = _to_acc(tl.load(logits_row + (col + offsets) * stride_logits_col), ACC_DTYPE, FAST_EXP)
+                g = _exp(z - shift, FAST_EXP) * a - b
+                tl.store(grad_row + (col - BLOCK_V + offsets) * stride_grad_col, g.to(out))
+                z = z_next
+            g = _exp(z - shift, FAST_EXP) * a - b
+            tl.store(grad_row + (n_full - BLOCK_V + offsets) * stride_grad_col, g.to(out))
+        if n_full < local_classes:
+            cols = n_full + offsets
+            mask = cols < local_classes
+            z = tl.load(logits_row + cols * stride_logits_col, mask=mask, other=float("-inf"))
+            g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
+            tl.store(grad_row + cols * stride_grad_col, g.to(out), mask=mask)
+        if owned:
+            # The target column, written again over the sweep's value: p_k - 1 = -e / S where z_k is
+            # the max and p_k > 1/2 (a confident row keeps its digits); else (p_k - lam / V) - (1 - lam),
+            # exact at lam = 1.
+            z_k = tl.load(logits_row + k * stride_logits_col).to(ACC_DTYPE)
+            p_k = tl.exp(z_k - shift) * inv_sum
+            g_k = tl.where((z_k == row_max) & (excess < 1.0), (lam - smooth) - excess * inv_sum,
+                           (p_k - smooth) - (1.0 - lam))
+            tl.debug_barrier()  # after every thread's store of the block holding k
+            tl.store(grad_row + k * stride_grad_col, (g_k * scale).to(out))
+    else:
+        # Ignored rows read nothing and write zeros.
+        zeros = tl.zeros((BLOCK_V,), out)
+        for col in range(0, local_classes, BLOCK_V):
+            cols = col + offsets
+            tl.store(grad_row + cols * stride_grad_col, zeros, mask=cols < local_classes)
 
 
 def launch_config(local_classes: int, dtype: torch.dtype, *, max_block_v: int | None = None,
-                  options: dict | None = None) -> dict:
-    """``block`` (BLOCK_V, a power of two), ``num_warps`` and compile ``options`` for slices of V_i columns.
+                  options: dict | None = None, fast_exp: bool = False) -> dict:
+    """``block`` (BLOCK_V, a power of two), ``num_warps``, ``fast_exp`` and compile ``options`` for V_i columns.
 
     ``max_block_v`` caps the block (tests use 16 so small slices take several blocks).
+    ``fast_exp`` (the backend's FAST_EXP: NVIDIA only) lets the kernels use PTX's exp and
+    bfloat16 widening; the launchers use it in float32 accumulation, never under the interpreter.
     """
     block = min(BLOCK_BYTES // dtype.itemsize, next_power_of_2(local_classes))
     if max_block_v:
         block = min(block, max_block_v)
     block = max(MIN_BLOCK_V, block)
     num_warps = min(MAX_NUM_WARPS, max(1, block * dtype.itemsize // 512))
-    config = {"block": block, "num_warps": num_warps}
+    config = {"block": block, "num_warps": num_warps, "fast_exp": bool(fast_exp)}
     if options:
         config["options"] = options
     return config
@@ -240,6 +301,20 @@ def _prepare(logits: torch.Tensor, config: dict):
     return device_guard(logits.device), block_v
 
 
+def _switches(logits: torch.Tensor, config: dict, *col_strides: int) -> dict:
+    """The kernels' ACC_DTYPE, FAST_EXP and WIDE_COLS for ``logits`` and the given column strides."""
+    acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    # PTX: float32 accumulation on an NVIDIA GPU only (not the interpreter, ROCm or XPU).
+    nvidia = not INTERPRETED and logits.device.type == "cuda" and torch.version.hip is None
+    # The single-process kernels' threshold, read at each launch (tests lower it).
+    wide = (logits.shape[1] - 1) * max(abs(stride) for stride in col_strides) >= triton_kernels.WIDE_OFFSETS
+    return {
+        "ACC_DTYPE": acc_dtype,
+        "FAST_EXP": bool(config.get("fast_exp", False)) and nvidia and acc_dtype == tl.float32,
+        "WIDE_COLS": wide,
+    }
+
+
 def shard_stats(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -259,7 +334,7 @@ def shard_stats(
     if n_rows == 0:
         return stats
     start_arg, start_in_memory = _scalar_arg(start, "start", logits.device)
-    acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    switches = _switches(logits, config, logits.stride(1))
     with guard:
         shard_stats_kernel[(n_rows,)](
             logits,
@@ -274,8 +349,8 @@ def shard_stats(
             BLOCK_V=block_v,
             START_IN_MEMORY=start_in_memory,
             SMOOTHING=label_smoothing > 0.0,
-            ACC_DTYPE=acc_dtype,
             num_warps=config["num_warps"],
+            **switches,
             **config.get("options", {}),
         )
     return stats
@@ -302,7 +377,7 @@ def shard_grad(
     start_arg, start_in_memory = _scalar_arg(start, "start", logits.device)
     vocab_arg, vocab_in_memory = _scalar_arg(num_classes, "num_classes", logits.device)
     lam_hi, lam_lo = split_float(float(label_smoothing))
-    acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    switches = _switches(logits, config, logits.stride(1), grad.stride(1))
     with guard:
         shard_grad_kernel[(n_rows,)](
             logits,
@@ -327,7 +402,7 @@ def shard_grad(
             START_IN_MEMORY=start_in_memory,
             V_IN_MEMORY=vocab_in_memory,
             SMOOTHING=label_smoothing > 0.0,
-            ACC_DTYPE=acc_dtype,
             num_warps=config["num_warps"],
+            **switches,
             **config.get("options", {}),
         )

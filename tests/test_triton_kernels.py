@@ -480,9 +480,26 @@ def test_maxima_ties_and_minus_inf_across_lanes_and_blocks(backend, num_classes,
     check_against_reference(logits, target, label_smoothing, "none")
 
 
-def test_nan_logit_makes_its_row_nan(backend):
+@pytest.mark.parametrize("target_masked", [False, True])
+def test_classes_masked_with_the_lowest_value(backend, target_masked):
+    # A class masked with torch.finfo(float32).min, as models mask classes out: the loss stays
+    # finite (a target on it too: about 0.9 x 3.4e38 at lam = 0.1), never NaN. (Several such
+    # classes overflow float32's sum at lam > 0: +inf, as in PyTorch.)
+    logits, target = make_inputs(4, 40, torch.float32, ignored=())
+    logits = logits.detach().clone()
+    logits[:, 0] = torch.finfo(torch.float32).min
+    target = torch.where(target == 0, 20, target)
+    if target_masked:
+        target[1] = 0
+    loss = smoothce.cross_entropy(logits, target, label_smoothing=0.1, reduction="none")
+    ref, _ = cross_entropy_reference(logits.cpu(), target.cpu(), label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(loss.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_classes", [40, 20])  # 20: the NaN alone in its lane (blocks of 16)
+def test_nan_logit_makes_its_row_nan(backend, num_classes):
     # As F.cross_entropy: a NaN logit makes its row's loss and gradient NaN, and only that row's.
-    logits, target = make_inputs(3, 40, torch.float32, ignored=())
+    logits, target = make_inputs(3, num_classes, torch.float32, ignored=())
     logits = logits.detach().clone()
     logits[1, 5] = float("nan")
     logits.requires_grad_()

@@ -8,14 +8,19 @@ interpreter:
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_shard_kernels.py
 
 With a CUDA or XPU device (TRITON_INTERPRET unset) the same tests run on it. Blocks are
-capped at 16 columns, so small slices still take the multi-block loop, its masked tail
-and the running-max updates. The last test runs the whole vocabulary-parallel loss on two
-gloo ranks through the cuda-triton backend in the interpreter.
+capped at 16 columns, so small slices still take the unmasked full blocks, the masked tail,
+the per-lane maxima and their combination. Without a GPU one test compiles the kernels for
+sm_90 ahead of time. The last test runs the whole vocabulary-parallel loss on two gloo ranks
+through the cuda-triton backend in the interpreter.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -43,8 +48,9 @@ else:
 
 BACKENDS = ["cuda-triton", "xpu-triton"] if DEVICE == "cpu" else [f"{DEVICE}-triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-# V_i: 1 (the slice is its own max), 13 (one block with a masked tail), 40 (16 + 16 + 8).
-LOCAL_SIZES = [1, 13, 40]
+# V_i: 1 (the slice is its own max), 13 (only a masked tail), 16 (one full block, no tail),
+# 40 (16 + 16 + a tail of 8), 48 (three full blocks, no tail).
+LOCAL_SIZES = [1, 13, 16, 40, 48]
 # Global classes around the slice: 9 before it and 11 after, so targets fall inside and outside.
 BEFORE, AFTER = 9, 11
 DEFAULT = Backend()  # the plain-torch defaults
@@ -254,6 +260,198 @@ def test_start_on_another_device_is_a_clear_error(backend):
     logits, target = torch.randn(2, 5, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="start must be a Python int or a 0-d int64 tensor"):
         backend.shard_stats(logits, target, torch.tensor(0), 0.1, -100)
+
+
+class _LaunchSpy:
+    """Stands in for a kernel of triton_shard_kernels: records each launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _spy(monkeypatch):
+    from smoothce.backends import triton_shard_kernels
+
+    spies = {}
+    for name in ("shard_stats_kernel", "shard_grad_kernel"):
+        spies[name] = _LaunchSpy(getattr(triton_shard_kernels, name))
+        monkeypatch.setattr(triton_shard_kernels, name, spies[name])
+    return spies
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+def test_lanes_blocks_and_tail(backend, lam):
+    # V_i = 40 in blocks of 16: lanes 0-7 see three values (the last in the masked tail), lanes 8-15 two.
+    local = 40
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(9, local, generator=gen, dtype=torch.float64).clamp(-3.0, 3.0)
+    rows[0, [3, 19]] = 7.0  # the max twice in one lane, in two blocks: R = 1 + the rest
+    rows[1, [2, 9]] = 7.0  # the max twice in one block, two lanes
+    rows[2, [11, 20, 36]] = 7.0  # three times: lanes 11, 4 and 4 again in the tail
+    rows[3] = 0.0
+    rows[3, 37] = 19.45  # confident, the max in the tail only: R = 39 exp(-19.45), never added to a 1
+    rows[4] = float("-inf")
+    rows[4, 21] = 2.5  # one finite value among -inf, in a full block: R = 0, t = -inf
+    rows[5] = float("-inf")
+    rows[5, 38] = -1.25  # ... and in the tail
+    rows[6, [30, 33]] = 7.0  # the max in lane 14 (block 1) and lane 1 (the tail): lane 1 is the first
+    rows[7, 0] = torch.finfo(torch.float32).min  # column 0 masked: not the reference of the sums
+    rows[8] = 3e4 + rows[8]  # a large common offset: t keeps its digits
+    rows = rows.float().double()
+    # Targets in the slice (its logit is the reference of the sums) and outside it (column 0 is).
+    target = torch.tensor([19, 50, -100, 37, 21, 45, 5, 60, 12])
+    own = slice(0, local)
+    logits = rows.to(DEVICE, torch.float32)
+    stats = backend.shard_stats(logits, target.to(DEVICE), 0, lam, -100).cpu().double()
+    torch.testing.assert_close(stats, true_stats(rows, target, own, lam), rtol=1e-6, atol=0.0)
+    assert stats[:, 4].tolist() == [2.5, 0.0, float("-inf") if lam > 0 else 0.0, 2.5]
+    assert stats[:, 5].tolist() == [-1.25, 0.0, float("-inf") if lam > 0 else 0.0, 0.0]
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_logit_makes_its_row_nan(backend, dtype, lam):
+    # As F.cross_entropy: a NaN logit makes R (and t) of its row NaN, and so the row's loss; the
+    # other rows keep their values. Ignored rows read nothing in shard_grad: zeros.
+    local = 40
+    full, target, own = make_rows(7, local, dtype)
+    nan = float("nan")
+    at = BEFORE
+    full[0, at + 5] = nan  # in a full block, in a lane with other values
+    full[1, at + 35] = nan  # in the tail
+    target[1] = at + 20  # (make_rows ignores row 1)
+    full[2, at + 12] = nan  # alone in its lane (lane 12: columns 12 and 28)
+    full[2, at + 28] = float("-inf")
+    full[3, at + 36] = nan  # after the lane's max (row 3's max is at columns 0 and 39)
+    target[3] = 0  # outside the slice
+    full[4, at + 7] = nan  # an ignored row
+    target[4] = -100
+    logits = full[:, own].to(DEVICE, dtype)
+    stats = backend.shard_stats(logits, target.to(DEVICE), own.start, lam, -100).cpu().double()
+    assert stats[1, :5].isnan().all()
+    if lam > 0:
+        assert stats[2, :5].isnan().all()
+    expected = true_stats(full, target, own, lam)
+    torch.testing.assert_close(stats[:, 5:], expected[:, 5:], **stats_tolerance(dtype))
+    row_max, excess = global_stats(full[5:])
+    acc = loss_dtype(dtype)
+    row_max = torch.cat([torch.zeros(5, dtype=row_max.dtype), row_max]).to(DEVICE, acc)
+    excess = torch.cat([torch.full((5,), nan, dtype=excess.dtype), excess]).to(DEVICE, acc)
+    grad = torch.full_like(logits, nan)
+    backend.shard_grad(logits, target.to(DEVICE), own.start, full.shape[1], row_max, excess, lam, -100,
+                       torch.tensor(1.0, dtype=acc, device=DEVICE), grad)
+    assert not grad[4].any()
+    assert grad[:4].isnan().all()
+    _, ref = cross_entropy_reference(full[5:], target[5:], label_smoothing=lam, reduction="sum")
+    torch.testing.assert_close(grad[5:].cpu().double(), ref[:, own], **grad_tolerance(dtype))
+
+
+def test_wide_column_offsets(backend, monkeypatch):
+    # Column offsets are int64 where (V_i - 1) x a column stride reaches the single-process kernels'
+    # threshold, lowered here to 100: (40 - 1) x 1 stays below it, (40 - 1) x 6 (transposed) does not.
+    from smoothce.backends import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "WIDE_OFFSETS", 100)
+    spies = _spy(monkeypatch)
+    full, target, own = make_rows(6, 40, torch.float32)
+    contiguous = full[:, own].to(DEVICE, torch.float32)
+    row_max, excess = (x.float().to(DEVICE) for x in global_stats(full))
+    _, ref = cross_entropy_reference(full, target, label_smoothing=0.1, reduction="sum")
+    one = torch.tensor(1.0, device=DEVICE)
+    for logits, grad, wide_stats, wide_grad in [
+        (contiguous, torch.empty_like(contiguous), False, False),
+        (contiguous, _transposed(torch.empty_like(contiguous)), False, True),  # only the gradient's stride
+        (_transposed(contiguous), torch.empty_like(contiguous), True, True),
+    ]:
+        stats = backend.shard_stats(logits, target.to(DEVICE), own.start, 0.1, -100)
+        torch.testing.assert_close(stats.cpu().double(), true_stats(full, target, own, 0.1),
+                                   **stats_tolerance(torch.float32))
+        backend.shard_grad(logits, target.to(DEVICE), own.start, full.shape[1], row_max, excess, 0.1, -100, one,
+                           grad)
+        torch.testing.assert_close(grad.cpu().double(), ref[:, own], **grad_tolerance(torch.float32))
+        assert spies["shard_stats_kernel"].launches[-1]["WIDE_COLS"] is wide_stats
+        assert spies["shard_grad_kernel"].launches[-1]["WIDE_COLS"] is wide_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_fast_exp_only_in_float32_on_an_nvidia_gpu(monkeypatch, dtype):
+    # launch_config(fast_exp=True) (the CUDA backend's FAST_EXP) reaches the kernels as FAST_EXP only
+    # in float32 accumulation on an NVIDIA GPU: never under the interpreter, which cannot run PTX.
+    from smoothce.backends import triton_shard_kernels
+
+    assert triton_shard_kernels.launch_config(40, dtype)["fast_exp"] is False
+    config = triton_shard_kernels.launch_config(40, dtype, max_block_v=16, fast_exp=True)
+    spies = _spy(monkeypatch)
+    full, target, own = make_rows(6, 40, dtype)
+    logits = full[:, own].to(DEVICE, dtype)
+    acc = loss_dtype(dtype)
+    stats = triton_shard_kernels.shard_stats(logits, target.to(DEVICE), own.start, 0.1, -100, config)
+    torch.testing.assert_close(stats.cpu().double(), true_stats(full, target, own, 0.1), **stats_tolerance(dtype))
+    row_max, excess = (x.to(DEVICE, acc) for x in global_stats(full))
+    grad = torch.empty_like(logits)
+    triton_shard_kernels.shard_grad(logits, target.to(DEVICE), own.start, full.shape[1], row_max, excess, 0.1, -100,
+                                    torch.tensor(1.0, dtype=acc, device=DEVICE), grad, config)
+    _, ref = cross_entropy_reference(full, target, label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(grad.cpu().double(), ref[:, own], **grad_tolerance(dtype))
+    fast = DEVICE == "cuda" and torch.version.hip is None and dtype != torch.float64
+    assert spies["shard_stats_kernel"].launches[-1]["FAST_EXP"] is fast
+    assert spies["shard_grad_kernel"].launches[-1]["FAST_EXP"] is fast
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the tests above compile the kernels")
+@pytest.mark.timeout(600)
+def test_kernels_compile_for_hopper():
+    """Compile the real (not interpreted) kernels for sm_90 without a GPU, every switch that the
+    interpreter leaves out: FAST_EXP's PTX (exp and bfloat16 widening) and the int64 column offsets.
+
+    A fresh process, since TRITON_INTERPRET is read at import.
+    """
+    script = textwrap.dedent(
+        """
+        import triton, triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from smoothce.backends import triton_shard_kernels as sk
+
+        def compile_for_hopper(fn, constexprs, pointer, acc, **options):
+            names = fn.arg_names
+            pointers = {"logits_ptr": pointer, "grad_ptr": pointer, "target_ptr": "*i64", "start": "*i64",
+                        "num_classes": "*i64"}
+            signature = {name: "constexpr" if name in constexprs else pointers.get(name, acc)
+                         if name.endswith("_ptr") or name in ("start", "num_classes")
+                         else "fp32" if name in ("lam_hi", "lam_lo") else "i32" for name in names}
+            source = ASTSource(fn=fn, signature=signature,
+                               constexprs={(names.index(k),): v for k, v in constexprs.items()})
+            return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+        ptx = {}
+        for pointer, acc, acc_dtype, fast, wide in (("*bf16", "*fp32", tl.float32, True, False),
+                                                    ("*fp32", "*fp32", tl.float32, False, False),
+                                                    ("*fp32", "*fp32", tl.float32, False, True),
+                                                    ("*fp64", "*fp64", tl.float64, False, False)):
+            common = dict(BLOCK_V=2048, START_IN_MEMORY=True, SMOOTHING=True, ACC_DTYPE=acc_dtype, FAST_EXP=fast,
+                          WIDE_COLS=wide)
+            for kernel, extra in ((sk.shard_stats_kernel, {}), (sk.shard_grad_kernel, {"V_IN_MEMORY": True})):
+                constexprs = dict(common, **extra)
+                ptx[kernel, pointer, wide] = compile_for_hopper(kernel, constexprs, pointer, acc, num_warps=8)
+        for kernel in (sk.shard_stats_kernel, sk.shard_grad_kernel):
+            # int64 column offsets cannot be exercised without a 2**31-element tensor: at least they differ.
+            assert ptx[kernel, "*fp32", True] != ptx[kernel, "*fp32", False], "WIDE_COLS changes nothing"
+            assert "ex2.approx.ftz.f32" in ptx[kernel, "*bf16", False], "FAST_EXP takes no PTX exp"
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SMOOTHCE_BACKEND")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when it is unset
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.distributed
