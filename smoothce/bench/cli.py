@@ -41,9 +41,8 @@ PRESETS = {
 def gpu_target_cases() -> list[cases.Case]:
     """The ``gpu-targets`` preset (module docstring), grouped by V so each V compiles once."""
     shapes = [*TARGET_SHAPES, *((1024, v) for v in cases.VOCAB_SIZES), HOST_SHAPE]
-    order = list(dict.fromkeys(v for _, v in shapes))
     out = []
-    for n, v in sorted(shapes, key=lambda s: order.index(s[1])):
+    for n, v in sorted(shapes, key=lambda s: [v for _, v in shapes].index(s[1])):  # V in order of first appearance
         for dtype in ("bf16", "fp32"):
             out += [cases.Case(n, v, dtype, mode, 0.1) for mode in MODES]
             if (n, v) in TARGET_SHAPES:
@@ -83,15 +82,7 @@ def _device(text: str | None) -> torch.device:
     return device
 
 
-def main(argv: list[str] | None = None) -> int:
-    # `--op linear` hands the rest of the command line to the fused linear loss's sweep.
-    chooser = argparse.ArgumentParser(add_help=False)
-    chooser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy")
-    chosen, rest = chooser.parse_known_args(argv)
-    if chosen.op == "linear":
-        from smoothce.bench import linear
-
-        return linear.main(rest)
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m smoothce.bench", description="Time and peak memory of smoothce's "
                                      "cross-entropy against PyTorch (eager and torch.compile) and, on GPUs where "
                                      "installed, other libraries' kernels.")  # fmt: skip
@@ -131,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>/...)")
     parser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy",
                         help="linear: the fused linear loss's sweep (options of python -m smoothce.bench.linear)")
-    args = parser.parse_args(rest)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[runner.Settings, Path]:
+    """The run's settings and its output folder; a bad combination of options stops with parser.error."""
     try:
         device = _device(args.device)
     except ValueError as error:
@@ -173,6 +168,21 @@ def main(argv: list[str] | None = None) -> int:
         card = re.sub(r"[^A-Za-z0-9.]+", "-", machine.device_name(device)).strip("-")
         out = Path("benchmarks", "results", "cpu" if on_cpu else f"{device.type}-{card}")
         out = out if settings.preset == "default" else out / settings.preset.replace(" (tiny)", "-tiny")
+    return settings, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `--op linear` hands the rest of the command line to the fused linear loss's sweep.
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy")
+    chosen, rest = chooser.parse_known_args(argv)
+    if chosen.op == "linear":
+        from smoothce.bench import linear
+
+        return linear.main(rest)
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    settings, out = settings_from_args(args, parser)
     out.mkdir(parents=True, exist_ok=True)
     record = runner.run(settings, checkpoint=lambda partial: report.write(partial, out, []))
     pngs, why_no_plots = ([], None) if args.no_plots else report.write_plots(record, out)
