@@ -33,16 +33,18 @@ class CudaTritonBackend(TritonBackend):
     # benchmarks/tune_cuda.py's on an NVIDIA H200 (benchmarks/results/h200/tuning.md): at every
     # target shape (V = 32000 to 262144) the loop kernel beat every split configuration tried,
     # by 1.3-1.5x (bf16 8192 x 128256: loop 8192/16 2.38 ms, best split 4096/4 3.36 ms). The loop
-    # kernel has since been rewritten (per-lane sweep, a third of the instructions per value) and
-    # its blocks reasoned, not yet measured: 8 values per thread (4 in float64) keep it at 48-51
-    # registers (76), so four programs of 8 warps share an SM (16 values per thread took 88
-    # registers, one program of 16 warps per SM). The vocabulary-parallel stats kernel, per-lane
-    # too, measured its 2048 bfloat16 columns and 8 warps faster than 8192 and 16 on an H200.
+    # kernel has since been rewritten (per-lane sweep, a third of the instructions per value): its
+    # blocks are now 4 KiB of logits and 8 warps (8 bfloat16 or 4 float32 values per thread, 48
+    # registers, so four programs share an SM; 16 values per thread took 88 registers and one
+    # program of 16 warps per SM). Not yet measured for it; the vocabulary-parallel stats kernel,
+    # per-lane too and launched from this table's last row, took 0.49 ms (bf16) and 0.55 ms (fp32)
+    # at 4096 x 128256 on an H200 with these blocks, against 0.76 and 1.1 ms with 8192 / 4096
+    # columns and 16 warps.
     # BEGIN LAUNCH TABLE
     LAUNCH_TABLE: ClassVar[dict[int, tuple[tuple[int, str, int, int], ...]]] = {
         2: ((8192, "split", 0, 0), (2**31, "loop", 2048, 8)),
-        4: ((4096, "split", 0, 0), (2**31, "loop", 2048, 8)),
-        8: ((2048, "split", 0, 0), (2**31, "loop", 1024, 8)),
+        4: ((4096, "split", 0, 0), (2**31, "loop", 1024, 8)),
+        8: ((2048, "split", 0, 0), (2**31, "loop", 512, 8)),
     }
     # END LAUNCH TABLE
     VALUES_PER_WARP = 512

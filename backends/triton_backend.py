@@ -157,14 +157,21 @@ class TritonBackend(Backend):
             programs=cores * settings["programs_per_core"] if cores else None,
         )
 
+    def shard_launch_config(self, local_classes: int, dtype: torch.dtype) -> dict:
+        """The vocabulary-parallel kernels' block and warps: the loop kernel's, from the table's last row."""
+        from smoothce.backends import triton_shard_kernels
+
+        _, _, block_v, num_warps = self.LAUNCH_TABLE[dtype.itemsize][-1]
+        return triton_shard_kernels.launch_config(
+            local_classes, dtype, block_v=block_v, num_warps=num_warps, max_block_v=self.max_block_v,
+            options=self.compile_options(), fast_exp=self.FAST_EXP,
+        )
+
     def shard_stats(self, logits, target, start, label_smoothing, ignore_index):
         from smoothce.backends import triton_shard_kernels
 
         self.check_inputs(logits)
-        config = triton_shard_kernels.launch_config(
-            logits.shape[1], logits.dtype, max_block_v=self.max_block_v, options=self.compile_options(),
-            fast_exp=self.FAST_EXP,
-        )
+        config = self.shard_launch_config(logits.shape[1], logits.dtype)
         return triton_shard_kernels.shard_stats(logits, target, start, label_smoothing, ignore_index, config)
 
     def shard_grad(self, logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index,
@@ -172,10 +179,7 @@ class TritonBackend(Backend):
         from smoothce.backends import triton_shard_kernels
 
         self.check_inputs(logits)
-        config = triton_shard_kernels.launch_config(
-            logits.shape[1], logits.dtype, max_block_v=self.max_block_v, options=self.compile_options(),
-            fast_exp=self.FAST_EXP,
-        )
+        config = self.shard_launch_config(logits.shape[1], logits.dtype)
         triton_shard_kernels.shard_grad(
             logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index, grad_scale, grad,
             config,

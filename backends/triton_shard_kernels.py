@@ -69,11 +69,6 @@ from smoothce.backends.triton_kernels import (
     split_float,
 )
 
-# The sweep kernels' blocks: 4 KiB of logits (2048 bfloat16 or 1024 float32 columns) and 8 warps.
-# On an H200 (4096 x 128256) the stats kernel took 0.49 ms (bfloat16) and 0.55 ms (float32) so,
-# against 0.76 and 1.1 ms with the single-process kernel's 8192 / 4096 columns and 16 warps.
-BLOCK_BYTES = 4096
-MAX_NUM_WARPS = 8
 MIN_BLOCK_V = 16
 
 
@@ -261,20 +256,21 @@ def shard_grad_kernel(
             tl.store(grad_row + cols * stride_grad_col, zeros, mask=cols < local_classes)
 
 
-def launch_config(local_classes: int, dtype: torch.dtype, *, max_block_v: int | None = None,
-                  options: dict | None = None, fast_exp: bool = False) -> dict:
+def launch_config(local_classes: int, dtype: torch.dtype, *, block_v: int = 2048, num_warps: int = 8,
+                  max_block_v: int | None = None, options: dict | None = None, fast_exp: bool = False) -> dict:
     """``block`` (BLOCK_V, a power of two), ``num_warps``, ``fast_exp`` and compile ``options`` for V_i columns.
 
-    ``max_block_v`` caps the block (tests use 16 so small slices take several blocks).
-    ``fast_exp`` (the backend's FAST_EXP: NVIDIA only) lets the kernels use PTX's exp and
-    bfloat16 widening; the launchers use it in float32 accumulation, never under the interpreter.
+    ``block_v`` and ``num_warps``: the backend's loop-kernel block and warps (its launch table's
+    last row), fewer for a slice shorter than one block. ``max_block_v`` caps the block (tests use
+    16 so small slices take several blocks). ``fast_exp`` (the backend's FAST_EXP: NVIDIA only)
+    lets the kernels use PTX's exp and bfloat16 widening; the launchers use it in float32
+    accumulation, never under the interpreter.
     """
-    block = min(BLOCK_BYTES // dtype.itemsize, next_power_of_2(local_classes))
+    block = min(block_v, next_power_of_2(local_classes))
     if max_block_v:
         block = min(block, max_block_v)
     block = max(MIN_BLOCK_V, block)
-    num_warps = min(MAX_NUM_WARPS, max(1, block * dtype.itemsize // 512))
-    config = {"block": block, "num_warps": num_warps, "fast_exp": bool(fast_exp)}
+    config = {"block": block, "num_warps": max(1, num_warps * block // block_v), "fast_exp": bool(fast_exp)}
     if options:
         config["options"] = options
     return config
