@@ -5,6 +5,9 @@
 #   bench/    python -m smoothce.bench --preset gpu-targets (with the peers when .peers/ was packed
 #             by ../shared/tools/gpu-peers.sh and carried along)
 #   tests.log the CUDA test session (SMOOTHCE_TEST_DEVICE=cuda, pytest-xdist)
+#   linear/   the fused linear loss against eager, torch.compile and Liger, then smoothce alone with
+#             a 1 GiB chunk and with d weight summed in bf16 (linear-1g/, linear-half/): the
+#             fp32 accumulator's traffic against the chunk size (not in the default steps)
 # STEPS chooses and orders the steps (default "tune bench tests"); each has its own time limit, and
 # a step that fails or runs long does not stop the next.
 set -uo pipefail
@@ -23,7 +26,12 @@ for step in ${STEPS:-tune bench tests}; do
                    --out "$OUT/bench" 2>&1 | tail -40 > "$OUT/bench.log" ;;
         tests) SMOOTHCE_TEST_DEVICE=cuda timeout 290 python3 -m pytest tests -q -p no:cacheprovider \
                    -p no:benchmark -n 14 --timeout 250 2>&1 | tail -80 > "$OUT/tests.log" ;;
-        *) echo "unknown step $step (tune, bench, tests)" >&2 ;;
+        linear) timeout 200 python3 -m smoothce.bench --op linear --out "$OUT/linear" 2>&1 | tail -12 > "$OUT/linear.log"
+                timeout 100 python3 -m smoothce.bench --op linear --no-compile --chunk-mib 1024 \
+                    --out "$OUT/linear-1g" 2>&1 | tail -12 >> "$OUT/linear.log"
+                timeout 100 python3 -m smoothce.bench --op linear --no-compile --half-weight-grad \
+                    --out "$OUT/linear-half" 2>&1 | tail -12 >> "$OUT/linear.log" ;;
+        *) echo "unknown step $step (tune, bench, tests, linear)" >&2 ;;
     esac
     echo "[$step done, status ${PIPESTATUS[0]}]" | tee -a "$OUT/steps.txt"
 done

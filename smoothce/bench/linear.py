@@ -194,7 +194,7 @@ def gradient_errors(steps: dict[str, Step], hidden, weight, target) -> dict[str,
     return errors
 
 
-def run_case(device, shape, dtype_name, *, reps, impls, accuracy, threads=None) -> dict:
+def run_case(device, shape, dtype_name, *, reps, impls, accuracy, threads=None, chunk_bytes=None) -> dict:
     n, d, v = shape
     dtype = DTYPES[dtype_name]
     hidden, weight, target = make_inputs(n, d, v, dtype, device)
@@ -211,7 +211,7 @@ def run_case(device, shape, dtype_name, *, reps, impls, accuracy, threads=None) 
         median = statistics.median(times[name])
         results[name] = {"ms": median * 1e3, "ms_min": min(times[name]) * 1e3, "tflops": flops / median / 1e12}
         if device.type == "cpu":
-            results[name].update(cpu_peak_extra(name, shape, dtype_name, threads=threads))
+            results[name].update(cpu_peak_extra(name, shape, dtype_name, threads=threads, chunk_bytes=chunk_bytes))
             continue
         try:
             results[name]["peak_extra_bytes"] = memory.accelerator_peak_extra(step, device) - step.grad_bytes()
@@ -228,7 +228,8 @@ def markdown(record: dict) -> str:
         f"# Fused linear + cross-entropy, forward + backward, {record['device_name']}",
         "",
         f"label_smoothing={LABEL_SMOOTHING}, every 16th target ignored; medians of {record['reps']} interleaved "
-        f"rounds; torch {record['torch']}. Chunk budget: {record['chunk_bytes'] / 2**20:.0f} MiB.",
+        f"rounds; torch {record['torch']}. Chunk budget: {record['chunk_bytes'] / 2**20:.0f} MiB; d weight summed "
+        f"{'in fp32' if record.get('fp32_weight_grad', True) else 'in its own dtype'}.",
         "",
         "| N x D x V | dtype | implementation | ms (median) | ms (best) | vs eager | vs matmuls | TFLOP/s "
         "| extra memory (x logits) | d hidden err | d weight err |",
@@ -259,8 +260,11 @@ def markdown(record: dict) -> str:
 
 
 def run_linear_sweep(device, out=None, *, shapes=None, dtypes=None, reps=None, compile_=True, accuracy=True,
-                     impls=None, threads=None) -> dict:
-    """The ``--op linear`` sweep on ``device``; writes ``linear.md`` and ``linear.json`` under ``out`` if given."""
+                     impls=None, threads=None, chunk_bytes=None, fp32_weight_grad=None) -> dict:
+    """The ``--op linear`` sweep on ``device``; writes ``linear.md`` and ``linear.json`` under ``out`` if given.
+
+    ``chunk_bytes`` and ``fp32_weight_grad``: ``smoothce.linear.settings`` for smoothce's runs (None: defaults).
+    """
     device = torch.device(device)
     cpu = device.type == "cpu"
     if threads and cpu:
@@ -275,11 +279,14 @@ def run_linear_sweep(device, out=None, *, shapes=None, dtypes=None, reps=None, c
         "device_name": f"CPU {name}, {torch.get_num_threads()} threads" if cpu else name,
         "torch": torch.__version__,
         "reps": reps,
-        "chunk_bytes": smoothce.linear.chunk_bytes_for(device),
+        "chunk_bytes": chunk_bytes or smoothce.linear.chunk_bytes_for(device),
+        "fp32_weight_grad": fp32_weight_grad is not False,
         "liger": liger_available(device) or "available",
-        "cases": [run_case(device, shape, dtype_name, reps=reps, impls=impls, accuracy=accuracy, threads=threads)
-                  for shape in shapes for dtype_name in dtypes],
     }
+    with smoothce.linear.settings(chunk_bytes=chunk_bytes, fp32_weight_grad=fp32_weight_grad):
+        record["cases"] = [run_case(device, shape, dtype_name, reps=reps, impls=impls, accuracy=accuracy,
+                                    threads=threads, chunk_bytes=chunk_bytes)
+                           for shape in shapes for dtype_name in dtypes]
     text = markdown(record)
     if out is not None:
         out = Path(out)
@@ -385,10 +392,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=positive_int, help="torch threads on CPU")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd PyTorch")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference")
+    parser.add_argument("--chunk-mib", type=positive_int, help="smoothce's chunk budget (default: its own)")
+    parser.add_argument("--half-weight-grad", action="store_true",
+                        help="smoothce's d weight summed in the weight's dtype, chunk by chunk (default: fp32)")
     parser.add_argument("--out", help="directory for linear.md and linear.json")
     args = parser.parse_args(argv)
     record = run_linear_sweep(_device(args.device), args.out, shapes=args.shapes, dtypes=args.dtypes, reps=args.reps,
-                              compile_=not args.no_compile, accuracy=not args.no_accuracy, threads=args.threads)
+                              compile_=not args.no_compile, accuracy=not args.no_accuracy, threads=args.threads,
+                              chunk_bytes=args.chunk_mib and args.chunk_mib << 20,
+                              fp32_weight_grad=False if args.half_weight_grad else None)
     print(markdown(record))
     return 0
 
