@@ -218,6 +218,8 @@ def shard_grad_kernel(
         shift = tl.where(row_max == float("-inf"), 0.0, row_max)
         inv_sum = 1.0 / (1.0 + excess)
         scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
+        # z_k before the sweep, which may write over the logits (a gradient in their place).
+        z_k = tl.load(logits_row + tl.where(owned, k, 0) * stride_logits_col, mask=owned, other=0.0).to(ACC_DTYPE)
         # grad_j = c p_j - c lam / V: one exp and one fused multiply-add per value.
         a = inv_sum * scale
         b = tl.zeros((), ACC_DTYPE)
@@ -242,7 +244,6 @@ def shard_grad_kernel(
             # The target column, written again over the sweep's value: p_k - 1 = -e / S where z_k is
             # the max and p_k > 1/2 (a confident row keeps its digits); else (p_k - lam / V) - (1 - lam),
             # exact at lam = 1.
-            z_k = tl.load(logits_row + k * stride_logits_col).to(ACC_DTYPE)
             p_k = tl.exp(z_k - shift) * inv_sum
             g_k = tl.where((z_k == row_max) & (excess < 1.0), (lam - smooth) - excess * inv_sum,
                            (p_k - smooth) - (1.0 - lam))

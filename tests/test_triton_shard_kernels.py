@@ -160,6 +160,21 @@ def test_shard_grad(backend, dtype, local, lam, vocab_as_tensor):
     torch.testing.assert_close(grad, default, **grad_tolerance(dtype))
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+def test_shard_grad_over_its_own_logits(backend, lam):
+    # The gradient written over the slice it is computed from gives the same values (the target
+    # column's logit is read before the sweep overwrites it).
+    full, target, own = make_rows(6, 40, torch.float32)
+    row_max, excess = (x.to(DEVICE) for x in global_stats(full))
+    logits = full[:, own].to(DEVICE, torch.float32)
+    scale = torch.tensor(0.25, device=DEVICE)
+    grad = torch.empty_like(logits)
+    backend.shard_grad(logits, target.to(DEVICE), own.start, full.shape[1], row_max, excess, lam, -100, scale, grad)
+    same = logits.clone()
+    backend.shard_grad(same, target.to(DEVICE), own.start, full.shape[1], row_max, excess, lam, -100, scale, same)
+    torch.testing.assert_close(same, grad, rtol=0, atol=0)
+
+
 def _transposed(logits):
     return logits.t().contiguous().t()  # column stride N
 
