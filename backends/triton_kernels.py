@@ -37,6 +37,8 @@ Three launches make a forward+backward, none of them waits on the host:
    reduction across the block per block), then the gradient, one exp and one fused
    multiply-add per value (the target column written again after it); the second sweep walks
    backwards so it starts on what the first left in the cache, and full blocks load unmasked.
+   On NVIDIA GPUs its float32 exps are PTX's ex2.approx.ftz (``_exp``): an exp below 2**-126
+   becomes 0, which moves a gradient value by less than 2**-126 times the gradient's scale.
    For "sum" and "mean" the last program of the launch to finish sums the per-row losses in a
    fixed order (a deterministic result) and scales them.
 3. ``scale_grad_kernel`` (backward): multiplies the kept gradient by dO times the backward factor,
