@@ -367,6 +367,46 @@ def _lane_step(z, m, r, s, ref, mask, MASKED: tl.constexpr, SMOOTHING: tl.conste
 
 
 @triton.jit
+def _row_stats(row_ptr, stride, n_cols, ref, offsets, BLOCK: tl.constexpr, SMOOTHING: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, FAST_EXP: tl.constexpr, EVICT: tl.constexpr):
+    """(M, R, S) of a row's first ``n_cols`` values, lane by lane (``_lane_step``): M the max (-inf
+    if no value is above -inf), R the sum of exp(z - M) over all values but one max, S = sum (z - ref).
+
+    Full blocks load unmasked, each one's load issued before the previous block's work; then a
+    masked tail. Lanes start below every finite value. Combined once at the end: M = max m, R = r
+    of the first lane holding M + every other lane's (1 + r) exp(m - M); a lane that saw nothing
+    holds r = 0, or NaN after a NaN logit, which reaches R. (Also the vocabulary-parallel stats kernel's.)
+    """
+    if ACC_DTYPE == tl.float64:  # noqa: SIM300 (a constexpr, not a constant)
+        low = tl.full((BLOCK,), -1.7976931348623157e308, ACC_DTYPE)
+    else:
+        low = tl.full((BLOCK,), -3.4028234663852886e38, ACC_DTYPE)
+    m = low
+    r = tl.zeros((BLOCK,), ACC_DTYPE)
+    s = tl.zeros((BLOCK,), ACC_DTYPE)
+    n_full = n_cols // BLOCK * BLOCK
+    if n_full > 0:
+        z = tl.load(row_ptr + offsets * stride, eviction_policy=EVICT)
+        for start in range(BLOCK, n_full, BLOCK):
+            z_next = tl.load(row_ptr + (start + offsets) * stride, eviction_policy=EVICT)
+            m, r, s = _lane_step(_to_acc(z, ACC_DTYPE, FAST_EXP), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+            z = z_next
+        m, r, s = _lane_step(_to_acc(z, ACC_DTYPE, FAST_EXP), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+    if n_full < n_cols:
+        cols = n_full + offsets
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols * stride, mask=mask, other=NEG_INF, eviction_policy=EVICT).to(ACC_DTYPE)
+        m, r, s = _lane_step(z, m, r, s, ref, mask, True, SMOOTHING, FAST_EXP)
+    lanes = tl.arange(0, BLOCK)
+    seen = m > low
+    M = tl.max(m, axis=0)
+    first = tl.min(tl.where(seen & (m == M), lanes, BLOCK), axis=0)
+    c = tl.exp(m - M)
+    R = tl.sum(tl.where(lanes == first, r, tl.where(seen, r * c + c, r)), axis=0)
+    return tl.where(first < BLOCK, M, NEG_INF), R, tl.sum(s, axis=0)
+
+
+@triton.jit
 def loop_kernel(
     logits_ptr,
     target_ptr,
@@ -417,37 +457,10 @@ def loop_kernel(
     # 2**64 in size (a class masked with the dtype's lowest value), where z - ref could overflow.
     ref = tl.where(tl.abs(z_k) < 1.8446744073709552e19, z_k, 0.0)
 
-    # Sweep 1, lane by lane (_lane_step); lanes start below every finite value.
-    if ACC_DTYPE == tl.float64:  # noqa: SIM300 (a constexpr, not a constant)
-        low = tl.full((BLOCK,), -1.7976931348623157e308, ACC_DTYPE)
-    else:
-        low = tl.full((BLOCK,), -3.4028234663852886e38, ACC_DTYPE)
-    m = low
-    r = tl.zeros((BLOCK,), ACC_DTYPE)
-    s = tl.zeros((BLOCK,), ACC_DTYPE)
-    if n_full > 0:
-        # Each block's load is issued before the previous block's work, so one is always in flight.
-        z = tl.load(logits_row + offsets * stride_lc, eviction_policy=KEEP)
-        for start in range(BLOCK, n_full, BLOCK):
-            z_next = tl.load(logits_row + (start + offsets) * stride_lc, eviction_policy=KEEP)
-            m, r, s = _lane_step(_to_acc(z, ACC_DTYPE, FAST_EXP), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
-            z = z_next
-        m, r, s = _lane_step(_to_acc(z, ACC_DTYPE, FAST_EXP), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
-    if n_full < n_read:
-        cols = n_full + offsets
-        mask = cols < n_read
-        z = tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF, eviction_policy=KEEP).to(ACC_DTYPE)
-        m, r, s = _lane_step(z, m, r, s, ref, mask, True, SMOOTHING, FAST_EXP)
-    # The lanes combined: M = max m; R = r of the first lane holding M + the others' (1 + r) exp(m - M);
-    # s_rel = sum (z - M) = sum s + n (ref - M). Lanes that saw no value above -inf hold (low, 0).
-    seen = m > low
-    M = tl.max(m, axis=0)
-    first = tl.min(tl.where(seen & (m == M), offsets, BLOCK), axis=0)
-    # (A lane that saw nothing holds r = 0, or NaN from a NaN logit, which must reach R.)
-    R = tl.sum(tl.where(offsets == first, r, tl.where(seen, (1.0 + r) * tl.exp(m - M), r)), axis=0)
-    M = tl.where(first < BLOCK, M, NEG_INF)  # no lane saw a value: the row is all -inf
+    # Sweep 1 (_row_stats); s_rel = sum (z - M) = S + n (ref - M).
+    M, R, S = _row_stats(logits_row, stride_lc, n_read, ref, offsets, BLOCK, SMOOTHING, ACC_DTYPE, FAST_EXP, KEEP)
     shift = tl.where(M == NEG_INF, 0.0, M)
-    s_rel = tl.sum(s, axis=0) + n_read.to(ACC_DTYPE) * (ref - shift)
+    s_rel = S + n_read.to(ACC_DTYPE) * (ref - shift)
 
     loss = _row_loss(R, tl.where(valid, M, 0.0), z_k, s_rel, _wide(oml_hi, oml_lo, ACC_DTYPE),
                      _wide(lov_hi, lov_lo, ACC_DTYPE), SMOOTHING)

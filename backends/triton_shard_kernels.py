@@ -62,7 +62,7 @@ from smoothce.backends.triton_backend import next_power_of_2
 from smoothce.backends.triton_kernels import (
     INTERPRETED,
     _exp,
-    _lane_step,
+    _row_stats,
     _to_acc,
     check_device,
     device_guard,
@@ -105,8 +105,7 @@ def shard_stats_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
-    lanes = tl.arange(0, BLOCK_V)
-    offsets = lanes
+    offsets = tl.arange(0, BLOCK_V)
     if WIDE_COLS:
         offsets = offsets.to(tl.int64)
     target = tl.load(target_ptr + row).to(tl.int64)
@@ -120,43 +119,14 @@ def shard_stats_kernel(
     z_k = tl.where(owned, z_ref, 0.0)
     ref = tl.where(tl.abs(z_ref) < 1.8446744073709552e19, z_ref, 0.0)
 
-    # Sweep, lane by lane (_lane_step): full blocks unmasked, each one's load issued before the
-    # previous block's work; lanes start below every finite value, then a masked tail.
-    if ACC_DTYPE == tl.float64:  # noqa: SIM300 (a constexpr, not a constant)
-        low = tl.full((BLOCK_V,), -1.7976931348623157e308, ACC_DTYPE)
-    else:
-        low = tl.full((BLOCK_V,), -3.4028234663852886e38, ACC_DTYPE)
-    m = low
-    r = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    s = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    n_full = local_classes // BLOCK_V * BLOCK_V
-    if n_full > 0:
-        z = _to_acc(tl.load(logits_row + offsets * stride_logits_col), ACC_DTYPE, FAST_EXP)
-        for col in range(BLOCK_V, n_full, BLOCK_V):
-            z_next = _to_acc(tl.load(logits_row + (col + offsets) * stride_logits_col), ACC_DTYPE, FAST_EXP)
-            m, r, s = _lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
-            z = z_next
-        m, r, s = _lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
-    if n_full < local_classes:
-        cols = n_full + offsets
-        mask = cols < local_classes
-        z = tl.load(logits_row + cols * stride_logits_col, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-        m, r, s = _lane_step(z, m, r, s, ref, mask, True, SMOOTHING, FAST_EXP)
-
-    # Lanes to row, as ranks to the whole row in smoothce.distributed: the first lane holding the
-    # max keeps its remainder, every other lane adds (1 + r_l) exp(m_l - m). A lane that saw no
-    # value above -inf holds (low, 0), or r = NaN after a NaN logit, which r * 0 passes on.
-    seen = m > low
-    row_max = tl.max(m, axis=0)
-    first = tl.min(tl.where(seen & (m == row_max), lanes, BLOCK_V), axis=0)
-    c = tl.exp(m - row_max)
-    r_row = tl.sum(tl.where(lanes == first, r, tl.where(seen, r * c + c, r * 0.0)), axis=0)
-    row_max = tl.where(first < BLOCK_V, row_max, float("-inf"))  # no lane saw a value: all -inf
+    # One sweep (triton_kernels._row_stats): lanes combined like ranks in smoothce.distributed.
+    row_max, r_row, s_row = _row_stats(logits_row, stride_logits_col, local_classes, ref, offsets, BLOCK_V,
+                                       SMOOTHING, ACC_DTYPE, FAST_EXP, "")
     t_row = tl.zeros((), ACC_DTYPE)
     if SMOOTHING:
         # t = sum (z - m~) = sum (z - ref) + V_i (ref - m~): nothing summed over raw logits.
         shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-        t_row = tl.sum(s, axis=0) + tl.cast(local_classes, ACC_DTYPE) * (ref - shift)
+        t_row = s_row + tl.cast(local_classes, ACC_DTYPE) * (ref - shift)
 
     out = stats_ptr.dtype.element_ty
     n = tl.cast(n_rows, tl.int64)  # the stride between the four rows of stats
