@@ -34,13 +34,8 @@ from smoothce.backends.triton_backend import interpreter_enabled
 from smoothce.reference import cross_entropy_reference
 
 INTERPRET = interpreter_enabled()
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-elif getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
-    DEVICE = "xpu"
-else:
+DEVICE = "cpu" if INTERPRET else registry.default_device().type
+if DEVICE == "cpu" and not INTERPRET:
     pytest.skip(
         "the Triton kernels need TRITON_INTERPRET=1 (CPU tensors in Triton's interpreter) or a CUDA/XPU device",
         allow_module_level=True,
