@@ -118,12 +118,12 @@ def _wide(hi, lo, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _block_stats(z, mask, SMOOTHING: tl.constexpr):
+def _block_stats(z, mask, SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):
     """(m, rem, s) of a block: m = max z, rem = sum of exp(z - m) over all but one maximum,
     s = sum of (z - m); masked lanes hold -inf. A block with no finite value has m = -inf."""
     m = tl.max(z, axis=0)
     shift = tl.where(m == NEG_INF, 0.0, m)
-    e = tl.exp(z - shift)
+    e = _exp(z - shift, FAST_EXP)
     is_max = (z == m) & mask
     ties = tl.sum(is_max.to(z.dtype), axis=0)
     rem = tl.sum(tl.where(is_max, 0.0, e), axis=0) + tl.maximum(ties - 1.0, 0.0)
@@ -145,11 +145,11 @@ def _row_loss(R, M, z_k, s_rel, oml, lov, SMOOTHING: tl.constexpr):
 
 
 @triton.jit
-def _grad_values(z, is_k, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo, lam_k):
+def _grad_values(z, is_k, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo, lam_k, FAST_EXP: tl.constexpr):
     # scale ((p - c_hi) - c_lo): c = lam / V off the target, 1 - lam + lam / V on it. A target
     # holding the max has p_k = 1 / (1 + R) and p_k - c = -R / (1 + R) + lam (1 - 1/V) (lam_k),
     # which keeps a confident row's tiny 1 - p_k where p_k - 1 would round it away.
-    p = tl.exp(z - shift) * inv_d
+    p = _exp(z - shift, FAST_EXP) * inv_d
     g = (p - tl.where(is_k, tgt_hi, off_hi)) - tl.where(is_k, tgt_lo, off_lo)
     g = tl.where(is_k & (z == shift), lam_k - R * inv_d, g)
     return g * scale
@@ -263,6 +263,7 @@ def split_kernel(
     COMPUTE_GRAD: tl.constexpr,
     REDUCE: tl.constexpr,  # "sum"/"mean": also write the reduced loss
     ACC_DTYPE: tl.constexpr,
+    FAST_EXP: tl.constexpr,  # _exp's hardware form (float32 on NVIDIA GPUs)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // num_chunks
@@ -273,8 +274,8 @@ def split_kernel(
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = cols < tl.where(valid, num_classes, 0)  # ignored rows read nothing
     logits_row = logits_ptr + row * stride_lr
-    z = tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF).to(ACC_DTYPE)
-    M, R, s_rel = _block_stats(z, mask, SMOOTHING)
+    z = _to_acc(tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF), ACC_DTYPE, FAST_EXP)
+    M, R, s_rel = _block_stats(z, mask, SMOOTHING, FAST_EXP)
     # The program holding column k writes the row's loss, with z_k from its registers (the
     # gradient may overwrite the logits in place, so nobody reads another chunk's columns).
     z_k = tl.sum(tl.where(cols == k, z, 0.0), axis=0)
@@ -330,7 +331,7 @@ def split_kernel(
         if COMPUTE_GRAD:
             scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
             g = _grad_values(z, cols == k, shift, R, 1.0 / (1.0 + R), scale, off_hi, off_lo, tgt_hi, tgt_lo,
-                             _wide(lamk_hi, lamk_lo, ACC_DTYPE))
+                             _wide(lamk_hi, lamk_lo, ACC_DTYPE), FAST_EXP)
             g = tl.where(valid, g, 0.0)  # ignored rows: exact zeros
             tl.store(
                 grad_ptr + row * stride_gr + cols * stride_gc,
@@ -494,7 +495,7 @@ def loop_kernel(
                 g = _exp(_to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
                 tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty))
             g_k = _grad_values(z_k, True, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo,
-                               _wide(lamk_hi, lamk_lo, ACC_DTYPE))
+                               _wide(lamk_hi, lamk_lo, ACC_DTYPE), False)
             tl.debug_barrier()  # after every thread's store of the block holding k
             tl.store(grad_row + k * stride_gc, g_k.to(grad_ptr.dtype.element_ty))
         else:
@@ -632,6 +633,7 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
         COMPUTE_GRAD=compute_grad,
         REDUCE=reduce,
         ACC_DTYPE=acc_dtype,
+        FAST_EXP=config.get("fast_exp", False) and not INTERPRETED and acc_dtype == tl.float32,
         num_warps=config["num_warps"],
         num_stages=config.get("num_stages", 1),
         **config.get("options", {}),
@@ -645,7 +647,6 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
                 logits, target, rows, grad_arg, scalars, sync, loss, *strides,
                 n_rows, num_classes, ignore_index, **constants,
                 BLOCK=block, KEEP=config.get("keep", ""), DROP=config.get("drop", ""),
-                FAST_EXP=config.get("fast_exp", False) and not INTERPRETED and acc_dtype == tl.float32,
                 WIDE_COLS=(num_classes - 1) * max(abs(strides[1]), abs(strides[3])) >= WIDE_OFFSETS, **common,
             )
             return

@@ -712,8 +712,8 @@ def test_kernels_compile_for_hopper():
 
         common = dict(SMOOTHING=True, REDUCE=True, ACC_DTYPE=tl.float32)
         for grad in (True, False):
-            compile_for_hopper(tk.split_kernel, dict(CHUNK=8192, MAX_CHUNKS=16, PHASE=0, COMPUTE_GRAD=grad, **common),
-                               num_warps=8)
+            compile_for_hopper(tk.split_kernel, dict(CHUNK=8192, MAX_CHUNKS=16, PHASE=0, COMPUTE_GRAD=grad,
+                                                     FAST_EXP=grad, **common), num_warps=8)
         for fast_exp in (True, False):
             compile_for_hopper(tk.loop_kernel, dict(BLOCK=8192, COMPUTE_GRAD=True, KEEP="evict_last",
                                                     DROP="evict_first", FAST_EXP=fast_exp, WIDE_COLS=not fast_exp,
