@@ -566,6 +566,22 @@ INTERPRETED = type(split_kernel).__name__ == "InterpretedFunction"
 WIDE_OFFSETS = 2**31
 
 
+def kernel_switches(logits: torch.Tensor, config: dict, *col_strides: int) -> dict:
+    """ACC_DTYPE, FAST_EXP and WIDE_COLS of the kernels reading ``logits`` with these column strides.
+
+    FAST_EXP (``_exp``'s PTX) where ``config`` asks for it and it can run: float32 accumulation on
+    an NVIDIA GPU, never under the interpreter, on ROCm or on XPU. WIDE_COLS where (V - 1) x a
+    column stride reaches ``WIDE_OFFSETS`` (read at each launch: tests lower it).
+    """
+    acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    nvidia = not INTERPRETED and logits.device.type == "cuda" and torch.version.hip is None
+    return {
+        "ACC_DTYPE": acc_dtype,
+        "FAST_EXP": bool(config.get("fast_exp", False)) and nvidia and acc_dtype == tl.float32,
+        "WIDE_COLS": (logits.shape[1] - 1) * max(abs(stride) for stride in col_strides) >= WIDE_OFFSETS,
+    }
+
+
 def split_float(value: float) -> tuple[float, float]:
     """(hi, lo), both exactly representable in float32, with hi + lo == value to ~48 bits."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
@@ -625,20 +641,20 @@ def check_targets_async(target: torch.Tensor, num_classes: int, ignore_index: in
 def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothing, ignore_index, reduce, config):
     """The loss kernel for ``config`` ({"kernel": "split"|"loop", "block", "num_warps", ...})."""
     n_rows, num_classes = logits.shape
-    acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
     compute_grad = grad is not None
     grad_arg = grad if compute_grad else logits  # never touched without COMPUTE_GRAD
+    strides = (logits.stride(0), logits.stride(1), grad_arg.stride(0), grad_arg.stride(1))
+    switches = kernel_switches(logits, config, strides[1], strides[3])
+    wide_cols = switches.pop("WIDE_COLS")  # the loop kernel's (the split kernel's offsets are int64)
     common = dict(
         SMOOTHING=label_smoothing > 0.0,
         COMPUTE_GRAD=compute_grad,
         REDUCE=reduce,
-        ACC_DTYPE=acc_dtype,
-        FAST_EXP=config.get("fast_exp", False) and not INTERPRETED and acc_dtype == tl.float32,
         num_warps=config["num_warps"],
         num_stages=config.get("num_stages", 1),
+        **switches,
         **config.get("options", {}),
     )
-    strides = (logits.stride(0), logits.stride(1), grad_arg.stride(0), grad_arg.stride(1))
     constants = _constants(label_smoothing, num_classes)
     block = config["block"]
     with device_guard(logits.device):
@@ -647,7 +663,7 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
                 logits, target, rows, grad_arg, scalars, sync, loss, *strides,
                 n_rows, num_classes, ignore_index, **constants,
                 BLOCK=block, KEEP=config.get("keep", ""), DROP=config.get("drop", ""),
-                WIDE_COLS=(num_classes - 1) * max(abs(strides[1]), abs(strides[3])) >= WIDE_OFFSETS, **common,
+                WIDE_COLS=wide_cols, **common,
             )
             return
         num_chunks = triton.cdiv(num_classes, block)

@@ -56,16 +56,15 @@ import torch
 import triton
 import triton.language as tl
 
-from smoothce.backends import triton_kernels
 from smoothce.backends.base import loss_dtype
 from smoothce.backends.triton_backend import next_power_of_2
 from smoothce.backends.triton_kernels import (
-    INTERPRETED,
     _exp,
     _row_stats,
     _to_acc,
     check_device,
     device_guard,
+    kernel_switches,
     split_float,
 )
 
@@ -268,20 +267,6 @@ def _prepare(logits: torch.Tensor, config: dict):
     return device_guard(logits.device), block_v
 
 
-def _switches(logits: torch.Tensor, config: dict, *col_strides: int) -> dict:
-    """The kernels' ACC_DTYPE, FAST_EXP and WIDE_COLS for ``logits`` and the given column strides."""
-    acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    # PTX: float32 accumulation on an NVIDIA GPU only (not the interpreter, ROCm or XPU).
-    nvidia = not INTERPRETED and logits.device.type == "cuda" and torch.version.hip is None
-    # The single-process kernels' threshold, read at each launch (tests lower it).
-    wide = (logits.shape[1] - 1) * max(abs(stride) for stride in col_strides) >= triton_kernels.WIDE_OFFSETS
-    return {
-        "ACC_DTYPE": acc_dtype,
-        "FAST_EXP": bool(config.get("fast_exp", False)) and nvidia and acc_dtype == tl.float32,
-        "WIDE_COLS": wide,
-    }
-
-
 def shard_stats(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -301,7 +286,7 @@ def shard_stats(
     if n_rows == 0:
         return stats
     start_arg, start_in_memory = _scalar_arg(start, "start", logits.device)
-    switches = _switches(logits, config, logits.stride(1))
+    switches = kernel_switches(logits, config, logits.stride(1))
     with guard:
         shard_stats_kernel[(n_rows,)](
             logits,
@@ -344,7 +329,7 @@ def shard_grad(
     start_arg, start_in_memory = _scalar_arg(start, "start", logits.device)
     vocab_arg, vocab_in_memory = _scalar_arg(num_classes, "num_classes", logits.device)
     lam_hi, lam_lo = split_float(float(label_smoothing))
-    switches = _switches(logits, config, logits.stride(1), grad.stride(1))
+    switches = kernel_switches(logits, config, logits.stride(1), grad.stride(1))
     with guard:
         shard_grad_kernel[(n_rows,)](
             logits,
