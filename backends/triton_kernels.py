@@ -387,12 +387,12 @@ def _row_stats(row_ptr, stride, n_cols, ref, offsets, BLOCK: tl.constexpr, SMOOT
     s = tl.zeros((BLOCK,), ACC_DTYPE)
     n_full = n_cols // BLOCK * BLOCK
     if n_full > 0:
-        z = tl.load(row_ptr + offsets * stride, eviction_policy=EVICT)
+        z = _to_acc(tl.load(row_ptr + offsets * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
         for start in range(BLOCK, n_full, BLOCK):
-            z_next = tl.load(row_ptr + (start + offsets) * stride, eviction_policy=EVICT)
-            m, r, s = _lane_step(_to_acc(z, ACC_DTYPE, FAST_EXP), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+            z_next = _to_acc(tl.load(row_ptr + (start + offsets) * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
+            m, r, s = _lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
             z = z_next
-        m, r, s = _lane_step(_to_acc(z, ACC_DTYPE, FAST_EXP), m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+        m, r, s = _lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
     if n_full < n_cols:
         cols = n_full + offsets
         mask = cols < n_cols
@@ -405,6 +405,43 @@ def _row_stats(row_ptr, stride, n_cols, ref, offsets, BLOCK: tl.constexpr, SMOOT
     c = tl.exp(m - M)
     R = tl.sum(tl.where(lanes == first, r, tl.where(seen, r * c + c, r)), axis=0)
     return tl.where(first < BLOCK, M, NEG_INF), R, tl.sum(s, axis=0)
+
+
+@triton.jit
+def _grad_sweep(row_ptr, stride, grad_row, grad_stride, n_cols, shift, a, b, offsets, BLOCK: tl.constexpr,
+                ACC_DTYPE: tl.constexpr, FAST_EXP: tl.constexpr, EVICT: tl.constexpr):
+    """grad_j = exp(z_j - shift) a - b over a row's ``n_cols`` values, each rounded to the gradient's
+    dtype once: one exp and one fused multiply-add per value. Backwards, the masked tail first (what
+    a statistics sweep just before left in the cache), then the full blocks unmasked, each one's
+    load issued before the previous block's work. (Also the vocabulary-parallel gradient kernel's.)
+    """
+    out = grad_row.dtype.element_ty
+    n_full = n_cols // BLOCK * BLOCK
+    if n_full < n_cols:
+        cols = n_full + offsets
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols * stride, mask=mask, other=NEG_INF, eviction_policy=EVICT)
+        g = _exp(_to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
+        tl.store(grad_row + cols * grad_stride, g.to(out), mask=mask)
+    if n_full > 0:
+        cols = n_full - BLOCK + offsets
+        z = _to_acc(tl.load(row_ptr + cols * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
+        for _ in range(1, n_full // BLOCK):
+            z_next = _to_acc(tl.load(row_ptr + (cols - BLOCK) * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
+            g = _exp(z - shift, FAST_EXP) * a - b
+            tl.store(grad_row + cols * grad_stride, g.to(out))
+            z, cols = z_next, cols - BLOCK
+        g = _exp(z - shift, FAST_EXP) * a - b
+        tl.store(grad_row + cols * grad_stride, g.to(out))
+
+
+@triton.jit
+def _zero_row(grad_row, grad_stride, n_cols, offsets, BLOCK: tl.constexpr):
+    # An ignored row's gradient: exact zeros (and its logits never read).
+    zeros = tl.zeros((BLOCK,), grad_row.dtype.element_ty)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offsets
+        tl.store(grad_row + cols * grad_stride, zeros, mask=cols < n_cols)
 
 
 @triton.jit
@@ -448,7 +485,6 @@ def loop_kernel(
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     k = tl.where(valid, target, 0)
     n_read = tl.where(valid, num_classes, 0)  # ignored rows read nothing
-    n_full = n_read // BLOCK * BLOCK  # full blocks: no masks
     logits_row = logits_ptr + row * stride_lr
     offsets = tl.arange(0, BLOCK)
     if WIDE_COLS:
@@ -469,40 +505,21 @@ def loop_kernel(
 
     if COMPUTE_GRAD:
         grad_row = grad_ptr + row * stride_gr
-        n_blocks = tl.cdiv(num_classes, BLOCK)
         if valid:
-            # Sweep 2, backwards (the first blocks it reads are the last sweep 1 left in the cache):
-            # grad_j = scale p_j - scale lam / V, one exp and one fused multiply-add per element; the
-            # target column is written again after it (_grad_values' form, exact for every lam).
+            # Sweep 2 (_grad_sweep): grad_j = scale p_j - scale lam / V; the target column is written
+            # again after it (_grad_values' form, exact for every lam).
             inv_d = 1.0 / (1.0 + R)
             scale = tl.load(scalars_ptr).to(ACC_DTYPE)
             a = inv_d * scale
             b = _wide(off_hi, off_lo, ACC_DTYPE) * scale
-            if n_full < num_classes:
-                cols = n_full + offsets
-                mask = cols < num_classes
-                z = tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF, eviction_policy=DROP)
-                g = _exp(_to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
-                tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=mask)
-            if n_full > 0:
-                cols = n_full - BLOCK + offsets
-                z = tl.load(logits_row + cols * stride_lc, eviction_policy=DROP)
-                for _ in range(1, n_full // BLOCK):
-                    z_next = tl.load(logits_row + (cols - BLOCK) * stride_lc, eviction_policy=DROP)
-                    g = _exp(_to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
-                    tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty))
-                    z, cols = z_next, cols - BLOCK
-                g = _exp(_to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
-                tl.store(grad_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty))
+            _grad_sweep(logits_row, stride_lc, grad_row, stride_gc, num_classes, shift, a, b, offsets, BLOCK,
+                        ACC_DTYPE, FAST_EXP, DROP)
             g_k = _grad_values(z_k, True, shift, R, inv_d, scale, off_hi, off_lo, tgt_hi, tgt_lo,
                                _wide(lamk_hi, lamk_lo, ACC_DTYPE), False)
             tl.debug_barrier()  # after every thread's store of the block holding k
             tl.store(grad_row + k * stride_gc, g_k.to(grad_ptr.dtype.element_ty))
         else:
-            zeros = tl.zeros((BLOCK,), grad_ptr.dtype.element_ty)
-            for i in range(0, n_blocks):
-                cols = i * BLOCK + offsets
-                tl.store(grad_row + cols * stride_gc, zeros, mask=cols < num_classes)
+            _zero_row(grad_row, stride_gc, num_classes, offsets, BLOCK)
     if REDUCE:
         _reduce_rows(rows_ptr, loss_ptr, scalars_ptr, sync_ptr, n_rows, n_rows, ACC_DTYPE)
 

@@ -59,9 +59,9 @@ import triton.language as tl
 from smoothce.backends.base import loss_dtype
 from smoothce.backends.triton_backend import next_power_of_2
 from smoothce.backends.triton_kernels import (
-    _exp,
+    _grad_sweep,
     _row_stats,
-    _to_acc,
+    _zero_row,
     check_device,
     device_guard,
     kernel_switches,
@@ -178,7 +178,6 @@ def shard_grad_kernel(
     if WIDE_COLS:
         offsets = offsets.to(tl.int64)
     out = grad_ptr.dtype.element_ty
-    n_full = local_classes // BLOCK_V * BLOCK_V
     if valid:
         lam = tl.cast(lam_hi, ACC_DTYPE) + tl.cast(lam_lo, ACC_DTYPE)
         smooth = lam / _scalar(num_classes, V_IN_MEMORY).to(ACC_DTYPE)
@@ -189,26 +188,13 @@ def shard_grad_kernel(
         scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
         # z_k before the sweep, which may write over the logits (a gradient in their place).
         z_k = tl.load(logits_row + tl.where(owned, k, 0) * stride_logits_col, mask=owned, other=0.0).to(ACC_DTYPE)
-        # grad_j = c p_j - c lam / V: one exp and one fused multiply-add per value.
+        # grad_j = c p_j - c lam / V (triton_kernels._grad_sweep).
         a = inv_sum * scale
         b = tl.zeros((), ACC_DTYPE)
         if SMOOTHING:
             b = smooth * scale
-        if n_full > 0:
-            z = _to_acc(tl.load(logits_row + offsets * stride_logits_col), ACC_DTYPE, FAST_EXP)
-            for col in range(BLOCK_V, n_full, BLOCK_V):
-                z_next = _to_acc(tl.load(logits_row + (col + offsets) * stride_logits_col), ACC_DTYPE, FAST_EXP)
-                g = _exp(z - shift, FAST_EXP) * a - b
-                tl.store(grad_row + (col - BLOCK_V + offsets) * stride_grad_col, g.to(out))
-                z = z_next
-            g = _exp(z - shift, FAST_EXP) * a - b
-            tl.store(grad_row + (n_full - BLOCK_V + offsets) * stride_grad_col, g.to(out))
-        if n_full < local_classes:
-            cols = n_full + offsets
-            mask = cols < local_classes
-            z = tl.load(logits_row + cols * stride_logits_col, mask=mask, other=float("-inf"))
-            g = _exp(z.to(ACC_DTYPE) - shift, FAST_EXP) * a - b
-            tl.store(grad_row + cols * stride_grad_col, g.to(out), mask=mask)
+        _grad_sweep(logits_row, stride_logits_col, grad_row, stride_grad_col, local_classes, shift, a, b, offsets,
+                    BLOCK_V, ACC_DTYPE, FAST_EXP, "")
         if owned:
             # The target column, written again over the sweep's value: p_k - 1 = -e / S where z_k is
             # the max and p_k > 1/2 (a confident row keeps its digits); else (p_k - lam / V) - (1 - lam),
@@ -219,11 +205,7 @@ def shard_grad_kernel(
             tl.debug_barrier()  # after every thread's store of the block holding k
             tl.store(grad_row + k * stride_grad_col, (g_k * scale).to(out))
     else:
-        # Ignored rows read nothing and write zeros.
-        zeros = tl.zeros((BLOCK_V,), out)
-        for col in range(0, local_classes, BLOCK_V):
-            cols = col + offsets
-            tl.store(grad_row + cols * stride_grad_col, zeros, mask=cols < local_classes)
+        _zero_row(grad_row, stride_grad_col, local_classes, offsets, BLOCK_V)
 
 
 def launch_config(local_classes: int, dtype: torch.dtype, *, block_v: int = 2048, num_warps: int = 8,
