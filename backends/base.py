@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from smoothce.numerics import kept_factors, loss_dtype
+
 
 class Backend:
     """Base class: subclass it, set ``name`` and ``device_type``, implement ``forward``.
@@ -85,18 +87,11 @@ class Backend:
         reduces with torch; a backend may fuse the count and the reduction into its kernels.
         """
         acc = loss_dtype(logits.dtype)
-        scale, fold = kept_gradient_scale(logits.dtype)
         if reduction == "mean":
             denominator = (target != ignore_index).sum().clamp_min(1).to(acc)  # no target: 0, not NaN
         else:
             denominator = torch.ones((), dtype=acc, device=logits.device)
-        if fold:
-            grad_scale, factor = 1.0 / denominator, torch.ones((), dtype=acc, device=logits.device)
-        else:
-            # 2**(15 + e) / count with 2**e <= count < 2**(e + 1): backward's factor 2**-(15 + e) is a
-            # power of two, so a power-of-two dO (a loss scale) makes backward's product exact.
-            power = torch.ldexp(torch.full((), scale, dtype=acc, device=logits.device), torch.frexp(denominator)[1] - 1)
-            grad_scale, factor = power / denominator, 1.0 / power
+        grad_scale, factor = kept_factors(denominator, logits.dtype)
         grad = torch.empty_like(logits) if compute_grad else None
         rows = self.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale)
         if reduction == "none":
@@ -247,47 +242,6 @@ class Backend:
             rows_k = k[lo:hi].unsqueeze(1)
             p.scatter_(1, rows_k, torch.where(owned[lo:hi].unsqueeze(1), g_k[lo:hi], p.gather(1, rows_k)))
             grad[lo:hi] = torch.where(valid[lo:hi].unsqueeze(1), p, 0.0)
-
-
-# float16 gradients are kept as 2**15 (p - ybar) x 2**e / count, 2**e <= count < 2**(e + 1): at
-# most 32768 < 65504 in size, and entries down to 2**-24 / 2**15 keep full precision.
-FLOAT16_KEPT_SCALE = 2.0**15
-
-
-def kept_gradient_scale(dtype: torch.dtype) -> tuple[float, bool]:
-    """(scale, fold) of the kept gradient of ``dtype`` logits.
-
-    fold True (bfloat16, float32, float64): the forward pass keeps 1/count x the gradient and
-    backward multiplies by dO alone. fold False (float16): it keeps scale x 2**e / count x the
-    gradient (count = 1 but for "mean", 2**e the largest power of two <= count), and backward
-    multiplies by dO x 2**-(15 + e) in float32: a loss scale reaches the small entries before
-    they are rounded to float16 for the last time, and where dO is a power of two (GradScaler's
-    scale, or 1) that product is exact, so each entry is rounded once, as PyTorch's fp32 path does.
-    """
-    if dtype == torch.float16:
-        return FLOAT16_KEPT_SCALE, False
-    return 1.0, True
-
-
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The loss dtype for logits of ``dtype``: float64 stays float64, all else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def bad_target_message(value: int, num_classes: int, ignore_index: int) -> str:
-    """The error text for a target outside [0, V) that is not ``ignore_index``."""
-    return (
-        f"target value {value} is out of range: expected a class index in "
-        f"[0, {num_classes}) or ignore_index={ignore_index}"
-    )
-
-
-def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise ``ValueError`` naming the first bad target; for CPU tensors, where it costs no sync."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad.nonzero()[0, 0]])
-        raise ValueError(bad_target_message(value, num_classes, ignore_index))
 
 
 # Elements of one block of rows in the default shard methods: 1M on CPU (4 MiB of fp32

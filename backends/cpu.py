@@ -37,7 +37,9 @@ import math
 
 import torch
 
-from smoothce.backends.base import Backend, check_targets_on_host, kept_gradient_scale, loss_dtype
+from smoothce.backends.base import Backend
+from smoothce.checks import check_targets_on_host
+from smoothce.numerics import kept_factors, loss_dtype
 
 # Elements per block: 1M fp32 is 4 MiB of scratch, which stays in the L2/L3 caches and
 # keeps the per-block Python overhead (half a dozen op calls) small against the work.
@@ -160,13 +162,11 @@ class CpuBackend(Backend):
         acc = loss_dtype(logits.dtype)
         k, valid, counted = _small_targets(target, num_classes, ignore_index)
         count = max(counted, 1) if reduction == "mean" else 1  # no counted target: loss 0, not NaN
-        scale, fold = kept_gradient_scale(logits.dtype)
-        # As the default: 1/count folded into the kept gradient, or (float16) 2**15 x 2**e / count.
-        power = 1.0 if fold else math.ldexp(scale, math.frexp(count)[1] - 1)
+        grad_scale, factor = kept_factors(float(count), logits.dtype)
         grad = torch.empty_like(logits) if compute_grad else None
-        rows = _forward_small(logits, k, valid, label_smoothing, grad, power / count, acc)
+        rows = _forward_small(logits, k, valid, label_smoothing, grad, grad_scale, acc)
         loss = rows if reduction == "none" else rows.sum() / count
-        return loss, grad, torch.full((), 1.0 / power, dtype=acc)
+        return loss, grad, torch.full((), factor, dtype=acc)
 
     def forward(self, logits, target, label_smoothing, ignore_index, grad, grad_scale):
         """Per-row loss, and the gradient written into ``grad`` when it is given.

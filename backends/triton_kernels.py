@@ -72,7 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
-from smoothce.backends.base import check_targets_on_host, kept_gradient_scale, loss_dtype
+from smoothce.checks import check_targets_on_host
+from smoothce.numerics import kept_gradient_scale, loss_dtype
 
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))  # a constexpr: kernels may read only those globals
 

@@ -56,7 +56,6 @@ import torch
 import triton
 import triton.language as tl
 
-from smoothce.backends.base import loss_dtype
 from smoothce.backends.triton_backend import next_power_of_2
 from smoothce.backends.triton_kernels import (
     _grad_sweep,
@@ -67,6 +66,7 @@ from smoothce.backends.triton_kernels import (
     kernel_switches,
     split_float,
 )
+from smoothce.numerics import loss_dtype
 
 MIN_BLOCK_V = 16
 

@@ -15,7 +15,7 @@ import threading
 import torch
 
 from smoothce import registry
-from smoothce.backends.base import loss_dtype
+from smoothce.numerics import loss_dtype
 
 # Implementations (Autograd kernels) for ops of the smoothce namespace defined elsewhere.
 _lib = torch.library.Library("smoothce", "FRAGMENT")

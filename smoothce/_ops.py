@@ -19,8 +19,8 @@ import torch
 
 from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
-from smoothce.backends.base import loss_dtype
 from smoothce.checks import FLOAT_DTYPES, INDEX_DTYPES, REDUCTIONS, check_arguments  # noqa: F401 (re-exported)
+from smoothce.numerics import loss_dtype
 
 _lib = torch.library.Library("smoothce", "DEF")
 

@@ -113,3 +113,19 @@ def check_arguments(logits, target, label_smoothing, ignore_index, reduction) ->
     if target.dtype == torch.int32 and not INT32_MIN <= ignore_index <= INT32_MAX:
         return target.long()
     return target
+
+
+def bad_target_message(value: int, num_classes: int, ignore_index: int) -> str:
+    """The error text for a target outside [0, V) that is not ``ignore_index``."""
+    return (
+        f"target value {value} is out of range: expected a class index in "
+        f"[0, {num_classes}) or ignore_index={ignore_index}"
+    )
+
+
+def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` naming the first bad target; for CPU tensors, where it costs no sync."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad.nonzero()[0, 0]])
+        raise ValueError(bad_target_message(value, num_classes, ignore_index))

@@ -75,7 +75,8 @@ if dist.is_available():  # builds without torch.distributed can still import smo
 from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._ops import REDUCTIONS, check_arguments
-from smoothce.backends.base import bad_target_message, kept_gradient_scale, loss_dtype
+from smoothce.checks import bad_target_message
+from smoothce.numerics import kept_gradient_scale, loss_dtype
 
 __all__ = ["count_tokens", "vocab_parallel_cross_entropy"]
 

@@ -63,8 +63,8 @@ import threading
 import torch
 
 from smoothce import _autograd, registry
-from smoothce.backends.base import loss_dtype
 from smoothce.checks import FLOAT_DTYPES, INDEX_DTYPES, INT32_MAX, INT32_MIN, check_option_values, option_values
+from smoothce.numerics import loss_dtype
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

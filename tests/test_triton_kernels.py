@@ -34,8 +34,8 @@ if importlib.util.find_spec("triton") is None:
 
 import smoothce
 from smoothce import registry
-from smoothce.backends.base import loss_dtype
 from smoothce.backends.triton_backend import interpreter_enabled
+from smoothce.numerics import loss_dtype
 from smoothce.reference import cross_entropy_reference
 
 INTERPRET = interpreter_enabled()

@@ -29,8 +29,9 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed: pip install 'smoothce[triton]'", allow_module_level=True)
 
 from smoothce import registry
-from smoothce.backends.base import Backend, loss_dtype
+from smoothce.backends.base import Backend
 from smoothce.backends.triton_backend import interpreter_enabled
+from smoothce.numerics import loss_dtype
 from smoothce.reference import cross_entropy_reference
 
 INTERPRET = interpreter_enabled()
