@@ -77,27 +77,35 @@ class Backend:
         ignore_index: int,
         reduction: str,
         compute_grad: bool,
+        normalizer: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The op's forward: (loss, kept gradient, backward factor) for 2-D ``logits`` (N >= 1, V).
 
-        loss: (N,) for "none", 0-d for "sum"/"mean" ("mean" over no counted target is 0), in
-        ``loss_dtype``. The kept gradient (or None without ``compute_grad``) has the logits'
-        dtype and holds ``kept_gradient_scale`` times d loss / d logits; backward multiplies it by
-        dO times ``factor`` (a 0-d tensor on the device). This default runs ``forward`` and
-        reduces with torch; a backend may fuse the count and the reduction into its kernels.
+        loss: (N,) for "none", 0-d for "sum"/"mean", in ``loss_dtype``. "mean" divides the sum of
+        the rows by ``normalizer`` where one is given (a 0-d tensor of ``loss_dtype`` on the
+        logits' device, read on the device: <= 0 gives loss 0 and a zero gradient), else by the
+        count of non-ignored targets (none counted: loss 0, not NaN). The kept gradient (or None
+        without ``compute_grad``) has the logits' dtype and holds grad_scale x d loss / d logits
+        (``smoothce.numerics.kept_factors``); backward multiplies it by dO x ``factor`` (0-d, on
+        the device). This default runs ``forward`` and reduces with torch; a backend may fuse the
+        count and the reduction into its kernels.
         """
         acc = loss_dtype(logits.dtype)
-        if reduction == "mean":
-            denominator = (target != ignore_index).sum().clamp_min(1).to(acc)  # no target: 0, not NaN
-        else:
+        if reduction != "mean":
             denominator = torch.ones((), dtype=acc, device=logits.device)
+        elif normalizer is not None:
+            denominator = normalizer
+        else:
+            denominator = (target != ignore_index).sum().clamp_min(1).to(acc)
         grad_scale, factor = kept_factors(denominator, logits.dtype)
         grad = torch.empty_like(logits) if compute_grad else None
         rows = self.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale)
         if reduction == "none":
             return rows, grad, factor
         total = rows.sum()
-        return (total / denominator if reduction == "mean" else total), grad, factor
+        if reduction == "sum":
+            return total, grad, factor
+        return torch.where(denominator > 0, total / torch.where(denominator > 0, denominator, 1.0), 0.0), grad, factor
 
     def scale_grad(
         self, grad: torch.Tensor, grad_out: torch.Tensor, factor: torch.Tensor, per_row: bool, inplace: bool

@@ -153,19 +153,27 @@ class CpuBackend(Backend):
     def __init__(self, block_elements: int = BLOCK_ELEMENTS):
         self.block_elements = block_elements
 
-    def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad):
+    def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
         """``Backend.loss_and_grad``; a small input takes one pass of float64 ops with the count, the
         gradient's factor and the reduction read on the host (free on CPU)."""
         n_rows, num_classes = logits.shape
         if n_rows * num_classes > _SMALL_ELEMENTS:
-            return super().loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, compute_grad)
+            return super().loss_and_grad(
+                logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer
+            )
         acc = loss_dtype(logits.dtype)
         k, valid, counted = _small_targets(target, num_classes, ignore_index)
-        count = max(counted, 1) if reduction == "mean" else 1  # no counted target: loss 0, not NaN
-        grad_scale, factor = kept_factors(float(count), logits.dtype)
+        if reduction != "mean":
+            denominator = 1.0
+        elif normalizer is not None:
+            denominator = float(normalizer)
+        else:
+            denominator = float(max(counted, 1))  # no counted target: loss 0, not NaN
+        grad_scale, factor = kept_factors(denominator, logits.dtype)
         grad = torch.empty_like(logits) if compute_grad else None
         rows = _forward_small(logits, k, valid, label_smoothing, grad, grad_scale, acc)
-        loss = rows if reduction == "none" else rows.sum() / count
+        loss = rows.sum() / denominator if denominator > 0 else rows.new_zeros(())
+        loss = rows if reduction == "none" else loss
         return loss, grad, torch.full((), factor, dtype=acc)
 
     def forward(self, logits, target, label_smoothing, ignore_index, grad, grad_scale):

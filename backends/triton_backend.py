@@ -138,8 +138,13 @@ class TritonBackend(Backend):
         config = self.launch_config(logits.shape[1], logits.dtype, logits.device)
         return triton_kernels.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale, config)
 
-    def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad):
+    def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
         from smoothce.backends import triton_kernels
+
+        if normalizer is not None and reduction == "mean":  # the default's reduction, with its factors
+            return super().loss_and_grad(
+                logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer
+            )
 
         self.check_inputs(logits)
         config = self.launch_config(logits.shape[1], logits.dtype, logits.device)

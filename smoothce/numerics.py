@@ -32,17 +32,24 @@ def kept_gradient_scale(dtype: torch.dtype) -> tuple[float, bool]:
 
 
 def kept_factors(denominator, dtype: torch.dtype):
-    """(grad_scale, factor) for a loss divided by ``denominator`` (>= 1): a float, or a 0-d tensor.
+    """(grad_scale, factor) for a loss divided by ``denominator``: a float, or a 0-d tensor.
 
     The kept gradient is grad_scale x d loss / d logits and backward multiplies it by dO x factor,
-    so grad_scale x factor = 1 / denominator (the rule: ``kept_gradient_scale``). Tensors stay on
-    their device (no host sync); floats give floats.
+    so grad_scale x factor = 1 / denominator (the rule: ``kept_gradient_scale``); a denominator
+    <= 0 (an empty normaliser) gives grad_scale 0, the gradient of a loss that is 0. Tensors stay
+    on their device (no host sync); floats give floats.
     """
     scale, fold = kept_gradient_scale(dtype)
-    if fold:
-        return 1.0 / denominator, (torch.ones_like(denominator) if isinstance(denominator, torch.Tensor) else 1.0)
     if isinstance(denominator, torch.Tensor):
-        power = torch.ldexp(torch.full_like(denominator, scale), torch.frexp(denominator)[1] - 1)
-    else:
-        power = math.ldexp(scale, math.frexp(denominator)[1] - 1)
+        positive = denominator > 0
+        safe = torch.where(positive, denominator, 1.0)
+        if fold:
+            return torch.where(positive, 1.0 / safe, 0.0), torch.ones_like(safe)
+        power = torch.ldexp(torch.full_like(safe, scale), torch.frexp(safe)[1] - 1)
+        return torch.where(positive, power / safe, 0.0), 1.0 / power
+    if not denominator > 0:
+        return 0.0, 1.0
+    if fold:
+        return 1.0 / denominator, 1.0
+    power = math.ldexp(scale, math.frexp(denominator)[1] - 1)
     return power / denominator, 1.0 / power
