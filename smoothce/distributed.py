@@ -31,28 +31,30 @@ p_j - lam / V - (1 - lam) [j = k], p_j = exp(z_j - M~) / S. V is the GLOBAL voca
 size everywhere (smoothing by the local V_i is the classic bug). Each call issues exactly
 three all-reduces (only the first when there are no rows), all O(rows) or O(1), never O(V):
 
-1. SUM of a (world, 10) int64 table, one row per rank (an all-gather done as an
+1. SUM of a (world, 13) int64 table, one row per rank (an all-gather done as an
    all-reduce): shard sizes give every rank its start and V, and the same table
    carries what must agree across ranks (rows, dtype, options, a fingerprint of
-   the targets, their range), so a bad input raises the same clear error on every
-   rank instead of hanging in the next collective.
+   the targets, their range, which loss is called), so a bad input raises the same
+   clear error on every rank instead of hanging in the next collective.
 2. MAX of the local row maxima m_i: (N,).
 3. SUM of [the excess terms, a_i, c_i] packed as one (N, 3) tensor.
 
 That is 16 bytes per row for float32/float16/bfloat16 logits (32 for float64), plus
-80 * world bytes per call. Why not fewer: summing exp(z) across ranks needs a shift
+104 * world bytes per call. Why not fewer: summing exp(z) across ranks needs a shift
 common to all ranks, which is the MAX; the count of ranks holding the max is what lets
 the excess leave out exactly one 1; and nothing whose size depends on the rows may be
-sent before every rank knows that all ranks agree on the rows, which is the table. The
-table is read on the host (one small device-to-host copy per call on accelerators). The
-local work is three custom ops (``smoothce::vp_offsets``, ``smoothce::vp_stats``,
+sent before every rank knows that all ranks agree on the rows, which is the table. Nothing
+is read on the host on accelerators (CUDA-graph capturable): there the table is checked on
+the device, and a bad input stops every rank at the same device-side assert, whose message
+says what disagrees; CPU tensors are read on the host for free, and raise a ValueError or
+TypeError naming the values. The local work is three custom ops (``smoothce::vp_offsets``, ``smoothce::vp_stats``,
 ``smoothce::vp_loss_grad``) with fake functions, whose per-element work runs on the
 registry's backend for the logits' device (``registry.select``: the Triton kernels on
 GPUs, vectorised torch on CPU); the collectives are
 ``torch.distributed._functional_collectives``, so the whole function traces under
 torch.compile. As in the single-process op, the gradient of the local slice is computed
-in the forward pass and kept (for float16 as 2**15 times it, ``kept_gradient_scale``);
-backward multiplies it by dO and the factor the forward returns.
+in the forward pass and kept (float16 scaled by ``smoothce.numerics.kept_factors``, the
+one rule); backward multiplies it by dO and the factor the forward returns.
 
 Data parallelism and gradient accumulation: "mean" divides by the non-ignored rows
 of this call only, which is wrong when micro-batches hold different numbers of real
@@ -76,18 +78,37 @@ from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._ops import REDUCTIONS, check_arguments
 from smoothce.checks import bad_target_message
-from smoothce.numerics import kept_gradient_scale, loss_dtype
+from smoothce.numerics import kept_factors, loss_dtype
 
 __all__ = ["count_tokens", "vocab_parallel_cross_entropy"]
 
 _NAME = "vocab_parallel_cross_entropy"
 
-# Columns of the per-rank table exchanged by the first all-reduce.
-_ERROR, _VOCAB, _ROWS, _DTYPE, _LAM, _IGNORE, _REDUCTION, _FINGERPRINT, _TMIN, _TMAX = range(10)
-_TABLE_COLUMNS = 10
+# Columns of the per-rank table exchanged by the first all-reduce. _CALL says which loss runs
+# (0: this one; 1, 2: the fused linear loss without / with a gradient for hidden, whose
+# backward adds an all-reduce), _DIM its hidden size, _SEEN the slice sizes a rank remembers
+# (smoothce.vocab_parallel_linear; -1 when it has none): each must fit the others' or the
+# collectives that follow would not match.
+(_ERROR, _VOCAB, _ROWS, _DTYPE, _LAM, _IGNORE, _REDUCTION, _FINGERPRINT, _TMIN, _TMAX,
+ _CALL, _DIM, _SEEN) = range(13)
+_TABLE_COLUMNS = 13
 _NO_ERROR, _TYPE_ERROR, _VALUE_ERROR = 0, 1, 2
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 _LAM_SCALE = 2**52  # lam in [0, 1] as an exact-enough int64 for the agreement check
+_CALL_NAMES = {0: _NAME, 1: "vocab_parallel_linear_cross_entropy", 2: "vocab_parallel_linear_cross_entropy"}
+# Columns every rank must agree on, and how the error names each.
+_AGREED = (
+    (_ROWS, "the number of rows (the leading shape must be the same on every rank; only the "
+            "vocabulary dimension is split)"),
+    (_DTYPE, "the logits dtype"),
+    (_LAM, "label_smoothing"),
+    (_IGNORE, "ignore_index"),
+    (_REDUCTION, "reduction"),
+    (_CALL, "which loss is called (vocab_parallel_cross_entropy, or the fused linear loss with or "
+            "without a gradient for hidden)"),
+    (_DIM, "the hidden size D"),
+)
+
 
 def _all_reduce(tensor: torch.Tensor, op: str, group) -> torch.Tensor:
     # PyTorch's functional collective: traceable by torch.compile; in eager it returns
@@ -119,68 +140,79 @@ def _resolve_group(group, caller: str):
 # 1. The table: what each rank holds, and the check that it all fits together.
 
 
-def _local_row(logits, target, label_smoothing, ignore_index, reduction, error_code):
-    """This rank's row of the table (int64, on the logits' device); see the column names above.
+def _int64_row(values, device) -> torch.Tensor:
+    """Python ints as an int64 vector on ``device`` without a host-to-device copy off CPU.
+
+    On CPU ``torch.tensor`` is free; elsewhere it would be a blocking copy (and break CUDA-graph
+    capture), so each value is written by a fill, whose value travels as a kernel argument.
+    """
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    row = torch.empty(len(values), dtype=torch.int64, device=device)
+    for i, value in enumerate(values):
+        row[i] = value
+    return row
+
+
+def local_row(*, device, local_classes, n_rows, dtype, target, label_smoothing, ignore_index, reduction,
+              error_code, call=0, dim=0, seen=-1):
+    """This rank's row of the table (int64, on ``device``); see the column names above.
 
     The target fingerprint is sum_i (i + 1) * (t_i + 1) in wrapping int64 arithmetic: equal
     targets give equal fingerprints, and a differing target almost surely changes it.
     """
-    device = logits.device
     if error_code != _NO_ERROR:
         row = torch.zeros(_TABLE_COLUMNS, dtype=torch.int64, device=device)
         row[_ERROR] = error_code
         return row
     t = target.reshape(-1).to(torch.int64)
-    n_rows = t.shape[0]
     weights = torch.arange(1, n_rows + 1, dtype=torch.int64, device=device)
     fingerprint = ((t + 1) * weights).sum()
     valid = t != ignore_index
     big = torch.iinfo(torch.int64).max
     # Over non-ignored targets; an empty set gives (max, min), which passes any range check.
-    t_min = torch.where(valid, t, big).amin() if n_rows else torch.tensor(big, device=device)
-    t_max = torch.where(valid, t, -big).amax() if n_rows else torch.tensor(-big, device=device)
-    fixed = torch.tensor(
-        [
-            _NO_ERROR,
-            logits.shape[-1],
-            n_rows,
-            _DTYPE_CODES[logits.dtype],
-            int(label_smoothing * _LAM_SCALE),
-            ignore_index,
-            REDUCTIONS.index(reduction),
-        ],
-        dtype=torch.int64,
-        device=device,
+    # (amin/amax of an empty tensor would raise: torch.cat with one such value is the same.)
+    t_min = torch.cat([torch.where(valid, t, big), t.new_full((1,), big)]).amin()
+    t_max = torch.cat([torch.where(valid, t, -big), t.new_full((1,), -big)]).amax()
+    fixed = _int64_row(
+        [_NO_ERROR, local_classes, n_rows, _DTYPE_CODES[dtype], int(label_smoothing * _LAM_SCALE), ignore_index,
+         REDUCTIONS.index(reduction)],
+        device,
     )
-    return torch.cat([fixed, torch.stack([fingerprint, t_min, t_max])])
+    tail = _int64_row([call, dim, seen], device)
+    return torch.cat([fixed, torch.stack([fingerprint, t_min, t_max]), tail])
 
 
-@torch.library.custom_op("smoothce::vp_offsets", mutates_args=())
-def vp_offsets(table: torch.Tensor, rank: int, ignore_index: int) -> torch.Tensor:
-    """Check the all-reduced (world, 10) table; return [start of this rank's slice, global V] (int64).
+def exchange_table(row: torch.Tensor, position: int, world: int, group) -> torch.Tensor:
+    """The (world, 13) table: every rank's row at its position, by one SUM all-reduce."""
+    table = torch.zeros(world, _TABLE_COLUMNS, dtype=torch.int64, device=row.device)
+    table[position] = row
+    return _all_reduce(table, "sum", group)
 
-    Runs identically on every rank (the table is the same everywhere), so every rank
-    raises the same ValueError/TypeError when the ranks' inputs do not fit together.
-    It reads the small table on the host: one sync per call on accelerators.
+
+def sizes_fingerprint(sizes) -> int:
+    """sum_i (i + 1) * V_i of a list of slice sizes (the _SEEN column compares this)."""
+    return sum((i + 1) * v for i, v in enumerate(sizes))
+
+
+def check_table_on_host(table: torch.Tensor, position: int, ignore_index: int) -> tuple[int, int, list[int]]:
+    """Check a CPU table; (start of this rank's slice, global V, every rank's V_i).
+
+    Runs identically on every rank (the table is the same everywhere), so every rank raises the
+    same ValueError/TypeError when the ranks' inputs do not fit together.
     """
     rows = table.tolist()
     world = len(rows)
+    name = _CALL_NAMES.get(rows[0][_CALL], _NAME)
     for r, row in enumerate(rows):
         if row[_ERROR] != _NO_ERROR:
             kind = TypeError if row[_ERROR] == _TYPE_ERROR else ValueError
             raise kind(
-                f"{_NAME}: rank {r} of {world} rejected its arguments (its own error says which); "
+                f"{name}: rank {r} of {world} rejected its arguments (its own error says which); "
                 "no rank computed the loss"
             )
     first = rows[0]
-    for column, what in (
-        (_ROWS, "the number of rows (logits.shape[:-1] must be the same on every rank; only the "
-                "vocabulary dimension is split)"),
-        (_DTYPE, "the logits dtype"),
-        (_LAM, "label_smoothing"),
-        (_IGNORE, "ignore_index"),
-        (_REDUCTION, "reduction"),
-    ):
+    for column, what in _AGREED:
         values = [row[column] for row in rows]
         if any(v != values[0] for v in values):
             if column == _LAM:
@@ -193,19 +225,68 @@ def vp_offsets(table: torch.Tensor, rank: int, ignore_index: int) -> torch.Tenso
             else:
                 shown = values
             per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
-            raise ValueError(f"{_NAME}: the ranks disagree on {what}: {per_rank}")
+            raise ValueError(f"{name}: the ranks disagree on {what}: {per_rank}")
     if any(row[_FINGERPRINT] != first[_FINGERPRINT] for row in rows):
         raise ValueError(
-            f"{_NAME}: the ranks passed different targets; every rank must pass the same global "
+            f"{name}: the ranks passed different targets; every rank must pass the same global "
             "target ids (only the logits are split)"
         )
-    num_classes = sum(row[_VOCAB] for row in rows)
+    sizes = [row[_VOCAB] for row in rows]
+    num_classes = sum(sizes)
     if first[_TMIN] < 0:
         raise ValueError(bad_target_message(first[_TMIN], num_classes, ignore_index))
     if first[_TMAX] >= num_classes:
         raise ValueError(bad_target_message(first[_TMAX], num_classes, ignore_index))
-    start = sum(row[_VOCAB] for row in rows[:rank])
-    return torch.tensor([start, num_classes], dtype=torch.int64, device=table.device)
+    return sum(sizes[:position]), num_classes, sizes
+
+
+def check_table_on_device(table: torch.Tensor, position: int, ignore_index: int, name: str) -> torch.Tensor:
+    """Check the table where it lies, without a host read; [start, global V] as an int64 tensor.
+
+    Every rank holds the same table, so every rank stops at the same ``torch._assert_async``
+    (a device-side assert on accelerators: the process's device state is lost, as with any
+    out-of-range index, and the next synchronising call raises) before any row-sized collective.
+    """
+    sizes = table[:, _VOCAB]
+    num_classes = sizes.sum()
+    first = table[0]
+    torch._assert_async(
+        (table[:, _ERROR] == _NO_ERROR).all(),
+        f"{name}: a rank rejected its arguments (its own error says which); no rank computed the loss",
+    )
+    for column, what in _AGREED:
+        torch._assert_async((table[:, column] == first[column]).all(), f"{name}: the ranks disagree on {what}")
+    torch._assert_async(
+        (table[:, _FINGERPRINT] == first[_FINGERPRINT]).all(),
+        f"{name}: the ranks passed different targets; every rank must pass the same global target ids",
+    )
+    torch._assert_async(
+        (first[_TMIN] >= 0) & (first[_TMAX] < num_classes),
+        f"{name}: a target value is out of range: expected a class index in [0, V) (V the sum of the "
+        f"ranks' slices) or ignore_index={ignore_index}",
+    )
+    seen = table[:, _SEEN]
+    weights = torch.arange(1, table.shape[0] + 1, dtype=torch.int64, device=table.device)
+    torch._assert_async(
+        ((seen < 0) | (seen == (sizes * weights).sum())).all(),
+        f"{name}: another rank's vocabulary slice changed size since this rank's first call with its "
+        "own slice; call smoothce.vocab_parallel_linear.forget_slice_sizes() on every rank after "
+        "re-sharding",
+    )
+    return torch.stack([sizes[:position].sum(), num_classes])
+
+
+@torch.library.custom_op("smoothce::vp_offsets", mutates_args=())
+def vp_offsets(table: torch.Tensor, rank: int, ignore_index: int) -> torch.Tensor:
+    """Check the all-reduced (world, 13) table; return [start of this rank's slice, global V] (int64).
+
+    ``rank``: this rank's position in the table. CPU tables are read on the host (free there) and
+    raise a ValueError/TypeError naming the values; elsewhere the check stays on the device.
+    """
+    if table.device.type != "cpu":
+        return check_table_on_device(table, rank, ignore_index, _NAME)
+    start, num_classes, _ = check_table_on_host(table, rank, ignore_index)
+    return torch.tensor([start, num_classes], dtype=torch.int64)
 
 
 @vp_offsets.register_fake
@@ -218,7 +299,7 @@ def _(table, rank, ignore_index):
 # 2. Local statistics of this rank's slice, and what each rank adds to the global sums.
 
 
-def _unpack_offsets(offsets):
+def unpack_offsets(offsets):
     # (start, V): Python ints on CPU, where reading them is free; 0-d int64 tensors elsewhere (no sync).
     if offsets.device.type == "cpu":
         start, num_classes = offsets.tolist()
@@ -239,7 +320,7 @@ def vp_stats(
     ``Backend.shard_stats`` of the registry's backend for the logits' device, which says
     what each row means (all relative to the slice's own max m_i).
     """
-    start, _ = _unpack_offsets(offsets)
+    start, _ = unpack_offsets(offsets)
     backend = registry.select(logits.device)
     return backend.shard_stats(logits, target, start, float(label_smoothing), ignore_index)
 
@@ -251,7 +332,7 @@ def _(logits, target, offsets, label_smoothing, ignore_index):
     return logits.new_empty(4, logits.shape[0], dtype=loss_dtype(logits.dtype))
 
 
-def _contributions(stats, global_max, target, offsets, local_classes, label_smoothing, ignore_index):
+def contributions(stats, global_max, target, offsets, local_classes, label_smoothing, ignore_index):
     """This rank's terms of the global sums, (N, 3): [excess term, a_i, c_i] (see the module docstring).
 
         a_i = [m_i = M],  excess term = R_i if a_i else (1 + R_i) exp(m_i - M~),
@@ -262,7 +343,7 @@ def _contributions(stats, global_max, target, offsets, local_classes, label_smoo
     row_max, remainder, sums, z_k = stats.unbind(0)
     acc = stats.dtype
     lam = float(label_smoothing)
-    start, num_classes = _unpack_offsets(offsets)
+    start, num_classes = unpack_offsets(offsets)
     finite = torch.isfinite(global_max)
     shift = torch.where(finite, global_max, 0.0)
     holds_max = (row_max == global_max) & finite
@@ -281,8 +362,23 @@ def _contributions(stats, global_max, target, offsets, local_classes, label_smoo
     return torch.stack([excess, holds_max.to(acc), partial], dim=1)
 
 
+def combine(packed: torch.Tensor):
+    """(e, sum_i c_i) from the all-reduced (N, 3) terms: e = (ranks holding the max - 1) + the summed terms."""
+    return (packed[:, 1] - 1.0) + packed[:, 0], packed[:, 2]
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Loss and the kept gradient of this rank's slice, from the global statistics.
+
+
+def reduce_rows(rows: torch.Tensor, denominator: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The rows' loss reduced: as they are, their sum, or their sum / D ("mean"; 0 where D <= 0)."""
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    positive = denominator > 0
+    return torch.where(positive, rows.sum() / torch.where(positive, denominator, 1.0), 0.0)
 
 
 @torch.library.custom_op("smoothce::vp_loss_grad", mutates_args=())
@@ -302,13 +398,13 @@ def vp_loss_grad(
     """Loss (reduced as asked), the kept gradient of this slice and backward's factor.
 
     With the global M (``row_max``), e = S - 1 (``excess``), sum_i c_i (``partial``) and
-    D the ``denominator`` (1 for "none"/"sum"), g = 1/D (0 if D == 0):
+    D the ``denominator`` (1 for "none"/"sum"):
 
         loss_row = log1p(e) + sum_i c_i   (0 on ignored rows);  "sum": sum of rows;
-        "mean": sum of rows / D (0 when D == 0)
-        kept = ``Backend.shard_grad`` scaled by g, factor = 1; for float16 logits scaled by
-        2**15 instead and factor = g / 2**15 (``kept_gradient_scale``: small entries are
-        rounded to float16 only after backward's dO, a loss scale, has reached them)
+        "mean": sum of rows / D (0 when D <= 0)
+        kept = grad_scale x ``Backend.shard_grad``, and backward's factor, with
+        grad_scale x factor = 1 / D: ``smoothce.numerics.kept_factors`` (the one rule; float16
+        keeps a power-of-two multiple so small entries meet dO before their last rounding)
 
     Returns (loss, kept, factor); kept has the logits' dtype, or is empty without ``compute_grad``.
     """
@@ -316,26 +412,15 @@ def vp_loss_grad(
     valid = target != ignore_index
     rows = torch.where(valid, torch.log1p(excess) + partial, 0.0)
     denominator = denominator.to(acc)
-    positive = denominator > 0
-    if reduction == "none":
-        loss = rows
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = torch.where(positive, rows.sum() / torch.where(positive, denominator, 1.0), 0.0)
-    scale = torch.where(positive, 1.0 / torch.where(positive, denominator, 1.0), 0.0)
-    kept_scale, fold = kept_gradient_scale(logits.dtype)
-    if fold:
-        factor = torch.ones_like(scale)
-    else:
-        scale, factor = torch.full_like(scale, kept_scale), scale / kept_scale
+    loss = reduce_rows(rows, denominator, reduction)
+    grad_scale, factor = kept_factors(denominator, logits.dtype)
     if not compute_grad:
         return loss, logits.new_empty(0), factor
     grad = torch.empty_like(logits)
-    start, num_classes = _unpack_offsets(offsets)
+    start, num_classes = unpack_offsets(offsets)
     backend = registry.select(logits.device)
     backend.shard_grad(
-        logits, target, start, num_classes, row_max, excess, float(label_smoothing), ignore_index, scale, grad
+        logits, target, start, num_classes, row_max, excess, float(label_smoothing), ignore_index, grad_scale, grad
     )
     return loss, grad, factor
 
@@ -358,7 +443,8 @@ register_kept_gradient_autograd("smoothce::vp_loss_grad", _NAME, reduction_arg=9
 # The public functions.
 
 
-def _check_normalizer(normalizer, reduction):
+def check_normalizer(normalizer, reduction):
+    """TypeError/ValueError for a ``normalizer`` that is not a number >= 0 or a one-element real tensor."""
     if normalizer is None:
         return
     if reduction != "mean":
@@ -377,6 +463,24 @@ def _check_normalizer(normalizer, reduction):
         )
     if math.isnan(normalizer) or normalizer < 0:
         raise ValueError(f"normalizer must be >= 0, got {normalizer}")
+
+
+def denominator_for(reduction, normalizer, target, ignore_index, dtype, device) -> torch.Tensor:
+    """0-d D in ``dtype`` on ``device``: 1 ("none"/"sum"), ``normalizer``, or the non-ignored count (>= 1).
+
+    No host sync: a number is written by a fill, a CPU tensor is read as a scalar operand (its
+    value is taken at call time, so under CUDA-graph capture pass a device tensor instead).
+    """
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=device)
+    if normalizer is None:
+        return (target != ignore_index).sum().clamp_min(1).to(dtype)
+    if not isinstance(normalizer, torch.Tensor):
+        return torch.full((), float(normalizer), dtype=dtype, device=device)
+    value = normalizer.detach().reshape(())
+    if value.device != device and value.device.type == "cpu":
+        return torch.zeros((), dtype=dtype, device=device).add_(value)
+    return value.to(device=device, dtype=dtype)
 
 
 def vocab_parallel_cross_entropy(
@@ -402,7 +506,7 @@ def vocab_parallel_cross_entropy(
         normalizer: only with reduction="mean": divide the summed loss (and its gradient)
             by this number or one-element tensor instead of by this call's non-ignored rows,
             e.g. ``count_tokens(...)`` over a data-parallel group or an accumulation window.
-            0 gives a loss of 0 and a zero gradient.
+            0 gives a loss of 0 and a zero gradient. Read on the device, never on the host.
 
     Returns:
         The loss, equal on every rank to ``smoothce.cross_entropy`` of the concatenated logits
@@ -410,13 +514,24 @@ def vocab_parallel_cross_entropy(
         rank's slice of the single-process gradient, computed in this forward pass and kept.
 
     Issues three all-reduces over ``group`` (16 bytes per row for 16/32-bit logits, plus
-    80 bytes per rank), never O(V). Inputs that do not fit together across ranks (row
-    counts, dtypes, options, targets, a target outside [0, V)) raise the same ValueError or
-    TypeError on every rank; an uninitialised process group raises RuntimeError. Only a
-    ``logits_shard`` that is not a tensor at all is raised before the exchange, on that rank
-    alone (the others then stop at the process group's timeout).
+    104 bytes per rank), never O(V), and no host sync on accelerators (CUDA-graph capturable).
+    Inputs that do not fit together across ranks (row counts, dtypes, options, targets, a
+    target outside [0, V)) raise the same ValueError or TypeError on every rank for CPU
+    tensors, and stop every rank at the same device-side assert on accelerators; an
+    uninitialised process group raises RuntimeError. Only a ``logits_shard`` that is not a
+    tensor at all is raised before the exchange, on that rank alone (the others then stop at
+    the process group's timeout).
     """
     group, rank, world = _resolve_group(group, _NAME)
+    return vocab_parallel_loss(
+        logits_shard, target, group=group, position=rank, world=world, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+    )
+
+
+def vocab_parallel_loss(logits_shard, target, *, group, position, world, label_smoothing, ignore_index, reduction,
+                        normalizer):
+    """``vocab_parallel_cross_entropy`` with this rank's slice at ``position`` of ``world`` (a mesh coordinate)."""
     if not isinstance(logits_shard, torch.Tensor):
         raise TypeError(f"logits_shard must be a tensor, got {type(logits_shard).__name__}")
     # Argument errors are reported through the table exchange, so that the other ranks
@@ -424,20 +539,22 @@ def vocab_parallel_cross_entropy(
     error = None
     try:
         check_arguments(logits_shard, target, label_smoothing, ignore_index, reduction)
-        _check_normalizer(normalizer, reduction)  # check_arguments also rejects an empty slice
+        check_normalizer(normalizer, reduction)  # check_arguments also rejects an empty slice
     except TypeError as exc:
         error, code = exc, _TYPE_ERROR
     except ValueError as exc:
         error, code = exc, _VALUE_ERROR
     else:
         code = _NO_ERROR
-    row = _local_row(logits_shard, target, label_smoothing, ignore_index, reduction, code)
-    table = torch.zeros(world, _TABLE_COLUMNS, dtype=torch.int64, device=logits_shard.device)
-    table[rank] = row
-    table = _all_reduce(table, "sum", group)
+    row = local_row(
+        device=logits_shard.device, local_classes=logits_shard.shape[-1] if logits_shard.dim() else 0,
+        n_rows=target.numel() if code == _NO_ERROR else 0, dtype=logits_shard.dtype, target=target,
+        label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction, error_code=code,
+    )
+    table = exchange_table(row, position, world, group)
     if error is not None:
         raise error
-    offsets = vp_offsets(table, rank, ignore_index)
+    offsets = vp_offsets(table, position, ignore_index)
 
     local_classes = logits_shard.shape[-1]
     z = logits_shard.reshape(-1, local_classes)
@@ -447,22 +564,14 @@ def vocab_parallel_cross_entropy(
     global_max = stats[0]
     if z.shape[0] > 0:
         global_max = _all_reduce(global_max, "max", group)
-    packed = _contributions(stats, global_max, t, offsets, local_classes, float(label_smoothing), ignore_index)
+    packed = contributions(stats, global_max, t, offsets, local_classes, float(label_smoothing), ignore_index)
     if z.shape[0] > 0:
         packed = _all_reduce(packed, "sum", group)
-    # e = (number of ranks holding the max - 1) + the summed terms: exact when one rank holds it.
-    excess = (packed[:, 1] - 1.0) + packed[:, 0]
-    if reduction != "mean":
-        denominator = torch.ones((), dtype=acc, device=z.device)
-    elif normalizer is None:
-        denominator = (t != ignore_index).sum().clamp_min(1).to(acc)
-    elif isinstance(normalizer, torch.Tensor):
-        denominator = normalizer.detach().reshape(()).to(device=z.device, dtype=acc)
-    else:
-        denominator = torch.tensor(float(normalizer), dtype=acc, device=z.device)
+    excess, partial = combine(packed)
+    denominator = denominator_for(reduction, normalizer, t, ignore_index, acc, z.device)
     compute_grad = torch.is_grad_enabled() and logits_shard.requires_grad
     loss, _, _ = vp_loss_grad(
-        z, t, offsets, global_max, excess, packed[:, 2], denominator,
+        z, t, offsets, global_max, excess, partial, denominator,
         float(label_smoothing), ignore_index, reduction, compute_grad,
     )
     if reduction == "none":

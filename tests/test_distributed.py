@@ -82,7 +82,8 @@ def test_uninitialised_group_is_a_clear_error():
 
 def _table(sizes, rows, target):
     # The all-reduced table that rank i would see, built by hand (columns as in smoothce.distributed).
-    table = torch.zeros(len(sizes), 10, dtype=torch.int64)
+    table = torch.zeros(len(sizes), 13, dtype=torch.int64)
+    table[:, 12] = -1  # no remembered slice sizes
     table[:, 1] = torch.tensor(sizes)
     table[:, 2] = rows
     table[:, 3] = 1  # float32
