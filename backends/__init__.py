@@ -1,6 +1,6 @@
 """Backend implementations of smoothce's cross-entropy, installed as ``smoothce.backends``.
 
-Each module serves one backend: ``cpu`` (vectorized torch), ``cuda_triton`` and
-``xpu_triton`` (the Triton kernels of ``triton_kernels``). ``base`` defines the
-interface they share. Nothing here imports Triton at import time.
+``base`` is the contract and ``torch_defaults`` its plain-torch defaults; ``cpu`` is the CPU backend;
+``cuda_triton`` and ``xpu_triton`` run the Triton kernels (``triton_common``, ``triton_kernels``,
+``triton_shard_kernels``) through ``triton_backend``. Nothing here imports Triton at import time.
 """

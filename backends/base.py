@@ -1,22 +1,15 @@
-"""The interface every smoothce backend implements.
+"""The contract every smoothce backend implements: the ``Backend`` class.
 
-A backend computes, for a block of rows of logits z (N, V) and targets k (N,),
-the per-row loss and (optionally) the gradient, both from the spec:
-
-    r = logsumexp(z),  s = sum_j z_j,
-    loss = r - (1 - lam) * z_k - (lam / V) * s
-    grad = grad_scale * (softmax(z) - lam / V - (1 - lam) * onehot(k))
-
-Rows whose target equals ``ignore_index`` get loss 0 and a zero gradient.
-Everything else (argument checks, reshaping, reduction, autograd) lives in
-``smoothce._ops``; a backend sees only 2-D logits and 1-D targets.
+A backend sees only 2-D logits and 1-D targets; argument checks, reshaping and autograd live in
+``smoothce._ops``. The math each method must compute is in its docstring; the defaults, in plain
+torch ops, are in ``torch_defaults``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from smoothce.numerics import kept_factors, loss_dtype
+from smoothce.backends import torch_defaults
 
 
 class Backend:
@@ -48,6 +41,11 @@ class Backend:
         grad_scale: torch.Tensor,
     ) -> torch.Tensor:
         """Compute per-row losses and, when ``grad`` is given, write the gradient into it.
+
+        For a row z of V logits with target k and smoothing lam (the README's math):
+
+            loss = logsumexp(z) - (1 - lam) z_k - (lam / V) sum_j z_j
+            grad = grad_scale (softmax(z) - lam / V - (1 - lam) onehot(k))
 
         Args:
             logits: (N, V), float16/bfloat16/float32/float64, any strides, N >= 1, V >= 1.
@@ -87,25 +85,12 @@ class Backend:
         count of non-ignored targets (none counted: loss 0, not NaN). The kept gradient (or None
         without ``compute_grad``) has the logits' dtype and holds grad_scale x d loss / d logits
         (``smoothce.numerics.kept_factors``); backward multiplies it by dO x ``factor`` (0-d, on
-        the device). This default runs ``forward`` and reduces with torch; a backend may fuse the
+        the device). The default runs ``forward`` and reduces with torch; a backend may fuse the
         count and the reduction into its kernels.
         """
-        acc = loss_dtype(logits.dtype)
-        if reduction != "mean":
-            denominator = torch.ones((), dtype=acc, device=logits.device)
-        elif normalizer is not None:
-            denominator = normalizer
-        else:
-            denominator = (target != ignore_index).sum().clamp_min(1).to(acc)
-        grad_scale, factor = kept_factors(denominator, logits.dtype)
-        grad = torch.empty_like(logits) if compute_grad else None
-        rows = self.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale)
-        if reduction == "none":
-            return rows, grad, factor
-        total = rows.sum()
-        if reduction == "sum":
-            return total, grad, factor
-        return torch.where(denominator > 0, total / torch.where(denominator > 0, denominator, 1.0), 0.0), grad, factor
+        return torch_defaults.loss_and_grad(
+            self.forward, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer
+        )
 
     def scale_grad(
         self, grad: torch.Tensor, grad_out: torch.Tensor, factor: torch.Tensor, per_row: bool, inplace: bool
@@ -116,24 +101,14 @@ class Backend:
         ``grad`` itself; otherwise a new tensor. On CPU a product of exactly 1 in place is seen
         for free and skips the pass (``loss.backward()`` of a "mean" or "sum" loss).
         """
-        if not per_row and inplace and grad.device.type == "cpu" and grad_out.item() * factor.item() == 1.0:
-            return grad  # (exactly 1 in float64 is exactly 1 in float32)
-        # Per row (N, 1); else shape (1,), not 0-d: a 0-d multiplier would be rounded to the
-        # gradient's (half) dtype first, and 2**-15 / count can underflow float16; this way the
-        # product is taken in float32 and rounded once into the result.
-        scale = grad_out * factor
-        scale = scale.unsqueeze(-1) if per_row else scale.reshape(1)
-        if inplace:
-            return grad.mul_(scale)
-        return torch.mul(grad, scale, out=torch.empty_like(grad))
+        return torch_defaults.scale_grad(grad, grad_out, factor, per_row, inplace)
 
     def __repr__(self) -> str:
         return f"<smoothce backend {self.name!r} for {self.device_type!r} tensors>"
 
     # -----------------------------------------------------------------------------------------
     # The two halves of the vocabulary-parallel loss (smoothce.distributed). A rank holds the
-    # columns [start, start + V_i) of the logits, V = sum of the V_i is the global vocabulary;
-    # the defaults below are plain vectorised torch on blocks of rows, for every device.
+    # columns [start, start + V_i) of the logits, V = sum of the V_i is the global vocabulary.
 
     def shard_stats(
         self,
@@ -167,27 +142,7 @@ class Backend:
         Returns:
             (4, N) float32 (float64 for float64 logits): the rows m, R, t, z_k.
         """
-        n_rows, local_classes = logits.shape
-        acc = loss_dtype(logits.dtype)
-        stats = torch.zeros(4, n_rows, dtype=acc, device=logits.device)
-        if n_rows == 0:
-            return stats
-        logits = logits.detach()
-        k, owned = _local_target(target, start, local_classes, ignore_index)
-        z_k = logits.gather(1, k.unsqueeze(1)).squeeze(1).to(acc)
-        stats[3] = torch.where(owned, z_k, 0.0)
-        for lo, hi in _row_blocks(n_rows, local_classes, logits.device):
-            x = logits[lo:hi].to(acc)
-            m, first = x.max(dim=1, keepdim=True)  # a (the first) column holding the max
-            shift = torch.where(torch.isfinite(m), m, 0.0)
-            x = x - shift
-            if label_smoothing > 0.0:
-                stats[2, lo:hi] = x.sum(dim=1)
-            e = x.exp_()
-            e.scatter_(1, first, 0.0)
-            stats[0, lo:hi] = m.squeeze(1)
-            stats[1, lo:hi] = e.sum(dim=1)
-        return stats
+        return torch_defaults.shard_stats(logits, target, start, label_smoothing, ignore_index)
 
     def shard_grad(
         self,
@@ -224,51 +179,6 @@ class Backend:
             grad_scale: 0-d tensor on the logits' device, the factor c.
             grad: (N, V_i) output in the logits' dtype, any strides.
         """
-        n_rows, local_classes = logits.shape
-        if n_rows == 0:
-            return
-        acc = loss_dtype(logits.dtype)
-        logits = logits.detach()
-        lam = float(label_smoothing)
-        smooth = lam / (num_classes.to(acc) if isinstance(num_classes, torch.Tensor) else num_classes)
-        k, owned = _local_target(target, start, local_classes, ignore_index)
-        valid = target != ignore_index
-        shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
-        inv_sum = torch.where(valid, 1.0 / (1.0 + excess), 0.0)  # ignored rows: 0 even where S = 0
-        row_scale = torch.where(valid, grad_scale.to(acc), 0.0)
-        # The target column per row: one value each, outside the block loop.
-        z_k = logits.gather(1, k.unsqueeze(1)).squeeze(1).to(acc)
-        p_k = torch.exp(z_k - shift) * inv_sum
-        confident = (z_k == row_max) & (excess < 1.0)
-        g_k = torch.where(confident, (lam - smooth) - excess * inv_sum, (p_k - smooth) - (1.0 - lam))
-        g_k = (g_k * row_scale).unsqueeze(1)
-        for lo, hi in _row_blocks(n_rows, local_classes, logits.device):
-            p = torch.exp(logits[lo:hi].to(acc) - shift[lo:hi].unsqueeze(1)).mul_(inv_sum[lo:hi].unsqueeze(1))
-            if lam != 0.0:
-                p.sub_(smooth)
-            p.mul_(row_scale[lo:hi].unsqueeze(1))
-            rows_k = k[lo:hi].unsqueeze(1)
-            p.scatter_(1, rows_k, torch.where(owned[lo:hi].unsqueeze(1), g_k[lo:hi], p.gather(1, rows_k)))
-            grad[lo:hi] = torch.where(valid[lo:hi].unsqueeze(1), p, 0.0)
-
-
-# Elements of one block of rows in the default shard methods: 1M on CPU (4 MiB of fp32
-# scratch, which stays in cache), 16M elsewhere (64 MiB).
-_SHARD_BLOCK_ELEMENTS = {"cpu": 1 << 20}
-_SHARD_BLOCK_ELEMENTS_DEFAULT = 1 << 24
-
-
-def _row_blocks(n_rows: int, num_classes: int, device: torch.device):
-    """(lo, hi) ranges of rows whose (rows, num_classes) block fits the device's budget."""
-    budget = _SHARD_BLOCK_ELEMENTS.get(device.type, _SHARD_BLOCK_ELEMENTS_DEFAULT)
-    rows = max(1, budget // max(num_classes, 1))
-    for lo in range(0, n_rows, rows):
-        yield lo, min(lo + rows, n_rows)
-
-
-def _local_target(target: torch.Tensor, start, local_classes: int, ignore_index: int):
-    """(k, owned): the target's column in a slice starting at ``start`` (0 where not owned), and
-    whether this slice holds it (in range and not ``ignore_index``)."""
-    k = target.to(torch.int64) - start
-    owned = (target != ignore_index) & (k >= 0) & (k < local_classes)
-    return torch.where(owned, k, 0), owned
+        torch_defaults.shard_grad(
+            logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index, grad_scale, grad
+        )

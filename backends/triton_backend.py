@@ -1,10 +1,8 @@
-"""What the two Triton backends share, without importing Triton: availability checks,
-the launch configuration from each backend's table, and the calls into ``triton_kernels``.
+"""``TritonBackend``: what the CUDA and XPU backends share, without importing Triton.
 
-``cuda_triton`` and ``xpu_triton`` subclass ``TritonBackend`` and set only what differs: the
-launch table, whether rows may be split over programs that wait on each other, load hints,
-extra compile options and the device checks. ``triton_kernels`` (and with it Triton) is
-imported at the first launch.
+It checks availability, turns a backend's launch table into each launch's configuration, and calls
+the launchers of ``triton_kernels`` and ``triton_shard_kernels`` (imported, with Triton, at the first
+launch). ``cuda_triton`` and ``xpu_triton`` set only their tables, settings and device checks.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import torch
 from smoothce.backends.base import Backend
 
 _TRUE = ("1", "true", "yes", "on", "y")  # the spellings Triton accepts for TRITON_INTERPRET, in any case
+MIN_BLOCK_V = 16  # the fewest columns per block or program: below this a block is mostly masked lanes
 
 
 @functools.cache
@@ -40,7 +39,7 @@ def interpreter_reason() -> str | None:
     """None when CPU tensors can run the Triton kernel in Triton's interpreter, else why not."""
     if not interpreter_enabled():
         return "CPU tensors run the Triton kernel only in Triton's interpreter: set TRITON_INTERPRET=1"
-    kernels = sys.modules.get("smoothce.backends.triton_kernels")
+    kernels = sys.modules.get("smoothce.backends.triton_common")
     if kernels is not None and not kernels.INTERPRETED:
         return (
             "the Triton kernel was already built for a GPU in this process: set TRITON_INTERPRET=1 "
@@ -58,14 +57,16 @@ class TritonBackend(Backend):
     """The shared Triton kernels on one GPU device type (and CPU tensors under TRITON_INTERPRET=1).
 
     ``max_block_v`` caps the columns per program or block (a power of two) and ``kernel``
-    forces "split" or "loop"; tests use both so that small rows take every path.
+    forces "split" or "loop"; tests use both so that small rows take every path. Neither can make
+    the split kernel wait on programs that may never start: where a row's chunks cannot all run at
+    once on the device, the loop kernel takes the row.
     """
 
     # Rows of (largest V, kernel, columns per program or loop block, num_warps), by element size in
     # bytes; the first row whose largest V >= V applies. Columns 0 means the whole row in one
     # program (next_power_of_2(V) columns) and num_warps 0 one warp per VALUES_PER_WARP columns.
     LAUNCH_TABLE: ClassVar[dict[int, tuple[tuple[int, str, int, int], ...]]] = {}
-    MIN_BLOCK_V = 16  # below this a block is mostly masked lanes anyway
+    MIN_BLOCK_V = MIN_BLOCK_V
     VALUES_PER_WARP = 512
     MAX_NUM_WARPS = 16
     # Whether programs start in grid order and run alongside each other here, which the split
@@ -118,11 +119,8 @@ class TritonBackend(Backend):
         if num_warps == 0:
             num_warps = min(self.MAX_NUM_WARPS, max(1, block // self.VALUES_PER_WARP))
         kernel = self.kernel or kernel
-        if self.kernel is None and kernel == "split":
-            cores = self.cores(device) if device is not None and device.type != "cpu" else None
-            chunks = -(-num_classes // block)
-            if chunks > 1 and (not self.ROW_SPLIT or (cores is not None and chunks > cores)):
-                kernel = "loop"
+        if kernel == "split" and not self.chunks_resident(-(-num_classes // block), device):
+            kernel = "loop"
         keep, drop = self.EVICTION
         config = {"kernel": kernel, "block": block, "num_warps": num_warps, "keep": keep, "drop": drop,
                   "fast_exp": self.FAST_EXP}
@@ -130,6 +128,20 @@ class TritonBackend(Backend):
         if options:
             config["options"] = options
         return config
+
+    def chunks_resident(self, chunks: int, device: torch.device | None) -> bool:
+        """Whether the split kernel's ``chunks`` programs of a row surely all run at once on ``device``.
+
+        One chunk waits on nobody. More need a device that starts programs in grid order
+        (``ROW_SPLIT``) and holds a row's chunks at once: at most one per core where ``cores`` knows
+        the count (CPU tensors, in the interpreter, run the kernel in two launches that never wait).
+        """
+        if chunks <= 1:
+            return True
+        if not self.ROW_SPLIT:
+            return False
+        cores = self.cores(device) if device is not None and device.type != "cpu" else None
+        return cores is None or chunks <= cores
 
     def forward(self, logits, target, label_smoothing, ignore_index, grad, grad_scale):
         from smoothce.backends import triton_kernels
@@ -141,15 +153,10 @@ class TritonBackend(Backend):
     def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
         from smoothce.backends import triton_kernels
 
-        if normalizer is not None and reduction == "mean":  # the default's reduction, with its factors
-            return super().loss_and_grad(
-                logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer
-            )
-
         self.check_inputs(logits)
         config = self.launch_config(logits.shape[1], logits.dtype, logits.device)
         return triton_kernels.loss_and_grad(
-            logits, target, label_smoothing, ignore_index, reduction, compute_grad, config
+            logits, target, label_smoothing, ignore_index, reduction, compute_grad, config, normalizer
         )
 
     def scale_grad(self, grad, grad_out, factor, per_row, inplace):
@@ -163,14 +170,19 @@ class TritonBackend(Backend):
         )
 
     def shard_launch_config(self, local_classes: int, dtype: torch.dtype) -> dict:
-        """The vocabulary-parallel kernels' block and warps: the loop kernel's, from the table's last row."""
-        from smoothce.backends import triton_shard_kernels
-
+        """The vocabulary-parallel kernels' ``block`` (BLOCK_V), ``num_warps``, ``fast_exp`` and compile
+        ``options`` for slices of V_i columns: the loop kernel's block and warps (the table's last
+        row), fewer for a slice shorter than one block, capped by ``max_block_v``."""
         _, _, block_v, num_warps = self.LAUNCH_TABLE[dtype.itemsize][-1]
-        return triton_shard_kernels.launch_config(
-            local_classes, dtype, block_v=block_v, num_warps=num_warps, max_block_v=self.max_block_v,
-            options=self.compile_options(), fast_exp=self.FAST_EXP,
-        )
+        block = min(block_v, next_power_of_2(local_classes))
+        if self.max_block_v:
+            block = min(block, self.max_block_v)
+        block = max(self.MIN_BLOCK_V, block)
+        config = {"block": block, "num_warps": max(1, num_warps * block // block_v), "fast_exp": self.FAST_EXP}
+        options = self.compile_options()
+        if options:
+            config["options"] = options
+        return config
 
     def shard_stats(self, logits, target, start, label_smoothing, ignore_index):
         from smoothce.backends import triton_shard_kernels

@@ -1,53 +1,9 @@
 """Triton kernels for the two halves of the vocabulary-parallel loss, and their launchers.
 
-``smoothce.distributed`` splits the classes over ranks: a rank holds the columns
-[start, start + V_i) of the logits, V = sum of the V_i. It needs two things per rank
-(``Backend.shard_stats`` and ``Backend.shard_grad`` state the contract; the torch
-defaults in ``base`` compute the same):
-
-``shard_stats_kernel``, one program per row of the slice z (V_i values), one sweep over
-blocks of ``BLOCK_V`` columns, in float32 (float64 for float64 logits): the full blocks load
-with no mask, each one's load issued before the previous block's work, and only a last partial
-block is masked. Each lane l of the block (columns l, l + BLOCK_V, ...) keeps its own running
-max m_l, remainder r_l and sum s_l, so the loop has no cross-lane reduction and one exp per
-value. m_l starts at the lowest finite value (not -inf: no guard against -inf - -inf per value);
-for a value z of lane l, with d = z - m_l and e = exp(-|d|):
-
-    d > 0 (a new max):  r_l' = (r_l + 1) exp(-d) = r_l e + e,  m_l' = z
-    otherwise:          r_l' = r_l + exp(d) = r_l + e             (a tie adds an exact 1)
-    s_l' = s_l + (z - ref)                                         (lam > 0 only)
-
-with ref a fixed logit of the row (z_k where the slice holds the target, else column 0; 0
-where that one is not finite or passes 2**64 in size, as a class masked with the dtype's
-lowest value does). A NaN logit makes d, so r_l and R, NaN (its row's loss and
-gradient then are NaN); -inf gives e = 0. After the sweep the lanes combine like ranks do
-in ``smoothce.distributed``: m = max_l m_l over the lanes that saw a value above -inf
-(m_l > low; none: m = -inf), the first lane holding m keeps r_l, every other adds
-(1 + r_l) exp(m_l - m), and t = sum_l s_l + V_i (ref - m~), m~ = m where finite, else 0.
-So R = sum over all values but one max of exp(z_j - m) and t = sum_j (z_j - m~), with no
-sum ever taken over raw logits (a common offset cancels in z - ref and ref - m~) and no 1
-ever added to R. (A logit equal to the lowest finite value counts as -inf.) It writes the
-(4, N) rows m, R, t, z_k; ignored rows too (the contract's m, R, t do not depend on the target).
-
-``shard_grad_kernel``, one program per row, one sweep, from the global row max M and the
-excess e = S - 1 of S = sum_j exp(z_j - M) over all V classes:
-
-    grad_j = c (p_j - lam / V),  p_j = exp(z_j - M) / S                      j != k - start
-    grad_k = c ((p_k - lam / V) - (1 - lam)),  or c ((lam - lam / V) - e / S) when z_k = M, e < 1
-
-the sweep as exp(z_j - M~) a - b with a = c / S and b = c lam / V (one exp and one fused
-multiply-add per value, full blocks unmasked), the target column once as a scalar in its own
-form, written again after the sweep; each rounded to the gradient's dtype once. Ignored rows
-read nothing and write zeros.
-
-``FAST_EXP`` (float32 accumulation on NVIDIA GPUs, never under the interpreter) takes
-``triton_kernels._exp``'s hardware exp and widens bfloat16 pairs with two integer
-instructions. ``start`` and ``V`` are Python ints or 0-d int64 device tensors (then read
-by the kernel, so the host never waits for them); constexpr switches pick which. Row
-offsets are 64-bit, column offsets 64-bit only where (V_i - 1) x a column stride passes
-int32 (``WIDE_COLS``), and every tensor has its own strides. Like ``triton_kernels`` this
-module imports Triton at import time and the backends import it at the first launch;
-Triton reads ``TRITON_INTERPRET`` then, which is what lets the kernels run on CPU tensors.
+``smoothce.distributed`` splits the classes over ranks: a rank holds the columns [start, start + V_i)
+of the logits. ``shard_stats_kernel`` computes a slice's row statistics and ``shard_grad_kernel``
+its gradient from the all-reduced ones (the contract: ``Backend.shard_stats``/``shard_grad``).
+``start`` and ``V`` are Python ints or 0-d int64 device tensors read by the kernels (no host sync).
 """
 
 from __future__ import annotations
@@ -56,19 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
-from smoothce.backends.triton_backend import next_power_of_2
-from smoothce.backends.triton_kernels import (
-    _grad_sweep,
-    _row_stats,
-    _zero_row,
+from smoothce.backends.triton_common import (
     check_device,
     device_guard,
+    grad_sweep,
     kernel_switches,
+    round_to,
+    row_stats,
     split_float,
+    zero_row,
 )
 from smoothce.numerics import loss_dtype
-
-MIN_BLOCK_V = 16
 
 
 @triton.jit
@@ -99,9 +53,19 @@ def shard_stats_kernel(
     START_IN_MEMORY: tl.constexpr,
     SMOOTHING: tl.constexpr,  # lam > 0: compute t (else it is written as 0)
     ACC_DTYPE: tl.constexpr,
-    FAST_EXP: tl.constexpr,  # _exp's hardware form (float32 on NVIDIA GPUs)
+    FAST_EXP: tl.constexpr,  # exp's hardware form (float32 on NVIDIA GPUs)
     WIDE_COLS: tl.constexpr,  # (V_i - 1) x the column stride past int32: column offsets in int64
 ):
+    """One program per row of the slice z (V_i values), one sweep (``row_stats``), writing the
+    (4, N) rows m, R, t, z_k of ``Backend.shard_stats``; ignored rows too (m, R, t do not depend on
+    the target).
+
+    The sweep keeps a max, remainder and sum per lane and combines the lanes like ranks combine in
+    ``smoothce.distributed``: R = sum over all values but one max of exp(z_j - m), and the smoothing
+    sum is taken relative to ref, a fixed logit of the row (z_k where the slice holds the target,
+    else column 0; 0 where that one is not finite or passes 2**64 in size), so that
+    t = sum_j (z_j - ref) + V_i (ref - m~) sums no raw logits and a common offset cancels.
+    """
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     offsets = tl.arange(0, BLOCK_V)
@@ -118,9 +82,8 @@ def shard_stats_kernel(
     z_k = tl.where(owned, z_ref, 0.0)
     ref = tl.where(tl.abs(z_ref) < 1.8446744073709552e19, z_ref, 0.0)
 
-    # One sweep (triton_kernels._row_stats): lanes combined like ranks in smoothce.distributed.
-    row_max, r_row, s_row = _row_stats(logits_row, stride_logits_col, local_classes, ref, offsets, BLOCK_V,
-                                       SMOOTHING, ACC_DTYPE, FAST_EXP, "")
+    row_max, r_row, s_row = row_stats(logits_row, stride_logits_col, local_classes, ref, offsets, BLOCK_V,
+                                      SMOOTHING, ACC_DTYPE, FAST_EXP, "")
     t_row = tl.zeros((), ACC_DTYPE)
     if SMOOTHING:
         # t = sum (z - m~) = sum (z - ref) + V_i (ref - m~): nothing summed over raw logits.
@@ -164,9 +127,19 @@ def shard_grad_kernel(
     V_IN_MEMORY: tl.constexpr,
     SMOOTHING: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    FAST_EXP: tl.constexpr,  # _exp's hardware form (float32 on NVIDIA GPUs)
+    FAST_EXP: tl.constexpr,  # exp's hardware form (float32 on NVIDIA GPUs)
     WIDE_COLS: tl.constexpr,  # (V_i - 1) x a column stride past int32: column offsets in int64
 ):
+    """One program per row, one sweep, from the global row max M and the excess e = S - 1 of
+    S = sum_j exp(z_j - M~) over all V classes (c the gradient's factor):
+
+        grad_j = c (p_j - lam / V),  p_j = exp(z_j - M~) / S                   j != k - start
+        grad_k = c ((p_k - lam / V) - (1 - lam)),  or c ((lam - lam / V) - e / S) when z_k = M, e < 1
+
+    the sweep (``grad_sweep``) as exp(z_j - M~) a - b with a = c / S and b = c lam / V, the target
+    column once as a scalar in its own form, written again after the sweep. Ignored rows read
+    nothing and write zeros.
+    """
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row).to(tl.int64)
     valid = target != ignore_index
@@ -188,13 +161,12 @@ def shard_grad_kernel(
         scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
         # z_k before the sweep, which may write over the logits (a gradient in their place).
         z_k = tl.load(logits_row + tl.where(owned, k, 0) * stride_logits_col, mask=owned, other=0.0).to(ACC_DTYPE)
-        # grad_j = c p_j - c lam / V (triton_kernels._grad_sweep).
         a = inv_sum * scale
         b = tl.zeros((), ACC_DTYPE)
         if SMOOTHING:
             b = smooth * scale
-        _grad_sweep(logits_row, stride_logits_col, grad_row, stride_grad_col, local_classes, shift, a, b, offsets,
-                    BLOCK_V, ACC_DTYPE, FAST_EXP, "")
+        grad_sweep(logits_row, stride_logits_col, grad_row, stride_grad_col, local_classes, shift, a, b, offsets,
+                   BLOCK_V, ACC_DTYPE, FAST_EXP, "")
         if owned:
             # The target column, written again over the sweep's value: p_k - 1 = -e / S where z_k is
             # the max and p_k > 1/2 (a confident row keeps its digits); else (p_k - lam / V) - (1 - lam),
@@ -203,29 +175,9 @@ def shard_grad_kernel(
             g_k = tl.where((z_k == row_max) & (excess < 1.0), (lam - smooth) - excess * inv_sum,
                            (p_k - smooth) - (1.0 - lam))
             tl.debug_barrier()  # after every thread's store of the block holding k
-            tl.store(grad_row + k * stride_grad_col, (g_k * scale).to(out))
+            tl.store(grad_row + k * stride_grad_col, round_to(g_k * scale, out))
     else:
-        _zero_row(grad_row, stride_grad_col, local_classes, offsets, BLOCK_V)
-
-
-def launch_config(local_classes: int, dtype: torch.dtype, *, block_v: int = 2048, num_warps: int = 8,
-                  max_block_v: int | None = None, options: dict | None = None, fast_exp: bool = False) -> dict:
-    """``block`` (BLOCK_V, a power of two), ``num_warps``, ``fast_exp`` and compile ``options`` for V_i columns.
-
-    ``block_v`` and ``num_warps``: the backend's loop-kernel block and warps (its launch table's
-    last row), fewer for a slice shorter than one block. ``max_block_v`` caps the block (tests use
-    16 so small slices take several blocks). ``fast_exp`` (the backend's FAST_EXP: NVIDIA only)
-    lets the kernels use PTX's exp and bfloat16 widening; the launchers use it in float32
-    accumulation, never under the interpreter.
-    """
-    block = min(block_v, next_power_of_2(local_classes))
-    if max_block_v:
-        block = min(block, max_block_v)
-    block = max(MIN_BLOCK_V, block)
-    config = {"block": block, "num_warps": max(1, num_warps * block // block_v), "fast_exp": bool(fast_exp)}
-    if options:
-        config["options"] = options
-    return config
+        zero_row(grad_row, stride_grad_col, local_classes, offsets, BLOCK_V)
 
 
 def _scalar_arg(value, name: str, device: torch.device):
@@ -259,8 +211,8 @@ def shard_stats(
 ) -> torch.Tensor:
     """Launch ``shard_stats_kernel``: the (4, N) rows m, R, t, z_k of ``Backend.shard_stats``.
 
-    ``config`` is the launch configuration (``launch_config``): ``block`` is the kernel's
-    BLOCK_V, ``num_warps`` and ``options`` (extra compile options) are used as they are.
+    ``config`` is the launch configuration (``TritonBackend.shard_launch_config``): ``block`` is the
+    kernel's BLOCK_V, ``num_warps``, ``fast_exp`` and ``options`` (extra compile options) as they are.
     """
     n_rows, local_classes = logits.shape
     guard, block_v = _prepare(logits, config)

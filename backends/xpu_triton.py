@@ -1,17 +1,8 @@
-"""The "xpu-triton" backend: smoothce's Triton kernels on Intel GPUs (torch "xpu" devices).
+"""The "xpu-triton" backend: the Triton kernels on Intel GPUs (torch "xpu" devices).
 
-Only what is Intel-specific lives here: the launch configuration (smaller blocks
-than on NVIDIA, up to 32 warps, the large register file through ``grf_mode``),
-the float64 check, and the optional intel-extension-for-pytorch for old torch
-builds without ``torch.xpu`` (never imported otherwise). The kernel and launcher
-are shared with the CUDA backend in ``triton_kernels``, imported at the first
-launch. Under ``SMOOTHCE_BACKEND=xpu-triton TRITON_INTERPRET=1`` the same
-kernel runs on CPU tensors in Triton's interpreter.
-
-``grf_mode`` asks Intel's Triton for 256 registers per thread (half the threads
-per core, no spills for wide rows). Intel's Triton 3.6 renamed the values from
-"small"/"large" to the register counts "128"/"256" (intel-xpu-backend-for-triton
-pull request 5430), so the value depends on the installed version.
+Only what is Intel-specific lives here: the launch table (smaller blocks than NVIDIA's, up to 32
+warps), the large register file through ``grf_mode``, the float64 check, and the optional
+intel-extension-for-pytorch for old torch builds without ``torch.xpu`` (imported only then).
 """
 
 from __future__ import annotations
@@ -38,7 +29,10 @@ def torch_xpu():
 
 @functools.cache
 def grf_mode() -> str:
-    """The large-register-file ``grf_mode`` for the installed Triton: "256" from 3.6, else "large"."""
+    """The large-register-file ``grf_mode`` (256 registers per thread) for the installed Triton.
+
+    Intel's Triton 3.6 renamed the values "small"/"large" to the register counts "128"/"256".
+    """
     import triton
 
     found = re.match(r"(\d+)\.(\d+)", triton.__version__)

@@ -29,11 +29,9 @@ LOSS_TOL = {
     torch.float16: (2e-5, 1e-5),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-# Under Triton's interpreter (SMOOTHCE_BACKEND=cuda-triton or xpu-triton, TRITON_INTERPRET=1)
-# the float32 -> bfloat16 cast truncates instead of rounding to nearest: one ulp, not half.
+# The Triton kernels on CPU tensors in Triton's interpreter (SMOOTHCE_BACKEND=cuda-triton or
+# xpu-triton, TRITON_INTERPRET=1): the same roundings as on a GPU, but every launch costs milliseconds.
 INTERPRETED_TRITON = interpreter_enabled() and os.environ.get("SMOOTHCE_BACKEND", "").endswith("triton")
-if INTERPRETED_TRITON:
-    GRAD_TOL[torch.bfloat16] = (2.0**-7, GRAD_TOL[torch.bfloat16][1])
 # The device the value tests run on: cpu here; the cuda and xpu nox sessions set it.
 DEVICE = torch.device(os.environ.get("SMOOTHCE_TEST_DEVICE", "cpu"))
 # Columns per block of the Triton backends in tests of small rows (see cap_triton_blocks).

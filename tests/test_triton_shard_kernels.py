@@ -107,7 +107,7 @@ def stats_tolerance(dtype):
 
 
 def grad_tolerance(dtype):
-    # One rounding to the dtype (the interpreter truncates to 16 bits: one ulp), after float32 work.
+    # One rounding to the dtype (to nearest, in the interpreter too), after float32 work.
     if dtype == torch.float64:
         return {"rtol": 1e-12, "atol": 1e-14}
     if dtype == torch.float32:
@@ -368,9 +368,9 @@ def test_nan_logit_makes_its_row_nan(backend, dtype, lam):
 def test_wide_column_offsets(backend, monkeypatch):
     # Column offsets are int64 where (V_i - 1) x a column stride reaches the single-process kernels'
     # threshold, lowered here to 100: (40 - 1) x 1 stays below it, (40 - 1) x 6 (transposed) does not.
-    from smoothce.backends import triton_kernels
+    from smoothce.backends import triton_common
 
-    monkeypatch.setattr(triton_kernels, "WIDE_OFFSETS", 100)
+    monkeypatch.setattr(triton_common, "WIDE_OFFSETS", 100)
     spies = _spy(monkeypatch)
     full, target, own = make_rows(6, 40, torch.float32)
     contiguous = full[:, own].to(DEVICE, torch.float32)
@@ -394,12 +394,14 @@ def test_wide_column_offsets(backend, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_fast_exp_only_in_float32_on_an_nvidia_gpu(monkeypatch, dtype):
-    # launch_config(fast_exp=True) (the CUDA backend's FAST_EXP) reaches the kernels as FAST_EXP only
-    # in float32 accumulation on an NVIDIA GPU: never under the interpreter, which cannot run PTX.
+    # A configuration asking for fast_exp (the CUDA backend's FAST_EXP) reaches the kernels as FAST_EXP
+    # only in float32 accumulation on an NVIDIA GPU: never under the interpreter, which cannot run PTX.
     from smoothce.backends import triton_shard_kernels
 
-    assert triton_shard_kernels.launch_config(40, dtype)["fast_exp"] is False
-    config = triton_shard_kernels.launch_config(40, dtype, max_block_v=16, fast_exp=True)
+    assert registry.get("xpu-triton").shard_launch_config(40, dtype)["fast_exp"] is False
+    cuda = registry.get("cuda-triton")
+    assert cuda.shard_launch_config(40, dtype)["fast_exp"] is (torch.version.hip is None)
+    config = {"block": 16, "num_warps": 1, "fast_exp": True}
     spies = _spy(monkeypatch)
     full, target, own = make_rows(6, 40, dtype)
     logits = full[:, own].to(DEVICE, dtype)

@@ -1,0 +1,198 @@
+"""What the Triton kernels share: the ``@triton.jit`` helpers of the row sweeps, and the host-side
+pieces both launchers use (kernel switches, constants split for float32, device checks).
+
+``triton_kernels`` (the loss) and ``triton_shard_kernels`` (the vocabulary-parallel halves) build
+on these. Importing this module imports Triton, which reads ``TRITON_INTERPRET`` then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))  # a constexpr: kernels may read only those globals
+
+
+@triton.jit
+def exp(x, FAST: tl.constexpr):
+    # exp(x) = 2**(x log2 e). FAST (float32 on NVIDIA GPUs): the hardware's ex2 with results below
+    # 2**-126 flushed to 0, two instructions; else Triton's exp, which also rescales such results.
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def to_acc(z, ACC_DTYPE: tl.constexpr, FAST: tl.constexpr):
+    # A loaded block in the accumulation dtype. FAST (NVIDIA): a bfloat16 pair, packed in a 32-bit
+    # register, is its low half shifted up and its high half masked, one instruction per value.
+    if FAST and z.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xFFFF0000;", "=r,=r,r", [z],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return z.to(ACC_DTYPE)
+
+
+@triton.jit
+def lane_step(z, m, r, s, ref, mask, MASKED: tl.constexpr, SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):
+    """Sweep 1's work on one block, lane by lane: no reduction across the block, one exp per value.
+
+    Each lane keeps its max m, its remainder r = sum exp(z - m) beside its max's exact 1, and
+    s = sum (z - ref). With d = z - m, a new max (d > 0) gives r <- (r + 1) exp(-d), any other
+    value r <- r + exp(d) (a tie adds 1): both are r f + exp(-|d|). A NaN logit makes d, and so r,
+    NaN; z = -inf adds exp(-inf) = 0. (Also the vocabulary-parallel stats kernel's.)
+    """
+    d = z - m
+    e = exp(-tl.abs(d), FAST_EXP)
+    r = r * tl.where(d > 0.0, e, 1.0) + e
+    m = tl.maximum(m, z)
+    if SMOOTHING:
+        dz = z - ref
+        if MASKED:
+            dz = tl.where(mask, dz, 0.0)
+        s += dz
+    return m, r, s
+
+
+@triton.jit
+def row_stats(row_ptr, stride, n_cols, ref, offsets, BLOCK: tl.constexpr, SMOOTHING: tl.constexpr,
+              ACC_DTYPE: tl.constexpr, FAST_EXP: tl.constexpr, EVICT: tl.constexpr):
+    """(M, R, S) of a row's first ``n_cols`` values, lane by lane (``lane_step``): M the max (-inf
+    if no value is above -inf), R the sum of exp(z - M) over all values but one max, S = sum (z - ref).
+
+    Full blocks load unmasked, each one's load issued before the previous block's work; then a
+    masked tail. Lanes start below every finite value. Combined once at the end: M = max m, R = r
+    of the first lane holding M + every other lane's (1 + r) exp(m - M); a lane that saw nothing
+    holds r = 0, or NaN after a NaN logit, which reaches R. (Also the vocabulary-parallel stats kernel's.)
+    """
+    if ACC_DTYPE == tl.float64:  # noqa: SIM300 (a constexpr, not a constant)
+        low = tl.full((BLOCK,), -1.7976931348623157e308, ACC_DTYPE)
+    else:
+        low = tl.full((BLOCK,), -3.4028234663852886e38, ACC_DTYPE)
+    m = low
+    r = tl.zeros((BLOCK,), ACC_DTYPE)
+    s = tl.zeros((BLOCK,), ACC_DTYPE)
+    n_full = n_cols // BLOCK * BLOCK
+    if n_full > 0:
+        z = to_acc(tl.load(row_ptr + offsets * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
+        for start in range(BLOCK, n_full, BLOCK):
+            z_next = to_acc(tl.load(row_ptr + (start + offsets) * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
+            m, r, s = lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+            z = z_next
+        m, r, s = lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+    if n_full < n_cols:
+        cols = n_full + offsets
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols * stride, mask=mask, other=NEG_INF, eviction_policy=EVICT).to(ACC_DTYPE)
+        m, r, s = lane_step(z, m, r, s, ref, mask, True, SMOOTHING, FAST_EXP)
+    lanes = tl.arange(0, BLOCK)
+    seen = m > low
+    M = tl.max(m, axis=0)
+    first = tl.min(tl.where(seen & (m == M), lanes, BLOCK), axis=0)
+    c = tl.exp(m - M)
+    R = tl.sum(tl.where(lanes == first, r, tl.where(seen, r * c + c, r)), axis=0)
+    return tl.where(first < BLOCK, M, NEG_INF), R, tl.sum(s, axis=0)
+
+
+@triton.jit
+def grad_sweep(row_ptr, stride, grad_row, grad_stride, n_cols, shift, a, b, offsets, BLOCK: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, FAST_EXP: tl.constexpr, EVICT: tl.constexpr):
+    """grad_j = exp(z_j - shift) a - b over a row's ``n_cols`` values, each rounded to the gradient's
+    dtype once: one exp and one fused multiply-add per value. Backwards, the masked tail first (what
+    a statistics sweep just before left in the cache), then the full blocks unmasked, each one's
+    load issued before the previous block's work. (Also the vocabulary-parallel gradient kernel's.)
+    """
+    out = grad_row.dtype.element_ty
+    n_full = n_cols // BLOCK * BLOCK
+    if n_full < n_cols:
+        cols = n_full + offsets
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols * stride, mask=mask, other=NEG_INF, eviction_policy=EVICT)
+        g = exp(to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
+        tl.store(grad_row + cols * grad_stride, round_to(g, out), mask=mask)
+    if n_full > 0:
+        cols = n_full - BLOCK + offsets
+        z = to_acc(tl.load(row_ptr + cols * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
+        for _ in range(1, n_full // BLOCK):
+            z_next = to_acc(tl.load(row_ptr + (cols - BLOCK) * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
+            g = exp(z - shift, FAST_EXP) * a - b
+            tl.store(grad_row + cols * grad_stride, round_to(g, out))
+            z, cols = z_next, cols - BLOCK
+        g = exp(z - shift, FAST_EXP) * a - b
+        tl.store(grad_row + cols * grad_stride, round_to(g, out))
+
+
+@triton.jit
+def zero_row(grad_row, grad_stride, n_cols, offsets, BLOCK: tl.constexpr):
+    # An ignored row's gradient: exact zeros (and its logits never read).
+    zeros = tl.zeros((BLOCK,), grad_row.dtype.element_ty)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offsets
+        tl.store(grad_row + cols * grad_stride, zeros, mask=cols < n_cols)
+
+
+# True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors.
+INTERPRETED = type(exp).__name__ == "InterpretedFunction"
+_ROUND_ON_BITS: tl.constexpr = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    # x rounded to DTYPE to nearest, ties to even, as GPUs convert. Compiled, that is the cast with
+    # the rounding asked for explicitly. Triton's interpreter truncates float32 -> bfloat16 whatever
+    # the rounding asked for, so there it is done on the bits: add 0x7FFF plus the kept half's
+    # lowest bit, keep the high half (NaN kept apart, whose bits the addition could carry to inf).
+    if _ROUND_ON_BITS and tl.bfloat16 == DTYPE and x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE, fp_downcast_rounding="rtne")
+
+
+# Column offsets from this on are computed in int64 by the loop kernel (the split kernel always does).
+WIDE_OFFSETS = 2**31
+
+
+def kernel_switches(logits: torch.Tensor, config: dict, *col_strides: int) -> dict:
+    """ACC_DTYPE, FAST_EXP and WIDE_COLS of the kernels reading ``logits`` with these column strides.
+
+    FAST_EXP (``exp``'s PTX) where ``config`` asks for it and it can run: float32 accumulation on
+    an NVIDIA GPU, never under the interpreter, on ROCm or on XPU. WIDE_COLS where (V - 1) x a
+    column stride reaches ``WIDE_OFFSETS`` (read at each launch: tests lower it).
+    """
+    acc_dtype = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    nvidia = not INTERPRETED and logits.device.type == "cuda" and torch.version.hip is None
+    return {
+        "ACC_DTYPE": acc_dtype,
+        "FAST_EXP": bool(config.get("fast_exp", False)) and nvidia and acc_dtype == tl.float32,
+        "WIDE_COLS": (logits.shape[1] - 1) * max(abs(stride) for stride in col_strides) >= WIDE_OFFSETS,
+    }
+
+
+def split_float(value: float) -> tuple[float, float]:
+    """(hi, lo), both exactly representable in float32, with hi + lo == value to ~48 bits."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
+
+
+def device_guard(device: torch.device):
+    # Launch on the tensor's device, not the current one; reached through torch.<device type>.
+    if device.type == "cpu":
+        return contextlib.nullcontext()
+    return getattr(torch, device.type).device(device)
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "smoothce's Triton kernels were built for a GPU in this process, so they cannot run on CPU "
+            "tensors: set TRITON_INTERPRET=1 before the first Triton launch"
+        )
