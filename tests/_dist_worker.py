@@ -566,6 +566,146 @@ def _compile_job(backend):
     return job
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused vocabulary-parallel LM-head loss and the DTensor entry points (issue 18).
+
+
+def _lm_head_data(num_classes, rows, dim, dtype, *, seed=0, bias=True, ignored=(1, 6)):
+    """hidden (rows..., D), weight (V, D), bias (V,) or None in ``dtype``; targets with first/last classes."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 1
+    for d in rows:
+        n *= d
+    hidden = torch.randn(*rows, dim, generator=gen, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(num_classes, dim, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    b = torch.randn(num_classes, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    target = torch.randint(0, num_classes, (n,), generator=gen)
+    target[0], target[2] = 0, num_classes - 1
+    for i in ignored:
+        if i < n:
+            target[i] = -100
+    return hidden, weight, b, target.reshape(rows)
+
+
+def _lm_head_reference(hidden, weight, bias, target, lam, reduction, grad_out):
+    """Loss and d hidden, d weight, d bias in float64 (F.linear, then the float64 reference loss)."""
+    from smoothce.reference import cross_entropy_reference
+
+    h, w = hidden.double().reshape(-1, hidden.shape[-1]), weight.double()
+    logits = h @ w.t() + (bias.double() if bias is not None else 0.0)
+    loss, d_logits = cross_entropy_reference(logits, target.reshape(-1), label_smoothing=lam, reduction=reduction)
+    d_logits = d_logits * (grad_out.double().reshape(-1, 1) if reduction == "none" else float(grad_out))
+    grads = (d_logits @ w, d_logits.t() @ h, d_logits.sum(0) if bias is not None else None)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss, grads
+
+
+def _rel_err(actual, expected):
+    # Normwise: the largest error relative to the largest reference entry.
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def _check_rel(name, actual, expected, tol, failures):
+    if actual.shape != expected.shape:
+        failures.append(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+        return
+    err = _rel_err(actual, expected)
+    if not err <= tol:
+        failures.append(f"{name}: relative error {err:.3g} > {tol:.3g}")
+
+
+def _lm_head_case(name, rank, world, sizes, dtype, lam, reduction, failures, *, rows=(3, 5), dim=16, bias=True,
+                  use_dtensor=False, chunk_rows=4):
+    import smoothce
+    from smoothce.vocab_parallel_linear import vocab_parallel_linear_cross_entropy
+
+    num_classes = sum(sizes)
+    hidden, weight, b, target = _lm_head_data(num_classes, rows, dim, dtype, bias=bias)
+    own = _slices(sizes)[rank]
+    grad_out = torch.rand(rows, generator=torch.Generator().manual_seed(7)) + 0.5 if reduction == "none" \
+        else torch.tensor(1.0)
+    h = hidden.clone().requires_grad_()
+    budget = chunk_rows * (max(sizes) * dtype.itemsize + 4 * dim) * (1 + 4 // dtype.itemsize)
+    with smoothce.linear.settings(chunk_bytes=budget):  # several chunks (each a collective) per call
+        if use_dtensor:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+            mesh = init_device_mesh("cpu", (world,))
+            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+            bb = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_() if bias else None
+            loss = smoothce.dtensor.linear_cross_entropy(h, w, target, bias=bb, label_smoothing=lam,
+                                                         reduction=reduction)
+            if tuple(loss.placements) != (Replicate(),):
+                failures.append(f"{name}: loss placements {loss.placements}")
+            loss.backward(torch.distributed.tensor.distribute_tensor(grad_out, mesh, [Replicate()]))
+            loss = loss.to_local()
+            grads = [h.grad, w.grad, bb.grad if bias else None]
+            for what, g in (("weight", grads[1]), ("bias", grads[2])):
+                if g is not None and tuple(g.placements) != (Shard(0),):
+                    failures.append(f"{name}: {what}.grad placements {g.placements}")
+            grads = [grads[0], *(g.full_tensor() if g is not None else None for g in grads[1:])]
+            own = slice(0, num_classes)
+        else:
+            w = weight[own].clone().requires_grad_()
+            bb = b[own].clone().requires_grad_() if bias else None
+            loss = vocab_parallel_linear_cross_entropy(h, w, target, bias=bb, label_smoothing=lam,
+                                                       reduction=reduction)
+            loss.backward(grad_out)
+            grads = [h.grad, w.grad, bb.grad if bias else None]
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if loss.dtype != expected_dtype or any(g is not None and g.dtype != dtype for g in grads):
+        failures.append(f"{name}: dtypes loss {loss.dtype}, grads {[g.dtype for g in grads if g is not None]}")
+    ref_loss, ref_grads = _lm_head_reference(hidden, weight, b, target, lam, reduction, grad_out)
+    # fp32: the issue's 1e-6. bf16: the logits and every gradient are rounded to 8 bits (as in the
+    # single-process loss), and d hidden once more by the all-reduce.
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    _check_rel(f"{name} loss vs float64", loss, ref_loss, tol if dtype == torch.float32 else 2**-8, failures)
+    for what, g, ref in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
+        if ref is not None:
+            ref = ref if what == "hidden" else ref[own]
+            _check_rel(f"{name} d{what} vs float64", g, ref.reshape(g.shape), 2 * tol, failures)
+    # The single-process fused loss on the whole layer, in the same dtype.
+    h1 = hidden.clone().requires_grad_()
+    w1 = weight.clone().requires_grad_()
+    b1 = b.clone().requires_grad_() if bias else None
+    single = smoothce.linear_cross_entropy(h1, w1, target, bias=b1, label_smoothing=lam, reduction=reduction)
+    single.backward(grad_out)
+    _check_rel(f"{name} loss vs linear_cross_entropy", loss, single, 1e-6 if dtype == torch.float32 else 2**-8,
+               failures)
+    _check_rel(f"{name} dhidden vs linear_cross_entropy", grads[0], h1.grad, tol, failures)
+    _check_rel(f"{name} dweight vs linear_cross_entropy", grads[1], w1.grad[own], tol, failures)
+
+
+def job_vp_linear(rank, world, device):
+    """The fused loss against float64 and the single-process fused loss: V = 1003 unevenly split."""
+    failures = []
+    sizes = _split(1003, world)
+    for dtype in (torch.float32, torch.bfloat16):
+        for lam in (0.0, 0.1):
+            for reduction in ("none", "sum", "mean"):
+                name = f"{sizes} {dtype} lam={lam} {reduction}"
+                _lm_head_case(name, rank, world, sizes, dtype, lam, reduction, failures, bias=reduction != "sum")
+    return failures
+
+
+def job_dtensor_linear(rank, world, device):
+    """linear_cross_entropy with a Shard(0) DTensor weight (DTensor's own uneven split of 1003 classes)."""
+    from smoothce.dtensor import _slice_sizes
+
+    failures = []
+    sizes = _slice_sizes(1003, world)
+    for dtype in (torch.float32, torch.bfloat16):
+        for lam, reduction in ((0.0, "mean"), (0.1, "none"), (0.1, "sum")):
+            _lm_head_case(f"DTensor {dtype} lam={lam} {reduction}", rank, world, sizes, dtype, lam, reduction,
+                          failures, use_dtensor=True)
+    return failures
+
+
 JOBS = {
     "values": job_values,
     "comm": job_comm,
@@ -575,4 +715,6 @@ JOBS = {
     "triton_interpret": job_triton_interpret,
     "compile_aot_eager": _compile_job("aot_eager"),
     "compile_inductor": _compile_job("inductor"),
+    "vp_linear": job_vp_linear,
+    "dtensor_linear": job_dtensor_linear,
 }
