@@ -706,6 +706,104 @@ def job_dtensor_linear(rank, world, device):
     return failures
 
 
+
+def job_dtensor(rank, world, device):
+    """smoothce.dtensor.cross_entropy on Shard(-1) logits (DTensor's split of V = 1003), Replicate, and errors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    import smoothce
+    from smoothce.dtensor import _slice_sizes
+    from smoothce.reference import cross_entropy_reference
+
+    failures = []
+    mesh = init_device_mesh("cpu", (world,))
+    sizes = _slice_sizes(1003, world)
+    for dtype in (torch.float32, torch.bfloat16):
+        for lam in (0.0, 0.1):
+            for reduction in ("none", "sum", "mean"):
+                name = f"Shard(-1) {dtype} lam={lam} {reduction}"
+                full, target = _case_data(sizes, (3, 5), dtype, device)
+                logits = distribute_tensor(full, mesh, [Shard(2)]).requires_grad_()
+                # One case passes the target as a replicated DTensor.
+                tgt = distribute_tensor(target, mesh, [Replicate()]) if reduction == "sum" else target
+                loss = smoothce.dtensor.cross_entropy(logits, tgt, label_smoothing=lam, reduction=reduction)
+                if not isinstance(loss, DTensor) or tuple(loss.placements) != (Replicate(),):
+                    failures.append(f"{name}: result {type(loss).__name__} {getattr(loss, 'placements', None)}")
+                (loss.sum() if reduction == "none" else loss).backward()
+                if tuple(logits.grad.placements) != (Shard(2),):
+                    failures.append(f"{name}: grad placements {logits.grad.placements}")
+                ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=lam, reduction=reduction)
+                tol = _tolerances(dtype)
+                _close(f"{name} loss", loss.to_local(), ref_loss, failures, rtol=1e-5, atol=1e-5)
+                _close(f"{name} grad", logits.grad.full_tensor(), ref_grad, failures, **tol)
+    # Replicate: the single-process op on every rank; its gradient is replicated too.
+    full, target = _case_data(sizes, 6, torch.float32, device)
+    logits = distribute_tensor(full, mesh, [Replicate()]).requires_grad_()
+    loss = smoothce.dtensor.cross_entropy(logits, target, label_smoothing=0.1)
+    loss.backward()
+    ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=0.1)
+    _close("Replicate loss", loss.to_local(), ref_loss, failures, rtol=1e-5, atol=1e-6)
+    _close("Replicate grad", logits.grad.to_local(), ref_grad, failures, **_tolerances(torch.float32))
+    # A token-count normalizer on the sharded path: the summed loss over it.
+    logits = distribute_tensor(full, mesh, [Shard(1)])
+    loss = smoothce.dtensor.cross_entropy(logits, target, label_smoothing=0.1, normalizer=torch.tensor(10.0))
+    ref = cross_entropy_reference(full, target, label_smoothing=0.1, reduction="sum")[0] / 10
+    _close("normalizer", loss.to_local(), ref, failures, rtol=1e-5, atol=1e-6)
+    # Other placements: a clear error naming them, on every rank, before any collective.
+    for placement, fragment in ((Shard(0), "Shard(dim=0)"), (Partial(), "Partial")):
+        bad = DTensor.from_local(full[:, _slices(sizes)[rank]] if placement == Shard(0) else full, mesh,
+                                 [placement], run_check=False)
+        _expect_error(f"{placement} logits", lambda bad=bad: smoothce.dtensor.cross_entropy(bad, target),
+                      ValueError, fragment, failures)
+    sharded_target = distribute_tensor(target, mesh, [Shard(0)]) if target.shape[0] % world == 0 else None
+    if sharded_target is not None:
+        _expect_error("sharded target", lambda: smoothce.dtensor.cross_entropy(
+            distribute_tensor(full, mesh, [Shard(1)]), sharded_target), ValueError, "Replicate()", failures)
+    return failures
+
+
+
+def job_vp_linear_errors(rank, world, device):
+    """Bad inputs to the fused loss: the same error on every rank, no hang, and the group still works."""
+    from smoothce.distributed import vocab_parallel_cross_entropy
+    from smoothce.vocab_parallel_linear import vocab_parallel_linear_cross_entropy as vpl
+
+    failures = []
+    sizes = _split(40, world)
+    hidden, weight, _, target = _lm_head_data(40, (6,), 8, torch.float32)
+    own = _slices(sizes)[rank]
+    w = weight[own].contiguous()
+    last = world - 1
+    cases = [
+        ("mismatched rows", lambda: vpl(hidden[:5] if rank == 0 else hidden, w, target[:5] if rank == 0 else target),
+         ValueError, "number of rows"),
+        ("target == V", lambda: vpl(hidden, w, torch.where(target == -100, 40, target)),
+         ValueError, "target value 40 is out of range"),
+        ("hidden size differs", lambda: vpl(hidden[:, :4] if rank == last else hidden,
+                                            w[:, :4] if rank == last else w, target), ValueError, "hidden size D"),
+        ("hidden grad on one rank only", lambda: vpl(hidden.requires_grad_(rank == last), w, target),
+         ValueError, "which loss is called"),
+        ("fused on one rank, plain on the others",
+         lambda: (vpl(hidden, w, target) if rank == last else vocab_parallel_cross_entropy(hidden @ w.t(), target)),
+         ValueError, "which loss is called"),
+        ("weight of the wrong width on one rank", lambda: vpl(hidden, w[:, :5] if rank == last else w, target),
+         ValueError, "expects D = 5" if rank == last else "rejected its arguments"),
+        ("normalizer with reduction='none'", lambda: vpl(hidden, w, target, reduction="none", normalizer=2),
+         ValueError, "normalizer is only used with reduction='mean'"),
+    ]
+    for name, call, exc_type, fragment in cases:
+        if world == 1 and name not in ("target == V", "normalizer with reduction='none'"):
+            continue
+        _expect_error(name, call, exc_type, fragment, failures)
+        hidden.requires_grad_(False)
+        try:  # every rank left the failed call at the same point: the group still works
+            vpl(hidden, w, target)
+        except Exception as exc:
+            failures.append(f"{name}: the next good call failed: {type(exc).__name__}: {exc}")
+    return failures
+
+
 JOBS = {
     "values": job_values,
     "comm": job_comm,
@@ -717,4 +815,6 @@ JOBS = {
     "compile_inductor": _compile_job("inductor"),
     "vp_linear": job_vp_linear,
     "dtensor_linear": job_dtensor_linear,
+    "dtensor": job_dtensor,
+    "vp_linear_errors": job_vp_linear_errors,
 }

@@ -30,9 +30,13 @@ def _report(results):
 
 
 # World sizes 2 and 4 (the issue's); 4 ranks on a 2-core machine also shows nothing relies on
-# ranks running in lockstep. The tensor x data parallel job needs exactly 4 ranks.
+# ranks running in lockstep. The tensor x data parallel job needs exactly 4 ranks. The fused
+# LM-head loss and the DTensor entry points (issue 18) run at 2 and 3 ranks: 3 splits V = 1003
+# unevenly both ways (the test's 3:4:2 split and DTensor's 335, 335, 333).
+_TENSOR_PARALLEL = ["vp_linear", "vp_linear_errors", "dtensor", "dtensor_linear"]
 WORLD_JOBS = {
-    2: ["values", "precision", "comm", "errors", "compile_aot_eager"],
+    2: ["values", "precision", "comm", "errors", "compile_aot_eager", *_TENSOR_PARALLEL],
+    3: _TENSOR_PARALLEL,
     4: ["values", "precision", "comm", "errors", "normalizer"],
 }
 
@@ -45,7 +49,11 @@ def test_gloo(world, tmp_path):
     # every reduction x lam in {0, 0.1} x {fp32, bf16} x {even, uneven} slices with ignored rows;
     # comm: 3 all-reduces and 12 B/row for two V; errors: bad input raises on every rank, no hang;
     # normalizer: count_tokens over a DP group and an accumulation window; compile: fullgraph trace;
-    # precision: offsets, confident rows, ties across ranks, a -inf target column, float16 loss scaling.
+    # precision: offsets, confident rows, ties across ranks, a -inf target column, float16 loss scaling;
+    # vp_linear, dtensor_linear: the fused loss (plain and through a Shard(0) DTensor weight) against
+    # float64 and the single-process fused loss, every reduction, lam in {0, 0.1}, fp32 and bf16,
+    # leading dims, ignored rows, several chunks per call; dtensor: Shard(-1) / Replicate logits and
+    # the placements that are refused; vp_linear_errors: bad inputs to the fused loss, no hang.
     results = _dist_worker.launch(world, WORLD_JOBS[world], timeout=200, tmp_path=tmp_path)
     assert len(results) == world
     failures = _report(results)
@@ -113,3 +121,30 @@ def test_local_ops_opcheck(dtype, reduction, compute_grad):
     args = (z.requires_grad_(compute_grad), target, offsets, m, excess, c, torch.tensor(3.0), 0.1, -100,
             reduction, compute_grad)
     torch.library.opcheck(torch.ops.smoothce.vp_loss_grad.default, args)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "fragment"),
+    [
+        (0, 1, "rejected its arguments"),
+        (2, 5, "number of rows"),
+        (4, 2**49, "label_smoothing"),
+        (7, 3, "different targets"),
+        (9, 12, "out of range"),  # the largest target == V = 5 + 7
+        (10, 1, "which loss is called"),
+        (12, 18, "changed size"),  # remembered sizes whose fingerprint is not 1 * 5 + 2 * 7 = 19
+    ],
+)
+def test_device_side_table_check(column, value, fragment):
+    # The accelerator path of the agreement check, which reads nothing on the host: on CPU tensors
+    # torch._assert_async raises at once, with the message a device-side assert carries.
+    from smoothce.distributed import check_table_on_device
+
+    target = torch.tensor([5, 11, -100, 0])
+    table = _table([5, 7], 4, target)
+    table[0, 12] = 19  # a rank that remembers the right sizes passes
+    assert check_table_on_device(table, 1, -100, "vp").tolist() == [5, 12]
+    rows = slice(None) if column == 9 else 1  # the target range is checked on the table's first row
+    table[rows, column] = value
+    with pytest.raises(RuntimeError, match=fragment):
+        check_table_on_device(table, 1, -100, "vp")
