@@ -17,7 +17,6 @@ import torch
 from smoothce.backends.base import Backend
 
 _TRUE = ("1", "true", "yes", "on", "y")  # the spellings Triton accepts for TRITON_INTERPRET, in any case
-MIN_BLOCK_V = 16  # the fewest columns per block or program: below this a block is mostly masked lanes
 
 
 @functools.cache
@@ -66,7 +65,7 @@ class TritonBackend(Backend):
     # bytes; the first row whose largest V >= V applies. Columns 0 means the whole row in one
     # program (next_power_of_2(V) columns) and num_warps 0 one warp per VALUES_PER_WARP columns.
     LAUNCH_TABLE: ClassVar[dict[int, tuple[tuple[int, str, int, int], ...]]] = {}
-    MIN_BLOCK_V = MIN_BLOCK_V
+    MIN_BLOCK_V = 16  # the fewest columns per block or program: below this a block is mostly masked lanes
     VALUES_PER_WARP = 512
     MAX_NUM_WARPS = 16
     # Whether programs start in grid order and run alongside each other here, which the split
