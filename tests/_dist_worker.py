@@ -804,6 +804,23 @@ def job_vp_linear_errors(rank, world, device):
     return failures
 
 
+
+def job_example(rank, world, device):
+    """examples/vocab_parallel_train.py's training runs (one process, DTensor logits, fused) on these ranks."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "vocab_parallel_train.py"
+    spec = importlib.util.spec_from_file_location("vocab_parallel_train", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    try:
+        example.run(rank, world)  # raises SystemExit naming the run whose losses differ by more than 1e-5
+    except SystemExit as exc:
+        return [str(exc)]
+    return []
+
+
 JOBS = {
     "values": job_values,
     "comm": job_comm,
@@ -817,4 +834,5 @@ JOBS = {
     "dtensor_linear": job_dtensor_linear,
     "dtensor": job_dtensor,
     "vp_linear_errors": job_vp_linear_errors,
+    "example": job_example,
 }

@@ -35,7 +35,7 @@ def _report(results):
 # unevenly both ways (the test's 3:4:2 split and DTensor's 335, 335, 333).
 _TENSOR_PARALLEL = ["vp_linear", "vp_linear_errors", "dtensor", "dtensor_linear"]
 WORLD_JOBS = {
-    2: ["values", "precision", "comm", "errors", "compile_aot_eager", *_TENSOR_PARALLEL],
+    2: ["values", "precision", "comm", "errors", "compile_aot_eager", *_TENSOR_PARALLEL, "example"],
     3: _TENSOR_PARALLEL,
     4: ["values", "precision", "comm", "errors", "normalizer"],
 }
@@ -53,7 +53,8 @@ def test_gloo(world, tmp_path):
     # vp_linear, dtensor_linear: the fused loss (plain and through a Shard(0) DTensor weight) against
     # float64 and the single-process fused loss, every reduction, lam in {0, 0.1}, fp32 and bf16,
     # leading dims, ignored rows, several chunks per call; dtensor: Shard(-1) / Replicate logits and
-    # the placements that are refused; vp_linear_errors: bad inputs to the fused loss, no hang.
+    # the placements that are refused; vp_linear_errors: bad inputs to the fused loss, no hang;
+    # example: examples/vocab_parallel_train.py (ColwiseParallel lm_head, 5 steps each way, 1e-5).
     results = _dist_worker.launch(world, WORLD_JOBS[world], timeout=200, tmp_path=tmp_path)
     assert len(results) == world
     failures = _report(results)
