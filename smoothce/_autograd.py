@@ -1,9 +1,9 @@
-"""The kept gradient's autograd: backward is one elementwise pass over the gradient the forward kept.
+"""The kept gradient's autograd, one for every smoothce loss: backward scales what the forward kept.
 
-``register_kept_gradient_autograd`` gives an op that returns ``(loss, grad[, factor])`` its
-autograd (an autograd.Function with ``setup_context`` and ``vmap``, so torch.func works) and
-vmap; smoothce's cross-entropy and the vocabulary-parallel loss use it.
-``inplace_backward`` switches whether backward may scale the kept gradient in place.
+An op registered with ``register_kept_gradient_autograd`` returns ``(loss, *kept[, factor])``: the
+gradients of its differentiable inputs, computed in the forward pass. Backward multiplies each by
+dO x factor (dO per row for "none") in the accumulation dtype and rounds once, in place unless
+``inplace_backward(False)``; where dO x factor is exactly 1 it writes nothing.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ import threading
 import torch
 
 from smoothce import registry
-from smoothce.numerics import loss_dtype
+from smoothce._library import define
 
-# Implementations (Autograd kernels) for ops of the smoothce namespace defined elsewhere.
-_lib = torch.library.Library("smoothce", "FRAGMENT")
+_state = threading.local()
 
-_inplace_backward = threading.local()
+SECOND_BACKWARD = (
+    "{name}: a second backward through the same call (retain_graph=True), but the first one scaled the "
+    "kept gradient in place. Run the forward inside `with smoothce.inplace_backward(False):` to keep it "
+    "intact for repeated backward passes."
+)
 
 
 @contextlib.contextmanager
@@ -29,141 +32,175 @@ def inplace_backward(enabled: bool):
 
     In place, forward+backward holds one gradient-sized buffer: backward scales the kept
     gradient where it lies (not at all when dO times the factor is exactly 1) and hands that
-    buffer on as the logits' gradient, so one forward serves one backward, and a second
-    backward through the same call raises a clear error. Calls made inside
-    ``with smoothce.inplace_backward(False):`` keep it intact and return a new tensor from every
-    backward (``retain_graph=True``, gradcheck), at the cost of one more such buffer.
+    buffer on as the gradient, so one forward serves one backward, and a second backward through
+    the same call raises a clear error. Calls made inside ``with smoothce.inplace_backward(False):``
+    keep it intact and return a new tensor from every backward (``retain_graph=True``, gradcheck),
+    at the cost of one more such buffer.
     """
-    previous = getattr(_inplace_backward, "enabled", True)
-    _inplace_backward.enabled = bool(enabled)
+    previous = inplace_allowed()
+    _state.enabled = bool(enabled)
     try:
         yield
     finally:
-        _inplace_backward.enabled = previous
+        _state.enabled = previous
 
 
-def _traced(*tensors) -> bool:
-    # Fake/functional tensors (torch.compile) and torch.func transforms take the functional form.
-    return torch._C._are_functorch_transforms_active() or any(type(t) is not torch.Tensor for t in tensors)
+def inplace_allowed() -> bool:
+    """The setting of ``inplace_backward`` in effect (True outside any such block)."""
+    return getattr(_state, "enabled", True)
 
 
-def register_kept_gradient_autograd(op: str, name: str, reduction_arg: int, compute_grad_arg: int):
-    """Autograd for an op returning ``(loss, grad[, factor])``, ``grad`` kept for its first input.
+def _scale_kept(grad, grad_out, factor, per_row, inplace):
+    # In place, ``grad`` is consumed: scaled where it lies and returned as the gradient; a buffer
+    # already handed on this way is refused (torch.compile's backward reaches this check only here).
+    if inplace and getattr(grad, "_smoothce_consumed", False):
+        raise RuntimeError(SECOND_BACKWARD.format(name="smoothce"))
+    out = registry.select(grad.device).scale_grad(grad, grad_out, factor, per_row, inplace)
+    if inplace:
+        grad._smoothce_consumed = True
+    return out
 
-    Backward is one elementwise pass, dZ = dO x factor x grad (dO per row for "none"), by the
-    backend's ``scale_grad``: in place unless ``inplace_backward(False)``. ``name`` is what error
-    messages call the op; the two indices locate its ``reduction`` and ``compute_grad``
-    arguments. The autograd.Function defines ``setup_context`` and ``vmap``, so torch.func's
-    grad and vmap work over the op, and torch.compile traces its backward. Returns the
-    Function, for callers that apply it themselves (see ``_cross_entropy``).
+
+def _scale_kept_fake(grad, grad_out, factor, per_row, inplace):
+    return torch.empty_like(grad)
+
+
+# Backward as an op, for traced backward passes (torch.compile): opaque to the compiler, so that
+# dO x factor == 1 is still seen on the device and nothing is written. With ``inplace`` the result
+# IS ``grad`` (the saved buffer, used by nothing after this backward), scaled where it lies.
+scale_kept = define(
+    "scale_kept(Tensor grad, Tensor grad_out, Tensor factor, bool per_row, bool inplace) -> Tensor",
+    kernel=_scale_kept,
+    fake=_scale_kept_fake,
+)
+
+
+def _scaled_by_torch_ops(grad, grad_out, factor, per_row):
+    # torch.func transforms batch and differentiate plain torch ops: dO x factor x grad, rounded once.
+    scale = grad_out * factor
+    return (grad.to(scale.dtype) * (scale.unsqueeze(-1) if per_row else scale)).to(grad.dtype)
+
+
+def register_kept_gradient_autograd(op, name: str, *, reduction_arg: int, compute_grad_arg, grad_inputs=(0,),
+                                    recompute=None):
+    """Register the kept gradient's autograd for ``op`` and return it as an autograd.Function.
+
+    ``op`` returns ``(loss, *kept[, factor])``, ``kept[i]`` the gradient of input ``grad_inputs[i]``
+    (an empty tensor where it was not computed) and ``factor`` a 0-d tensor (1 when absent).
+    ``compute_grad_arg``, an index or one per kept gradient, locates the op's bool arguments that
+    say which of them the forward computed; asking backward for another is an error.
+    ``recompute(saved_inputs, grad_out, wanted)`` is backward for "none" where the kept gradients
+    cannot take dO per row (the fused linear loss): it gets the inputs, saved instead of the kept
+    gradients. ``name`` is what errors call the op. The returned Function (with ``vmap``) is what
+    ``torch.func`` transforms apply; the op's own autograd uses the same pair through
+    ``torch.library.register_autograd``.
     """
-    namespace, op_name = op.split("::")
-    overload = getattr(getattr(torch.ops, namespace), op_name).default
-    n_inputs = len(overload._schema.arguments)
-    nones = (None,) * (n_inputs - 1)  # no gradient for anything but the first input
+    if isinstance(op, str):  # "namespace::name"
+        namespace, op_name = op.split("::")
+        op = getattr(getattr(torch.ops, namespace), op_name).default
+    n_kept = len(grad_inputs)
+    flags = (compute_grad_arg,) if isinstance(compute_grad_arg, int) else tuple(compute_grad_arg)
+    n_inputs = len(op._schema.arguments)
 
-    class KeptGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(*args):
-            with torch._C._AutoDispatchBelowAutograd():
-                return overload(*args)
+    def _setup_context(ctx, inputs, output):
+        kept = output[1 : 1 + n_kept]
+        factor = output[1 + n_kept] if len(output) > 1 + n_kept else None
+        ctx.reduction = inputs[reduction_arg]
+        ctx.computed = tuple(inputs[i] for i in flags)
+        ctx.inplace = inplace_allowed()
+        ctx.consumed = False
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # else autograd builds zero tensors for the kept outputs' grads
+        ctx.recomputing = recompute is not None and ctx.reduction == "none"
+        if ctx.recomputing:
+            ctx.inputs = inputs
+            ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+            return
+        if factor is None:
+            factor = torch.ones((), dtype=output[0].dtype, device=output[0].device)
+        ctx.save_for_backward(*kept, factor)
 
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            # Keep the forward's gradient and factor: backward needs nothing else.
-            grad, factor = output[1], (output[2] if len(output) > 2 else None)
-            ctx.reduction = inputs[reduction_arg]
-            ctx.compute_grad = inputs[compute_grad_arg]
-            ctx.inplace = getattr(_inplace_backward, "enabled", True)
-            ctx.consumed = False
-            ctx.mark_non_differentiable(*output[1:])
-            ctx.set_materialize_grads(False)  # else autograd builds an (N, V) zero tensor for `grad`'s grad
-            if factor is None:
-                factor = torch.ones((), dtype=loss_dtype(grad.dtype), device=grad.device)
-            ctx.save_for_backward(grad, factor)
-
-        @staticmethod
-        def backward(ctx, grad_loss, *_unused):
-            if ctx.consumed:  # checked before unpacking, whose version check would say less
+    def _backward(ctx, grad_out, *_unused):
+        grads = [None] * n_inputs
+        if grad_out is None:
+            return tuple(grads)
+        wanted = [ctx.needs_input_grad[i] for i in grad_inputs]
+        for i, want, have in zip(grad_inputs, wanted, ctx.computed, strict=True):
+            if want and not have:
                 raise RuntimeError(
-                    f"{name}: a second backward through the same call (retain_graph=True), but the first "
-                    "one scaled the kept gradient in place. Run the forward inside "
-                    "`with smoothce.inplace_backward(False):` to keep it intact for repeated backward passes."
-                )
-            grad, factor = ctx.saved_tensors
-            if grad_loss is None:
-                return (None, *nones)
-            if not ctx.compute_grad:
-                raise RuntimeError(
-                    f"{name}: no gradient was kept because logits did not require grad "
+                    f"{name}: no gradient for input {i} was kept because it did not require grad "
                     "(or grad mode was off) in the forward pass"
                 )
-            per_row = ctx.reduction == "none"
-            if _traced(grad, grad_loss):
-                # The functional form, in float32 and rounded once; Inductor fuses it and may reuse
-                # the saved buffer (a donated buffer) for the result.
-                scale = grad_loss * factor
-                scale = scale.unsqueeze(-1) if per_row else scale
-                return ((grad.to(scale.dtype) * scale).to(grad.dtype), *nones)
-            if torch.is_grad_enabled():
-                raise RuntimeError(f"{name} does not support double backward (create_graph=True)")
-            backend = registry.select(grad.device)
-            ctx.consumed = ctx.inplace  # in place, the buffer becomes the logits' gradient
-            return (backend.scale_grad(grad, grad_loss, factor, per_row, ctx.inplace), *nones)
+        if ctx.recomputing:
+            # The saved inputs in their order, with None where an input was None or not a tensor.
+            saved = iter(ctx.saved_tensors)
+            inputs = [next(saved) if isinstance(t, torch.Tensor) else t for t in ctx.inputs]
+            for i, g in zip(grad_inputs, recompute(inputs, grad_out, wanted), strict=True):
+                grads[i] = g
+            return tuple(grads)
+        if ctx.consumed:  # checked before unpacking, whose version check would say less
+            raise RuntimeError(SECOND_BACKWARD.format(name=name))
+        *kept, factor = ctx.saved_tensors
+        per_row = ctx.reduction == "none"
+        transformed = torch._C._are_functorch_transforms_active()
+        traced = transformed or any(type(t) is not torch.Tensor for t in (*kept, grad_out))  # torch.compile
+        if not traced and torch.is_grad_enabled():
+            raise RuntimeError(f"{name} does not support double backward (create_graph=True)")
+        for i, want, grad in zip(grad_inputs, wanted, kept, strict=True):
+            if not want:
+                continue
+            if transformed:
+                grads[i] = _scaled_by_torch_ops(grad, grad_out, factor, per_row)
+            elif traced:
+                grads[i] = scale_kept(grad, grad_out, factor, per_row, ctx.inplace)
+            else:  # the same kernel, called directly: eager pays no dispatch
+                grads[i] = _scale_kept(grad, grad_out, factor, per_row, ctx.inplace)
+        ctx.consumed = ctx.inplace and not transformed
+        return tuple(grads)
+
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+    class KeptGradient(torch.autograd.Function):
+        """``op`` with its autograd, applied above the dispatcher where torch.func's transforms see it."""
+
+        @staticmethod
+        def forward(*args):
+            return op(*args)  # grad mode is off here: the op's autograd records nothing
+
+        setup_context = staticmethod(_setup_context)
+        backward = staticmethod(_backward)
 
         @staticmethod
         def vmap(info, in_dims, *args):
-            return _vmap_kept_gradient(overload, info, in_dims, args, reduction_arg, compute_grad_arg)
+            return _vmap_rows(op, info, in_dims, args, reduction_arg)
 
-    KeptGradient.__name__ = KeptGradient.__qualname__ = f"KeptGradient_{op_name}"
+    KeptGradient.__name__ = KeptGradient.__qualname__ = f"KeptGradient_{op.name().split('::')[1]}"
     # Function.apply binds the arguments with inspect.signature(forward) on every call; a cached
     # signature makes that a lookup (a tenth of a tiny call's time otherwise).
     KeptGradient.forward.__signature__ = inspect.signature(KeptGradient.forward)
-
-    if torch._library.custom_ops._maybe_get_opdef(op) is not None:
-        # An op made by torch.library.custom_op owns its Autograd key: register the same pair
-        # through it (torch.func's transforms then stay unsupported for that op).
-        torch.library.register_autograd(op, KeptGradient.backward, setup_context=KeptGradient.setup_context)
-        return KeptGradient
-
-    def autograd_kernel(*args):
-        # The Autograd key: record the Function when a gradient is wanted, else go straight below.
-        if torch._C._are_functorch_transforms_active():
-            raise RuntimeError(
-                f"{op}: torch.func transforms (grad, vmap, ...) cannot reach this op's autograd from "
-                f"inside the dispatcher; call {name}(...) instead, which supports them"
-            )
-        if torch.is_grad_enabled() and args[0].requires_grad:
-            return KeptGradient.apply(*args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return overload(*args)
-
-    _lib.impl(op_name, autograd_kernel, "Autograd")
-    # vmap without a gradient (torch.func.vmap of a no-grad loss) batches the same way.
-    torch.library.register_vmap(op, KeptGradient.vmap, lib=_lib)
     return KeptGradient
 
 
-def _vmap_kept_gradient(overload, info, in_dims, args, reduction_arg, compute_grad_arg):
-    """vmap of an op (logits (N, V), target (N,), ...) -> (loss, grad, factor): one call on the stacked rows.
+def _vmap_rows(op, info, in_dims, args, reduction_arg):
+    """vmap of a row loss (logits (N, V), target (N,), ...) -> (loss, grad, factor): one "none" call.
 
-    The batch runs as one "none" call on (B * N, V); "sum" and "mean" are reduced per sample,
-    and "mean" divides each sample's factor by its own count, so the kept gradient stays as it is.
+    The batch runs as one "none" call on (B * N, V); "sum" and "mean" are reduced per sample, and
+    "mean" divides each sample's factor by its own count, so the kept gradient stays as it is.
     """
     logits, target = args[0], args[1]
-    logits_dim, target_dim = in_dims[0], in_dims[1]
     if any(dim is not None for dim in in_dims[2:]):
         raise ValueError("smoothce: vmap over the options (label_smoothing, ignore_index, ...) is not supported")
     batch = info.batch_size
-    logits = logits.movedim(logits_dim, 0) if logits_dim is not None else logits.expand(batch, *logits.shape)
-    target = target.movedim(target_dim, 0) if target_dim is not None else target.expand(batch, *target.shape)
+    logits = logits.movedim(in_dims[0], 0) if in_dims[0] is not None else logits.expand(batch, *logits.shape)
+    target = target.movedim(in_dims[1], 0) if in_dims[1] is not None else target.expand(batch, *target.shape)
     n_rows, num_classes = logits.shape[1], logits.shape[2]
     reduction = args[reduction_arg]
     rest = list(args[2:])
     rest[reduction_arg - 2] = "none"
-    loss, grad, factor = overload(logits.reshape(-1, num_classes), target.reshape(-1), *rest)
+    loss, grad, factor = op(logits.reshape(-1, num_classes), target.reshape(-1), *rest)
     loss = loss.reshape(batch, n_rows)
-    grad = grad.reshape(batch, n_rows, num_classes) if args[compute_grad_arg] else grad
+    computed = grad.numel() > 0 or logits.numel() == 0
+    grad = grad.reshape(batch, n_rows, num_classes) if computed else grad
     factor = factor.expand(batch).clone()
     if reduction == "sum":
         loss = loss.sum(1)
@@ -172,5 +209,4 @@ def _vmap_kept_gradient(overload, info, in_dims, args, reduction_arg, compute_gr
         count = (target != ignore_index).sum(1).clamp_min(1).to(loss.dtype)
         loss = loss.sum(1) / count
         factor = factor / count
-    grad_dim = 0 if args[compute_grad_arg] else None
-    return (loss, grad, factor), (0, grad_dim, 0)
+    return (loss, grad, factor), (0, 0 if computed else None, 0)

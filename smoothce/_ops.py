@@ -1,16 +1,8 @@
-"""torch.library registration of smoothce's cross-entropy: schemas, device kernels, fakes.
+"""smoothce's cross-entropy as registered ops: the public op, and the forward that keeps the gradient.
 
-Three ops, one schema each:
-
-* ``smoothce::cross_entropy`` (public): checks its arguments, flattens to 2-D and
-  calls ``cross_entropy_fwd``. It is CompositeImplicitAutograd, so autograd and
-  torch.compile see through it to the op below.
-* ``smoothce::cross_entropy_fwd`` (internal): returns ``(loss, grad, factor)``; the
-  gradient is computed in the forward pass and kept for backward (the spec's
-  design). ``setup_context`` only sees inputs and outputs, which is why the
-  gradient and backward's factor are outputs of their own.
-* backward is one elementwise pass: ``grad * dO * factor`` (per row for "none"),
-  by the backend's ``scale_grad`` (the autograd: ``smoothce/_autograd.py``).
+``smoothce::cross_entropy`` (public, composite) checks its arguments, flattens to 2-D and calls
+``smoothce::cross_entropy_fwd``, which returns ``(loss, kept gradient, factor)`` from the registry's
+backend; backward is the kept gradient's autograd (``smoothce/_autograd.py``).
 """
 
 from __future__ import annotations
@@ -19,52 +11,51 @@ import torch
 
 from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
-from smoothce.checks import FLOAT_DTYPES, INDEX_DTYPES, REDUCTIONS, check_arguments  # noqa: F401 (re-exported)
+from smoothce._library import define
+from smoothce.checks import REDUCTIONS, check_arguments, normalizer_tensor  # noqa: F401 (REDUCTIONS: until distributed.py takes it from checks)
 from smoothce.numerics import loss_dtype
 
-_lib = torch.library.Library("smoothce", "DEF")
 
-# The public op. Keyword-only options, exactly as callers outside this repo use them.
-_lib.define(
-    "cross_entropy(Tensor logits, Tensor target, *, float label_smoothing=0.0, "
-    "int ignore_index=-100, str reduction=\"mean\") -> Tensor"
-)
-
-
-def _cross_entropy(logits, target, *, label_smoothing=0.0, ignore_index=-100, reduction="mean"):
-    # Composite: autograd and torch.compile trace through this into cross_entropy_fwd.
+def cross_entropy_impl(logits, target, label_smoothing=0.0, ignore_index=-100, reduction="mean", normalizer=None):
+    """The public op's body; ``smoothce.cross_entropy`` calls it directly under torch.func transforms."""
     target = check_arguments(logits, target, label_smoothing, ignore_index, reduction)  # every rule, once
+    normalizer = normalizer_tensor(normalizer, reduction, logits)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    # The autograd.Function is applied here, above the dispatcher, so that torch.func's
-    # transforms see it (they cannot reach one applied inside the op's Autograd kernel).
-    forward = _KeptCrossEntropy.apply if compute_grad else torch.ops.smoothce.cross_entropy_fwd
-    options = (float(label_smoothing), ignore_index, reduction, compute_grad)
+    # Under torch.func the autograd.Function is applied here, above the dispatcher, where the
+    # transforms see it; elsewhere the op's registered autograd records the same pair.
+    forward = _KeptCrossEntropy.apply if torch._C._are_functorch_transforms_active() else cross_entropy_fwd
+    options = (float(label_smoothing), ignore_index, reduction, compute_grad, normalizer)
     if logits.dim() == 2:  # as it is: a reshape would still cost a view and its backward node
         return forward(logits, target, *options)[0]
     loss = forward(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), *options)[0]
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
-_lib.impl("cross_entropy", _cross_entropy, "CompositeImplicitAutograd")
+def _cross_entropy(logits, target, *, label_smoothing=0.0, ignore_index=-100, reduction="mean", normalizer=None):
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "smoothce::cross_entropy: torch.func transforms (grad, vmap, ...) cannot reach this op's autograd "
+            "from inside the dispatcher; call smoothce.cross_entropy(...) instead, which supports them"
+        )
+    return cross_entropy_impl(logits, target, label_smoothing, ignore_index, reduction, normalizer)
 
 
-# The internal op: loss, the kept gradient and backward's factor. Kernels are registered per
-# device type from the registry (see the end of this file); fake and autograd follow.
-_lib.define(
-    "cross_entropy_fwd(Tensor logits, Tensor target, float label_smoothing, int ignore_index, "
-    "str reduction, bool compute_grad) -> (Tensor, Tensor, Tensor)"
+# The public op, keyword-only options as callers outside this repo use them.
+cross_entropy = define(
+    'cross_entropy(Tensor logits, Tensor target, *, float label_smoothing=0.0, int ignore_index=-100, '
+    'str reduction="mean", Tensor? normalizer=None) -> Tensor',
+    composite=_cross_entropy,
 )
 
 
-def cross_entropy_fwd(logits, target, label_smoothing, ignore_index, reduction, compute_grad):
+def _forward(logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
     """Loss of 2-D ``logits`` (N, V) against ``target`` (N,), its kept gradient, and backward's factor.
 
-    loss: (N,) for "none", 0-d for "sum"/"mean"; float32 (float64 for float64 logits); "mean"
-    over zero non-ignored rows is 0 with an all-zero gradient (not NaN).
-    grad: (N, V) in the logits' dtype, or an empty tensor when ``compute_grad`` is False (then
-    no gradient work is done at all). It holds the gradient times the backend contract's
-    ``kept_gradient_scale``: with the "mean" 1/count folded in, except float16 (2**15, unscaled).
-    factor: 0-d, what backward multiplies dO by before scaling the kept gradient.
+    loss: (N,) for "none", 0-d for "sum"/"mean", in ``loss_dtype``; "mean" divides by ``normalizer``
+    (0-d, on the logits' device) where given, else by the non-ignored rows (none: 0, not NaN).
+    grad: (N, V) in the logits' dtype, grad_scale x d loss / d logits (``smoothce.numerics``), or
+    an empty tensor when ``compute_grad`` is False (then no gradient work is done at all).
+    factor: 0-d, what backward multiplies dO by.
     """
     if logits.shape[0] == 0:
         acc = loss_dtype(logits.dtype)
@@ -72,15 +63,14 @@ def cross_entropy_fwd(logits, target, label_smoothing, ignore_index, reduction, 
         grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
         return loss, grad, logits.new_ones((), dtype=acc)
     backend = registry.select(logits.device)
+    extra = {} if normalizer is None else {"normalizer": normalizer}  # backends written before it still work
     loss, grad, factor = backend.loss_and_grad(
-        logits, target.contiguous(), label_smoothing, ignore_index, reduction, compute_grad
+        logits, target.contiguous(), label_smoothing, ignore_index, reduction, compute_grad, **extra
     )
     return loss, (logits.new_empty(0) if grad is None else grad), factor
 
 
-@torch.library.register_fake("smoothce::cross_entropy_fwd")
-def _fake_fwd(logits, target, label_smoothing, ignore_index, reduction, compute_grad):
-    # Shapes and dtypes only, for torch.compile and meta tensors.
+def _forward_fake(logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
     torch._check(logits.dim() == 2, lambda: f"cross_entropy_fwd expects 2-D logits, got {logits.dim()}-D")
     torch._check(target.dim() == 1, lambda: f"cross_entropy_fwd expects 1-D target, got {target.dim()}-D")
     torch._check(target.shape[0] == logits.shape[0], lambda: "target and logits disagree on the rows")
@@ -90,19 +80,13 @@ def _fake_fwd(logits, target, label_smoothing, ignore_index, reduction, compute_
     return loss, grad, logits.new_empty((), dtype=dtype)
 
 
-# Autograd (and vmap) of the internal op: backward scales the kept gradient (smoothce/_autograd.py).
-_KeptCrossEntropy = register_kept_gradient_autograd(
-    "smoothce::cross_entropy_fwd", "smoothce.cross_entropy", reduction_arg=4, compute_grad_arg=5
+cross_entropy_fwd = define(
+    "cross_entropy_fwd(Tensor logits, Tensor target, float label_smoothing, int ignore_index, str reduction, "
+    "bool compute_grad, Tensor? normalizer=None) -> (Tensor, Tensor, Tensor)",
+    kernel=_forward,
+    fake=_forward_fake,
 )
 
-
-def _register_device_kernel(device_type: str) -> None:
-    # One kernel per device type that has a backend; it asks the registry which backend
-    # runs, so SMOOTHCE_BACKEND and third-party backends need no re-registration.
-    torch.library.register_kernel("smoothce::cross_entropy_fwd", device_type, cross_entropy_fwd, lib=_lib)
-
-
-registry.on_new_device_type(_register_device_kernel)
-# Every other device type: the same function, whose registry.select raises the registry's clear
-# error (no backend for that device type) instead of the dispatcher's.
-_lib.impl("cross_entropy_fwd", cross_entropy_fwd, "CompositeExplicitAutograd")
+_KeptCrossEntropy = register_kept_gradient_autograd(
+    cross_entropy_fwd, "smoothce.cross_entropy", reduction_arg=4, compute_grad_arg=5
+)

@@ -129,3 +129,30 @@ def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: 
     if bool(bad.any()):
         value = int(target[bad.nonzero()[0, 0]])
         raise ValueError(bad_target_message(value, num_classes, ignore_index))
+
+
+def normalizer_tensor(normalizer, reduction, like: torch.Tensor) -> torch.Tensor | None:
+    """``normalizer`` as a 0-d tensor of the loss dtype on ``like``'s device, or None; errors name the value.
+
+    A number (>= 0, finite) or a one-element real tensor on any device, and only with "mean" (which
+    then divides the summed loss by it). Nothing is read on the host: a number becomes a fill on
+    the device, a tensor is copied there without waiting.
+    """
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"normalizer is only used with reduction='mean', got reduction={reduction!r}")
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}"
+            )
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
+        return normalizer.detach().reshape(()).to(device=like.device, dtype=dtype, non_blocking=True)
+    if _is_bool(normalizer) or not isinstance(normalizer, numbers.Real):
+        raise TypeError(f"normalizer must be a number or a one-element tensor, got {type(normalizer).__name__}")
+    if not 0.0 <= float(normalizer) < float("inf"):  # False for NaN too
+        raise ValueError(f"normalizer must be a finite number >= 0, got {normalizer}")
+    return torch.full((), float(normalizer), dtype=dtype, device=like.device)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from smoothce.checks import check_tensors_given, option_values
+from smoothce._ops import cross_entropy_impl
+from smoothce.checks import check_tensors_given, normalizer_tensor, option_values
 
 
 def cross_entropy(
@@ -14,6 +15,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Label-smoothed cross-entropy of ``logits`` (..., V) against class indices ``target`` (...).
 
@@ -21,8 +23,11 @@ def cross_entropy(
     - (lam / V) sum_j z_j. Rows with ``target == ignore_index`` contribute nothing.
     ``reduction``: "none" gives shape (...), "sum" and "mean" a scalar; "mean" divides by
     the number of non-ignored targets and is 0.0 (gradient zero) when there are none.
-    The result is float32 (float64 for float64 logits); the gradient, computed in this
-    forward pass and kept, has the logits' dtype.
+    ``normalizer`` (only with "mean"): a number or a one-element tensor on any device, read
+    without a host sync; the summed loss is divided by it instead of the count (the tokens of a
+    whole accumulation window, say), so that ``loss.backward()`` stays free. The result is float32
+    (float64 for float64 logits); the gradient, computed in this forward pass and kept, has the
+    logits' dtype.
     """
     # What the op's schema would coerce unseen (bool, numpy scalars, ints beyond int64) or reject
     # with a RuntimeError; the op checks everything else, once (smoothce/checks.py).
@@ -31,7 +36,10 @@ def cross_entropy(
     if torch._C._are_functorch_transforms_active():
         # torch.func (grad, vmap, ...): the op's body in Python, so that its autograd.Function is
         # applied where the transforms see it; inside the dispatcher they cannot.
-        from smoothce._ops import _cross_entropy as op
-    else:
-        op = torch.ops.smoothce.cross_entropy
-    return op(logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+        return cross_entropy_impl(logits, target, label_smoothing, ignore_index, reduction, normalizer)
+    if normalizer is not None and not isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer_tensor(normalizer, reduction, logits)  # the schema takes a tensor
+    return torch.ops.smoothce.cross_entropy(
+        logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction,
+        normalizer=normalizer,
+    )

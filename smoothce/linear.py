@@ -1,58 +1,10 @@
 """Fused output projection + label-smoothed cross-entropy: the LM head's loss without its (N, V) logits.
 
-``smoothce.linear_cross_entropy(hidden, weight, target, *, bias=None, ...)`` means
-``smoothce.cross_entropy(F.linear(hidden, weight, bias), target, ...)``, but the logits
-and their gradient only ever exist one chunk of rows at a time.
-
-Math, for one chunk of rows h (C, D) of the hidden states, W (V, D), b (V,):
-
-    Z = h W^T + b                       the chunk's logits, (C, V): one matmul
-    G = scale * dloss/dZ                 = scale * (softmax(Z) - lam/V - (1 - lam) onehot(k)),
-                                           written over Z in place by the registry's backend
-    dh = G W                             (C, D): that chunk's rows of d hidden, complete
-    dW += G^T h,   db += sum_rows G      accumulated over the chunks
-
-``scale`` is 1/count for "mean" (count = targets != ignore_index, at least 1) and 1 for
-"sum". Matmuls are torch's (cuBLAS, oneDNN, XPU's), so every device with a smoothce
-backend works; the loss/gradient part goes through ``smoothce.registry.select(device)``.
-
-Three ops, as for the plain loss:
-
-* ``smoothce::linear_cross_entropy`` (public, CompositeImplicitAutograd): checks, flattens
-  the leading dimensions, reads the chunk settings, calls the op below.
-* ``smoothce::linear_cross_entropy_fwd`` (internal): returns ``(loss, d_hidden, d_weight,
-  d_bias)``. For "mean"/"sum" the gradients are computed in the forward pass and kept,
-  so backward only multiplies them by dO (N·D + V·D work, none for dO = 1 on CPU).
-  For "none" the per-row dO arrives only in backward, so the forward keeps nothing
-  and backward recomputes chunk by chunk:
-* ``smoothce::linear_cross_entropy_bwd`` (internal): the "none" backward.
-
-Numerics. The chunk's logits come from one matmul in the inputs' dtype with fp32
-accumulation (what ``F.linear`` does), and the gradient is written over them in that
-dtype; the two gradient matmuls then run on it at full tensor-core speed. d hidden is
-complete after one matmul per chunk: rounded once. d weight and d bias are sums over
-chunks: they accumulate in fp32 (fp64 for fp64) and are rounded once at the end, which
-for half-precision weights costs a (V, D) fp32 buffer (see ``settings``). For float16
-the 1/count of "mean" is applied to the fp32 sums of d weight and d bias and to d hidden
-after its matmul (in fp32 where the device has an fp32-output matmul, CUDA), rather than to
-the chunk's gradient, where it would push small values below fp16's normal range. For
-"none" the per-row dO multiplies the chunk's gradient rows, as in PyTorch's own backward.
-
-Memory. The chunk (rows x V in the inputs' dtype) is sized from a byte budget
-(``DEFAULT_CHUNK_BYTES``, overridable with ``settings``), independent of N, so peak memory
-beyond the inputs and gradients does not grow with the batch. What else there is: for
-bfloat16/float16 weights the (V, D) fp32 accumulator of d weight, V·D·4 bytes, also
-independent of N. At N = 8192, D = 4096, V = 128256 that accumulator alone is as large as
-the bf16 logits (2.1 GB); ``settings(fp32_weight_grad=False)`` trades it for one rounding
-of d weight per chunk. Measured on an H200 at that size (forward + backward, bf16):
-
-    fp32 accumulator (default), 256 MiB chunks: 45.0 ms, 1.35x the three matmuls alone,
-        extra memory 1.12x the logits (1.0x of it the accumulator), d weight error 0.59x PyTorch's
-    bf16 accumulation, 256 MiB chunks: 40.6 ms, 1.21x, extra 0.12x, d weight error 1.08x PyTorch's
-    eager F.linear + F.cross_entropy: 41.1 ms, 1.23x, extra 2.47x;  Liger's fused loss: 53.6 ms.
-
-The default keeps the numerics the op promises (d weight summed in fp32, rounded once);
-the memory-lean mode is there for vocabularies where V·D·4 bytes cannot be spared.
+``linear_cross_entropy(hidden, weight, target, ...)`` means ``cross_entropy(F.linear(hidden, weight,
+bias), target, ...)``, but the logits and their gradient only exist one chunk of rows at a time: the
+forward computes each chunk's logits with one matmul, its loss and gradient in place through the
+registry's backend, and from them d hidden and the chunk's share of d weight and d bias; backward
+only scales those kept gradients ("none" recomputes them, chunk by chunk).
 """
 
 from __future__ import annotations
@@ -62,8 +14,18 @@ import threading
 
 import torch
 
-from smoothce import _autograd, registry
-from smoothce.checks import FLOAT_DTYPES, INDEX_DTYPES, INT32_MAX, INT32_MIN, check_option_values, option_values
+from smoothce import registry
+from smoothce._autograd import register_kept_gradient_autograd
+from smoothce._library import define
+from smoothce.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    INT32_MAX,
+    INT32_MIN,
+    check_option_values,
+    normalizer_tensor,
+    option_values,
+)
 from smoothce.numerics import loss_dtype
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -77,12 +39,6 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20}
 DEFAULT_ACCELERATOR_CHUNK_BYTES = 256 << 20
 
-_lib = torch.library.Library("smoothce", "FRAGMENT")
-
-_lib.define(
-    "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, *, Tensor? bias=None, "
-    "float label_smoothing=0.0, int ignore_index=-100, str reduction=\"mean\") -> Tensor"
-)
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,13 +153,14 @@ def check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore
 
 
 def _linear_cross_entropy(hidden, weight, target, *, bias=None, label_smoothing=0.0, ignore_index=-100,
-                          reduction="mean"):
+                          reduction="mean", normalizer=None):
     # Composite: autograd and torch.compile trace through this into linear_cross_entropy_fwd.
     target = check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index, reduction)
+    normalizer = normalizer_tensor(normalizer, reduction, hidden)
     if hidden.device.type != "meta":
         registry.select(hidden.device)  # a clear error now for a device with no usable backend
     grad_on = torch.is_grad_enabled()
-    loss, _, _, _ = torch.ops.smoothce.linear_cross_entropy_fwd(
+    loss = linear_cross_entropy_fwd(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
@@ -216,13 +173,11 @@ def _linear_cross_entropy(hidden, weight, target, *, bias=None, label_smoothing=
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
-    )
+        normalizer,
+    )[0]
     if reduction == "none":
         return loss.reshape(target.shape)
     return loss
-
-
-_lib.impl("linear_cross_entropy", _linear_cross_entropy, "CompositeImplicitAutograd")
 
 
 def linear_cross_entropy(
@@ -234,6 +189,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Label-smoothed cross-entropy of ``F.linear(hidden, weight, bias)`` without materialising the logits.
 
@@ -242,8 +198,9 @@ def linear_cross_entropy(
     share one dtype (float32, bfloat16, float16, float64). Same result as
     ``smoothce.cross_entropy(F.linear(hidden, weight, bias), target, ...)``: float32
     (float64 for float64), shape (...) for "none", a scalar otherwise; "mean" over no
-    counted target is 0 with zero gradients. Gradients for hidden, weight and bias
-    (whichever require grad) come in their dtypes. Chunking: see ``smoothce.linear.settings``.
+    counted target is 0 with zero gradients; ``normalizer`` as in ``smoothce.cross_entropy``.
+    Gradients for hidden, weight and bias (whichever require grad) come in their dtypes.
+    Chunking: see ``smoothce.linear.settings``.
     """
     # What the op's schema would coerce unseen (bool, numpy scalars) or reject with a RuntimeError
     # (a non-tensor); the op checks everything else, once.
@@ -253,9 +210,11 @@ def linear_cross_entropy(
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
+    if normalizer is not None and not isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer_tensor(normalizer, reduction, hidden)  # the schema takes a tensor
     return torch.ops.smoothce.linear_cross_entropy(
         hidden, weight, target, bias=bias, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        reduction=reduction,
+        reduction=reduction, normalizer=normalizer,
     )
 
 
@@ -383,36 +342,36 @@ def _finish(accumulated, dtype, post_scale):
     return accumulated if accumulated.dtype == dtype else accumulated.to(dtype)
 
 
-def _scales(target, ignore_index, reduction, dtype, device):
-    """(scale in the backend, post_scale after the matmuls, denominator of "mean" or None)."""
+def _scales(target, ignore_index, reduction, dtype, device, normalizer):
+    """(scale in the backend, post_scale after the matmuls, denominator of "mean" or None).
+
+    float16 takes the 1/denominator of "mean" after the matmuls, in fp32 (in the chunk's gradient it
+    would push small values below float16's normal range); the other dtypes inside the backend.
+    """
     acc_dtype = loss_dtype(dtype)
     one = torch.ones((), dtype=acc_dtype, device=device)
     if reduction != "mean":
         return one, None, None
-    denominator = (target != ignore_index).sum().clamp_min(1).to(acc_dtype)  # 0 rows: loss 0, not NaN
+    # The normalizer, else the counted rows (none: loss 0, not NaN).
+    denominator = normalizer if normalizer is not None else (target != ignore_index).sum().clamp_min(1).to(acc_dtype)
+    inverse = torch.where(denominator > 0, 1.0 / torch.where(denominator > 0, denominator, 1.0), 0.0)
     if dtype == torch.float16:
-        return one, 1.0 / denominator, denominator
-    return 1.0 / denominator, None, denominator
+        return one, inverse, denominator
+    return inverse, None, denominator
 
 
-_lib.define(
-    "linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, float label_smoothing, "
-    "int ignore_index, str reduction, int chunk_bytes, bool fp32_weight_grad, bool grad_hidden, "
-    "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-
-
-def linear_cross_entropy_fwd(hidden, weight, bias, target, label_smoothing, ignore_index, reduction, chunk_bytes,
-                             fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+def _forward(hidden, weight, bias, target, label_smoothing, ignore_index, reduction, chunk_bytes,
+             fp32_weight_grad, grad_hidden, grad_weight, grad_bias, normalizer=None):
     """Loss of 2-D ``hidden`` (N, D) through ``weight`` (V, D) against ``target`` (N,), and its kept gradients.
 
     loss: (N,) for "none", 0-d for "sum"/"mean"; float32 (float64 for float64).
-    d_hidden (N, D), d_weight (V, D), d_bias (V,): for "mean"/"sum" and where asked for,
-    in the inputs' dtype with the 1/count of "mean" folded in; an empty tensor otherwise
-    ("none" computes them in backward).
+    d_hidden (N, D), d_weight (V, D), d_bias (V,): for "mean"/"sum" and where asked for, in the
+    inputs' dtype with the 1/denominator of "mean" folded in; an empty tensor otherwise ("none"
+    computes them in backward).
     """
     keep = reduction != "none"
-    scale, post_scale, denominator = _scales(target, ignore_index, reduction, hidden.dtype, hidden.device)
+    scale, post_scale, denominator = _scales(target, ignore_index, reduction, hidden.dtype, hidden.device,
+                                             normalizer)
     loss, d_hidden, d_weight, d_bias = _run_chunks(
         hidden, weight, bias, target, label_smoothing, ignore_index,
         scale=scale, post_scale=post_scale, row_scale=None, chunk_bytes=chunk_bytes,
@@ -420,38 +379,40 @@ def linear_cross_entropy_fwd(hidden, weight, bias, target, label_smoothing, igno
         grad_bias=keep and grad_bias and bias is not None, keep_rows=not keep,
     )
     if denominator is not None:
-        loss = loss / denominator
+        loss = torch.where(denominator > 0, loss / torch.where(denominator > 0, denominator, 1.0), 0.0)
     return loss, *(hidden.new_empty(0) if g is None else g for g in (d_hidden, d_weight, d_bias))
 
 
-@torch.library.register_fake("smoothce::linear_cross_entropy_fwd")
-def _fake_fwd(hidden, weight, bias, target, label_smoothing, ignore_index, reduction, chunk_bytes,
-              fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
-    # Shapes and dtypes only, for torch.compile and meta tensors.
+def _forward_fake(hidden, weight, bias, target, label_smoothing, ignore_index, reduction, chunk_bytes,
+                  fp32_weight_grad, grad_hidden, grad_weight, grad_bias, normalizer=None):
     torch._check(hidden.dim() == 2, lambda: f"linear_cross_entropy_fwd expects 2-D hidden, got {hidden.dim()}-D")
     torch._check(target.dim() == 1, lambda: f"linear_cross_entropy_fwd expects 1-D target, got {target.dim()}-D")
     torch._check(target.shape[0] == hidden.shape[0], lambda: "target and hidden disagree on the rows")
     keep = reduction != "none"
     loss = hidden.new_empty(() if keep else hidden.shape[:1], dtype=loss_dtype(hidden.dtype))
+    return loss, *_fake_grads(hidden, weight, bias, keep and grad_hidden, keep and grad_weight, keep and grad_bias)
+
+
+def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+    # d hidden, d weight, d bias as the kernels make them: dense, or empty where not asked for.
     return (
-        loss,
-        torch.empty_like(hidden, memory_format=torch.contiguous_format) if keep and grad_hidden
-        else hidden.new_empty(0),
-        torch.empty_like(weight, memory_format=torch.contiguous_format) if keep and grad_weight
-        else hidden.new_empty(0),
-        torch.empty_like(bias) if keep and grad_bias and bias is not None else hidden.new_empty(0),
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else hidden.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_weight else hidden.new_empty(0),
+        torch.empty_like(bias) if grad_bias and bias is not None else hidden.new_empty(0),
     )
 
 
-_lib.define(
-    "linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-    "float label_smoothing, int ignore_index, int chunk_bytes, bool fp32_weight_grad, bool grad_hidden, "
-    "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor)"
+linear_cross_entropy_fwd = define(
+    "linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, float label_smoothing, "
+    "int ignore_index, str reduction, int chunk_bytes, bool fp32_weight_grad, bool grad_hidden, "
+    "bool grad_weight, bool grad_bias, Tensor? normalizer=None) -> (Tensor, Tensor, Tensor, Tensor)",
+    kernel=_forward,
+    fake=_forward_fake,
 )
 
 
-def linear_cross_entropy_bwd(grad_loss, hidden, weight, bias, target, label_smoothing, ignore_index, chunk_bytes,
-                             fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+def _backward_none(grad_loss, hidden, weight, bias, target, label_smoothing, ignore_index, chunk_bytes,
+                   fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
     """Backward of "none": recompute each chunk's gradient, scale its rows by dO (N,), then the matmuls.
 
     Returns (d_hidden, d_weight, d_bias), an empty tensor for each not asked for.
@@ -466,107 +427,38 @@ def linear_cross_entropy_bwd(grad_loss, hidden, weight, bias, target, label_smoo
     return tuple(hidden.new_empty(0) if g is None else g for g in (d_hidden, d_weight, d_bias))
 
 
-@torch.library.register_fake("smoothce::linear_cross_entropy_bwd")
-def _fake_bwd(grad_loss, hidden, weight, bias, target, label_smoothing, ignore_index, chunk_bytes,
-              fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
-    # Shapes and dtypes only, for torch.compile's traced backward.
+def _backward_none_fake(grad_loss, hidden, weight, bias, target, label_smoothing, ignore_index, chunk_bytes,
+                        fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
     torch._check(grad_loss.shape[0] == hidden.shape[0], lambda: "grad_loss and hidden disagree on the rows")
-    return (
-        torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else hidden.new_empty(0),
-        torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_weight else hidden.new_empty(0),
-        torch.empty_like(bias) if grad_bias and bias is not None else hidden.new_empty(0),
+    return _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
+
+
+linear_cross_entropy_bwd = define(
+    "linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+    "float label_smoothing, int ignore_index, int chunk_bytes, bool fp32_weight_grad, bool grad_hidden, "
+    "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor)",
+    kernel=_backward_none,
+    fake=_backward_none_fake,
+)
+
+
+def _recompute(inputs, grad_loss, wanted):
+    # "none": the per-row dO reaches the chunks' gradients before the matmuls, so they are made again.
+    hidden, weight, bias, target, label_smoothing, ignore_index, _, chunk_bytes, fp32, *_ = inputs
+    grads = linear_cross_entropy_bwd(
+        grad_loss.reshape(-1), hidden, weight, bias, target, label_smoothing, ignore_index, chunk_bytes, fp32,
+        wanted[0], wanted[1], wanted[2] and bias is not None,
     )
+    return tuple(g if w else None for g, w in zip(grads, wanted, strict=True))
 
 
-# ---------------------------------------------------------------------------------------
-# Autograd of the internal forward op
-# ---------------------------------------------------------------------------------------
+register_kept_gradient_autograd(
+    linear_cross_entropy_fwd, "smoothce.linear_cross_entropy", reduction_arg=6, compute_grad_arg=(9, 10, 11),
+    grad_inputs=(0, 1, 2), recompute=_recompute,
+)
 
-_NAME = "smoothce.linear_cross_entropy"
-_OPTIONS = 8  # arguments after hidden, weight, bias, target: none of them differentiable
-
-
-def _inplace_allowed() -> bool:
-    # ``smoothce.inplace_backward(False)`` covers this op too; its state lives with the plain op.
-    state = getattr(_autograd, "_inplace_backward", None)
-    return getattr(state, "enabled", True)
-
-
-def _setup_context(ctx, inputs, output):
-    # "mean"/"sum": keep only the forward's gradients. "none": keep the inputs, for the recompute.
-    hidden, weight, bias, target, label_smoothing, ignore_index, reduction, chunk_bytes, fp32, gh, gw, gb = inputs
-    _, d_hidden, d_weight, d_bias = output
-    ctx.reduction = reduction
-    ctx.computed = (gh, gw, gb and bias is not None)
-    ctx.has_bias = bias is not None
-    ctx.inplace = _inplace_allowed()
-    ctx.consumed = False
-    ctx.mark_non_differentiable(d_hidden, d_weight, d_bias)
-    ctx.set_materialize_grads(False)
-    if reduction == "none":
-        ctx.options = (label_smoothing, ignore_index, chunk_bytes, fp32)
-        ctx.save_for_backward(hidden, weight, bias, target)
-    else:
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
-
-
-def _backward(ctx, grad_loss, _d_hidden, _d_weight, _d_bias):
-    none_tail = (None,) * (1 + _OPTIONS)  # target and the options
-    wanted = tuple(ctx.needs_input_grad[:3])
-    if grad_loss is None:
-        return (None, None, None, *none_tail)
-    for name, want, have in zip(("hidden", "weight", "bias"), wanted, ctx.computed, strict=True):
-        if want and not have:
-            raise RuntimeError(
-                f"{_NAME}: no gradient for {name} was computed because it did not require grad "
-                "(or grad mode was off) in the forward pass"
-            )
-    if ctx.reduction == "none":
-        hidden, weight, bias, target = ctx.saved_tensors
-        label_smoothing, ignore_index, chunk_bytes, fp32 = ctx.options
-        grads = torch.ops.smoothce.linear_cross_entropy_bwd(
-            grad_loss.reshape(-1), hidden, weight, bias, target, label_smoothing, ignore_index, chunk_bytes,
-            fp32, wanted[0], wanted[1], wanted[2] and ctx.has_bias,
-        )
-        return (*(g if w else None for g, w in zip(grads, wanted, strict=True)), *none_tail)
-    if ctx.consumed:  # checked before unpacking, whose version check would say less
-        raise RuntimeError(
-            f"{_NAME}: a second backward through the same call (retain_graph=True), but the first one "
-            "scaled the kept gradients in place. Run the forward inside "
-            "`with smoothce.inplace_backward(False):` to keep them intact for repeated backward passes."
-        )
-    kept = ctx.saved_tensors
-    traced = not all(type(t) is torch.Tensor for t in (*kept, grad_loss))
-    if not traced and torch.is_grad_enabled():
-        raise RuntimeError(f"{_NAME} does not support double backward (create_graph=True)")
-    unit = not traced and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
-    out = []
-    for grad, want in zip(kept, wanted, strict=True):
-        if not want:
-            out.append(None)
-        elif traced:  # torch.compile: the functional form, which Inductor fuses
-            out.append((grad * grad_loss).to(grad.dtype))
-        elif unit:  # dO = 1 (loss.backward()), read for free on CPU: nothing to scale
-            out.append(grad)
-        elif ctx.inplace:  # scale in place: no second gradient-sized buffer
-            out.append(grad.mul_(grad_loss))
-        else:
-            out.append((grad * grad_loss).to(grad.dtype))
-    if ctx.inplace and not traced and not unit:
-        ctx.consumed = True
-    return (*out, *none_tail)
-
-
-torch.library.register_autograd("smoothce::linear_cross_entropy_fwd", _backward, setup_context=_setup_context)
-
-
-def _register_device_kernels(device_type: str) -> None:
-    # One kernel per device type with a backend, as for the plain op: the matmuls are torch's
-    # and the loss part asks the registry, so every such device works.
-    torch.library.register_kernel("smoothce::linear_cross_entropy_fwd", device_type, linear_cross_entropy_fwd,
-                                  lib=_lib)
-    torch.library.register_kernel("smoothce::linear_cross_entropy_bwd", device_type, linear_cross_entropy_bwd,
-                                  lib=_lib)
-
-
-registry.on_new_device_type(_register_device_kernels)
+linear_cross_entropy_op = define(
+    'linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, *, Tensor? bias=None, '
+    'float label_smoothing=0.0, int ignore_index=-100, str reduction="mean", Tensor? normalizer=None) -> Tensor',
+    composite=_linear_cross_entropy,
+)

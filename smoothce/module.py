@@ -34,11 +34,14 @@ class _LossOptions(torch.nn.Module):
 class CrossEntropyLoss(_LossOptions):
     """Label-smoothed cross-entropy, like ``torch.nn.CrossEntropyLoss`` with class-index targets.
 
-    Inputs: logits (..., V) with the class dimension last, target (...) of int64/int32.
+    Inputs: logits (..., V) with the class dimension last, target (...) of int64/int32, and
+    optionally ``normalizer`` ("mean" only: what the summed loss is divided by).
     """
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(logits, target, **self.options())
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, normalizer: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return cross_entropy(logits, target, normalizer=normalizer, **self.options())
 
 
 class LinearCrossEntropyLoss(_LossOptions):
