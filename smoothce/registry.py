@@ -26,7 +26,6 @@ ACCELERATORS = ("cuda", "xpu")  # the GPU device types of smoothce's own backend
 
 _by_name: dict[str, Backend] = {}
 _default_for: dict[str, str] = {}
-_on_register = []  # callbacks(device_type) run when a device type gets its first backend
 _entry_points_loaded = False
 _lock = threading.RLock()
 
@@ -45,21 +44,9 @@ def register(backend: Backend, *, default: bool = True) -> Backend:
         if known is not None and type(known) is not type(backend):
             raise ValueError(f"a different backend is already registered as {backend.name!r}: {known!r}")
         _by_name[backend.name] = backend
-        new_device_type = backend.device_type not in _default_for
-        if default or new_device_type:
+        if default or backend.device_type not in _default_for:
             _default_for[backend.device_type] = backend.name
-        if new_device_type:
-            for callback in _on_register:
-                callback(backend.device_type)
     return backend
-
-
-def on_new_device_type(callback) -> None:
-    """Call ``callback(device_type)`` now for each known device type and for every later one."""
-    with _lock:
-        _on_register.append(callback)
-        for device_type in list(_default_for):
-            callback(device_type)
 
 
 def _load_entry_points() -> None:
