@@ -14,6 +14,9 @@ nox.options.error_on_missing_interpreters = True
 # The tested versions; override for another torch build (a CUDA or XPU wheel, say).
 TORCH = os.environ.get("SMOOTHCE_TORCH", "torch==2.13.0")
 TRITON = os.environ.get("SMOOTHCE_TRITON", "triton==3.9.0")
+# The integration's framework, for the cpu session (transformers 5.24 is tested with torch 2.13).
+TRANSFORMERS = os.environ.get("SMOOTHCE_TRANSFORMERS", "transformers==5.24.0")
+ACCELERATE = os.environ.get("SMOOTHCE_ACCELERATE", "accelerate==1.15.0")
 PYTEST = ["pytest", "-p", "no:cacheprovider"]
 
 
@@ -32,16 +35,22 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def cpu(session: nox.Session) -> None:
-    """The op on the vectorized CPU backend: values, gradients, errors, compile, packaging, bench."""
+    """The op on the vectorized CPU backend: values, gradients, errors, compile, packaging, bench, transformers.
+
+    transformers is installed, and its tests required (SMOOTHCE_REQUIRE_TRANSFORMERS), so they run
+    here rather than skip; then the Trainer example.
+    """
     _install(session, "test,bench")
+    session.install(TRANSFORMERS, ACCELERATE)  # after torch, so accelerate's torch requirement is met
     session.run(
         *PYTEST,
         "tests",
         "--ignore=tests/test_triton_kernels.py",
         "--ignore=tests/test_distributed.py",
         *session.posargs,
-        env={"SMOOTHCE_BACKEND": ""},
+        env={"SMOOTHCE_BACKEND": "", "SMOOTHCE_REQUIRE_TRANSFORMERS": "1"},
     )
+    session.run("python", "examples/transformers_trainer.py")
 
 
 @nox.session

@@ -136,13 +136,20 @@ def test_parity_fp32(arch, fused, label_smoothing):
 
 
 @pytest.mark.parametrize(("arch", "fused"), CASES)
-def test_parity_bf16_autocast(arch, fused):
+def test_parity_bf16_autocast(arch, fused, monkeypatch):
     """Under bf16 autocast each gradient is as far from the fp32 one as PyTorch's own bf16 run is (within 2x)."""
     label_smoothing = 0.1
     model = build(arch)
+    with torch.no_grad():  # logits of a few units, as in a trained model, where bf16's rounding shows
+        model.get_output_embeddings().weight.mul_(50.0)
     reference = stock_copy(model, label_smoothing)
     patch(model, label_smoothing=label_smoothing, fused_linear=fused)
     inputs = batch()
+    seen = []  # the dtypes the loss ops get: autocast's bf16, as F.linear under autocast would
+    for name in ("cross_entropy", "linear_cross_entropy"):
+        original = getattr(smoothce, name)
+        spy = lambda *a, _f=original, **k: seen.append({t.dtype for t in a[:2] if t.is_floating_point()}) or _f(*a, **k)
+        monkeypatch.setattr(smoothce, name, spy)
     exact_output, exact_grads = loss_and_grads(reference, inputs)
     stock_output, stock_grads = loss_and_grads(reference, inputs, autocast_dtype=torch.bfloat16)
     output, grads = loss_and_grads(model, inputs, autocast_dtype=torch.bfloat16)
@@ -152,6 +159,7 @@ def test_parity_bf16_autocast(arch, fused):
     for name in grads:
         spread = relative(stock_grads[name], exact_grads[name])
         assert relative(grads[name], exact_grads[name]) <= 2 * spread + 1e-6, (name, spread)
+    assert seen == [{torch.bfloat16}]
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -272,7 +272,9 @@ class _CausalLMLoss:
                  shift_labels=None, **kwargs):
         target = _shifted_targets(labels, shift_labels, ignore_index)
         options = self.state.options
-        reduction = "mean" if num_items_in_batch is None else "sum"
+        # The sum over targets divided by num_items_in_batch when given (gradient accumulation), else the mean;
+        # either way the division is in the op, so backward has nothing to scale (dO = 1).
+        reduce = {"reduction": "mean", "normalizer": num_items_in_batch}
         capture = self.state.capture
         if capture is not None:
             if logits is not capture.stand_in:
@@ -290,7 +292,7 @@ class _CausalLMLoss:
             with torch.autocast(device_type, enabled=False):
                 loss = smoothce.linear_cross_entropy(
                     hidden, weight, target.to(hidden.device), bias=bias, label_smoothing=options["label_smoothing"],
-                    ignore_index=ignore_index, reduction=reduction,
+                    ignore_index=ignore_index, **reduce,
                 )
         else:
             if vocab_size is not None and logits.shape[-1] != vocab_size:
@@ -301,10 +303,6 @@ class _CausalLMLoss:
             with torch.autocast(rows.device.type, enabled=False):
                 loss = smoothce.cross_entropy(
                     rows, target.to(rows.device), label_smoothing=options["label_smoothing"],
-                    ignore_index=ignore_index, reduction=reduction,
+                    ignore_index=ignore_index, **reduce,
                 )
-        if num_items_in_batch is not None:
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
         return loss
