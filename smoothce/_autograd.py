@@ -82,7 +82,7 @@ def _scaled_by_torch_ops(grad, grad_out, factor, per_row):
 
 
 def register_kept_gradient_autograd(op, name: str, *, reduction_arg: int, compute_grad_arg, grad_inputs=(0,),
-                                    recompute=None):
+                                    recompute=None, vmap=None):
     """Register the kept gradient's autograd for ``op`` and return it as an autograd.Function.
 
     ``op`` returns ``(loss, *kept[, factor])``, ``kept[i]`` the gradient of input ``grad_inputs[i]``
@@ -91,9 +91,9 @@ def register_kept_gradient_autograd(op, name: str, *, reduction_arg: int, comput
     say which of them the forward computed; asking backward for another is an error.
     ``recompute(saved_inputs, grad_out, wanted)`` is backward for "none" where the kept gradients
     cannot take dO per row (the fused linear loss): it gets the inputs, saved instead of the kept
-    gradients. ``name`` is what errors call the op. The returned Function (with ``vmap``) is what
-    ``torch.func`` transforms apply; the op's own autograd uses the same pair through
-    ``torch.library.register_autograd``.
+    gradients. ``name`` is what errors call the op. The returned Function is what ``torch.func``
+    transforms apply, batched by ``vmap(info, in_dims, *args)`` where given (also registered as the
+    op's own vmap rule); the op's autograd uses the same pair through ``torch.library.register_autograd``.
     """
     if isinstance(op, str):  # "namespace::name"
         namespace, op_name = op.split("::")
@@ -170,43 +170,11 @@ def register_kept_gradient_autograd(op, name: str, *, reduction_arg: int, comput
         setup_context = staticmethod(_setup_context)
         backward = staticmethod(_backward)
 
-        @staticmethod
-        def vmap(info, in_dims, *args):
-            return _vmap_rows(op, info, in_dims, args, reduction_arg)
-
     KeptGradient.__name__ = KeptGradient.__qualname__ = f"KeptGradient_{op.name().split('::')[1]}"
     # Function.apply binds the arguments with inspect.signature(forward) on every call; a cached
     # signature makes that a lookup (a tenth of a tiny call's time otherwise).
     KeptGradient.forward.__signature__ = inspect.signature(KeptGradient.forward)
+    if vmap is not None:
+        KeptGradient.vmap = staticmethod(vmap)
+        torch.library.register_vmap(op, vmap)  # torch.func.vmap of a call that keeps no gradient
     return KeptGradient
-
-
-def _vmap_rows(op, info, in_dims, args, reduction_arg):
-    """vmap of a row loss (logits (N, V), target (N,), ...) -> (loss, grad, factor): one "none" call.
-
-    The batch runs as one "none" call on (B * N, V); "sum" and "mean" are reduced per sample, and
-    "mean" divides each sample's factor by its own count, so the kept gradient stays as it is.
-    """
-    logits, target = args[0], args[1]
-    if any(dim is not None for dim in in_dims[2:]):
-        raise ValueError("smoothce: vmap over the options (label_smoothing, ignore_index, ...) is not supported")
-    batch = info.batch_size
-    logits = logits.movedim(in_dims[0], 0) if in_dims[0] is not None else logits.expand(batch, *logits.shape)
-    target = target.movedim(in_dims[1], 0) if in_dims[1] is not None else target.expand(batch, *target.shape)
-    n_rows, num_classes = logits.shape[1], logits.shape[2]
-    reduction = args[reduction_arg]
-    rest = list(args[2:])
-    rest[reduction_arg - 2] = "none"
-    loss, grad, factor = op(logits.reshape(-1, num_classes), target.reshape(-1), *rest)
-    loss = loss.reshape(batch, n_rows)
-    computed = grad.numel() > 0 or logits.numel() == 0
-    grad = grad.reshape(batch, n_rows, num_classes) if computed else grad
-    factor = factor.expand(batch).clone()
-    if reduction == "sum":
-        loss = loss.sum(1)
-    elif reduction == "mean":
-        ignore_index = args[3]
-        count = (target != ignore_index).sum(1).clamp_min(1).to(loss.dtype)
-        loss = loss.sum(1) / count
-        factor = factor / count
-    return (loss, grad, factor), (0, 0 if computed else None, 0)

@@ -13,7 +13,7 @@ from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
 from smoothce.checks import REDUCTIONS, check_arguments, normalizer_tensor  # noqa: F401 (REDUCTIONS: until distributed.py takes it from checks)
-from smoothce.numerics import loss_dtype
+from smoothce.numerics import kept_factors, loss_dtype
 
 
 def cross_entropy_impl(logits, target, label_smoothing=0.0, ignore_index=-100, reduction="mean", normalizer=None):
@@ -40,7 +40,8 @@ def _cross_entropy(logits, target, *, label_smoothing=0.0, ignore_index=-100, re
     return cross_entropy_impl(logits, target, label_smoothing, ignore_index, reduction, normalizer)
 
 
-# The public op, keyword-only options as callers outside this repo use them.
+# The public op, keyword-only options as callers outside this repo use them. Its schema converts
+# them first (numpy scalars, 0-d tensors, and a bool too); the Python entry points check them before.
 cross_entropy = define(
     'cross_entropy(Tensor logits, Tensor target, *, float label_smoothing=0.0, int ignore_index=-100, '
     'str reduction="mean", Tensor? normalizer=None) -> Tensor',
@@ -87,6 +88,35 @@ cross_entropy_fwd = define(
     fake=_forward_fake,
 )
 
+
+
+def _vmap(info, in_dims, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
+    """vmap of ``cross_entropy_fwd``: the stacked rows as one "none" call, then each sample's reduction.
+
+    "mean" divides each sample's sum, and its factor, by its own count (or the normalizer), so the
+    kept gradient stays as the "none" call made it.
+    """
+    if any(dim is not None for dim in in_dims[2:]):
+        raise ValueError("smoothce: vmap over the options (label_smoothing, normalizer, ...) is not supported")
+    batch = info.batch_size
+    logits = logits.movedim(in_dims[0], 0) if in_dims[0] is not None else logits.expand(batch, *logits.shape)
+    target = target.movedim(in_dims[1], 0) if in_dims[1] is not None else target.expand(batch, *target.shape)
+    n_rows, num_classes = logits.shape[1], logits.shape[2]
+    loss, grad, factor = cross_entropy_fwd(
+        logits.reshape(-1, num_classes), target.reshape(-1), label_smoothing, ignore_index, "none", compute_grad
+    )
+    loss = loss.reshape(batch, n_rows)
+    grad = grad.reshape(batch, n_rows, num_classes) if compute_grad else grad
+    factor = factor.expand(batch).clone()
+    if reduction != "none":
+        loss = loss.sum(1)
+    if reduction == "mean":
+        count = (target != ignore_index).sum(1).clamp_min(1).to(loss.dtype) if normalizer is None else normalizer
+        loss = torch.where(count > 0, loss / torch.where(count > 0, count, 1.0), 0.0)
+        factor = factor * kept_factors(count, torch.float64 if loss.dtype == torch.float64 else torch.float32)[0]
+    return (loss, grad, factor), (0, 0 if compute_grad else None, 0)
+
+
 _KeptCrossEntropy = register_kept_gradient_autograd(
-    cross_entropy_fwd, "smoothce.cross_entropy", reduction_arg=4, compute_grad_arg=5
+    cross_entropy_fwd, "smoothce.cross_entropy", reduction_arg=4, compute_grad_arg=5, vmap=_vmap
 )

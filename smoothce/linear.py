@@ -26,7 +26,7 @@ from smoothce.checks import (
     normalizer_tensor,
     option_values,
 )
-from smoothce.numerics import loss_dtype
+from smoothce.numerics import kept_factors, loss_dtype
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -101,9 +101,9 @@ def chunk_rows(n_rows: int, num_classes: int, dim: int, dtype: torch.dtype, chun
 def check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index, reduction) -> torch.Tensor:
     """Raise TypeError/ValueError naming the bad argument; return ``target`` ready to compare.
 
-    Metadata only, so it works on fake tensors. The returned target is ``target`` itself, or
-    an int64 copy where an int32 target meets an ``ignore_index`` outside the int32 range
-    (as ``smoothce.checks.check_arguments`` does for the plain loss).
+    Metadata only, so it works on fake tensors; the options come through ``option_values`` first.
+    The returned target is ``target`` itself, or an int64 copy where an int32 target meets an
+    ``ignore_index`` outside the int32 range (as ``smoothce.checks.check_arguments`` does).
     """
     for name, value in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(value, torch.Tensor):
@@ -140,7 +140,6 @@ def check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore
     for name, value in (("weight", weight), ("target", target), ("bias", bias)):
         if value is not None and value.device != hidden.device:
             raise ValueError(f"hidden is on {hidden.device} but {name} is on {value.device}")
-    label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
     check_option_values(label_smoothing, reduction)
     if target.dtype == torch.int32 and not INT32_MIN <= ignore_index <= INT32_MAX:
         return target.long()  # no int32 target equals it, and an int32 comparison would wrap it onto a class
@@ -155,10 +154,9 @@ def check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore
 def _linear_cross_entropy(hidden, weight, target, *, bias=None, label_smoothing=0.0, ignore_index=-100,
                           reduction="mean", normalizer=None):
     # Composite: autograd and torch.compile trace through this into linear_cross_entropy_fwd.
+    label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
     target = check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index, reduction)
     normalizer = normalizer_tensor(normalizer, reduction, hidden)
-    if hidden.device.type != "meta":
-        registry.select(hidden.device)  # a clear error now for a device with no usable backend
     grad_on = torch.is_grad_enabled()
     loss = linear_cross_entropy_fwd(
         hidden.reshape(-1, hidden.shape[-1]),
@@ -354,7 +352,7 @@ def _scales(target, ignore_index, reduction, dtype, device, normalizer):
         return one, None, None
     # The normalizer, else the counted rows (none: loss 0, not NaN).
     denominator = normalizer if normalizer is not None else (target != ignore_index).sum().clamp_min(1).to(acc_dtype)
-    inverse = torch.where(denominator > 0, 1.0 / torch.where(denominator > 0, denominator, 1.0), 0.0)
+    inverse = kept_factors(denominator, acc_dtype)[0]  # 1 / denominator, folded (0 for an empty normalizer)
     if dtype == torch.float16:
         return one, inverse, denominator
     return inverse, None, denominator

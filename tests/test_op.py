@@ -76,9 +76,6 @@ def test_matches_pytorch(reduction, label_smoothing):
     torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.skipif(
-    INTERPRETED_TRITON, reason="Triton's interpreter truncates float32 -> half (GPUs round to nearest)"
-)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_error_no_worse_than_pytorch(dtype):
     # Measured next to PyTorch's own half-precision path, both against float64.
