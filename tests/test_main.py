@@ -27,3 +27,22 @@ def test_main_job_checks_pass(tmp_path):
     assert out.count(" ok") == 12 + 5 + 12
     assert "FAIL" not in out
     assert out.rstrip().endswith("all checks passed")
+
+
+def test_main_job_benchmark_tables_name_every_peer(monkeypatch, capsys):
+    # The full job at tiny sizes, in this process: the checks, then both tables. aot_eager: the compiled
+    # baseline's graph without Inductor's compile time (its speed is not what is tested here).
+    import smoothce.__main__ as main_job
+    from smoothce.bench import impls
+
+    monkeypatch.setattr(impls, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setitem(main_job.BENCH_SHAPES, "cpu", (64, 1000))
+    monkeypatch.setitem(main_job.LINEAR_SHAPES, "cpu", (64, 16, 1000))
+    assert main_job.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| fwd+bwd fp32 64 × 1000 λ=0.1 |" in out
+    assert "| fwd+bwd bf16 64 × 1000 λ=0.1 |" in out
+    assert "speed-up vs torch-compile" in out
+    linear_rows = out.split("linear + cross-entropy, 64x16x1000 fp32")[1].splitlines()[1:5]
+    assert [row.split()[0] for row in linear_rows] == ["matmuls", "smoothce", "torch-eager", "torch-linear-ce"]
+    assert out.rstrip().endswith("all checks passed")

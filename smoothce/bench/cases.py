@@ -14,16 +14,11 @@ IGNORE_INDEX = -100
 # Vocabulary sizes of real models: Llama-2 / Mistral, GPT-2, Llama-3, Qwen2, Gemma-3.
 VOCAB_SIZES = (32000, 50257, 128256, 151936, 262144)
 # The least traffic any implementation needs (b: bytes per logit): the yardstick for every bandwidth and limit.
-BYTES_MODEL = {
-    "fwd": "N·V·b (read the logits once)",
-    FWD_BWD: "2·N·V·b (read the logits once, write the gradient once)",
-}
+BYTES_MODEL = {"fwd": "N·V·b (read the logits once)", FWD_BWD: "2·N·V·b (read the logits, write the gradient)"}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One measured configuration."""
-
     n: int  # tokens (rows of logits)
     v: int  # vocabulary size (classes)
     dtype: str  # a key of DTYPES
@@ -47,11 +42,8 @@ def grid(shapes, dtypes, modes, label_smoothing: float = 0.1) -> list[Case]:
 
 
 def make_inputs(n: int, v: int, dtype: str, device: torch.device, seed: int, ignore_every: int = 0):
-    """Logits ~ N(0, 1) of shape (N, V) and int64 targets uniform in [0, V), from ``seed``.
-
-    With ``ignore_every = k > 0`` every k-th target (rows k-1, 2k-1, ...) is IGNORE_INDEX.
-    The logits are written here, so their pages are resident.
-    """
+    """Logits ~ N(0, 1) of shape (N, V) and int64 targets uniform in [0, V), from ``seed``; with
+    ``ignore_every = k > 0`` every k-th target (rows k-1, 2k-1, ...) is IGNORE_INDEX."""
     generator = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(n, v, generator=generator, device=device, dtype=DTYPES[dtype])
     target = torch.randint(0, v, (n,), generator=generator, device=device, dtype=torch.int64)

@@ -1,14 +1,5 @@
-"""The implementations the benchmark compares, and ``Step``: one timed run of one of them.
-
-Every implementation computes the same thing, the mean label-smoothed cross-entropy
-of logits (N, V) against int64 targets (N,):
-
-    loss = mean over counted rows of  logsumexp(z) - (1 - lam) z_k - (lam / V) sum_j z_j
-
-``torch-eager`` is ``F.cross_entropy`` on the logits as given, which is what users call
-(PyTorch decides per device how it upcasts half inputs). liger, flash-attn and quack, the
-kernels of other libraries, are imported only when installed and only on the GPUs they
-support; they are never dependencies of smoothce.
+"""The cross-entropy implementations the benchmark compares (the same mean label-smoothed loss of logits (N, V)),
+and ``Step``: one run of one of them. liger, flash-attn and quack are imported only where installed, on their GPUs.
 """
 
 from __future__ import annotations
@@ -71,8 +62,7 @@ COMPILE_BACKEND = "inductor"
 
 
 def _build_compile(label_smoothing: float, ignore_index: int) -> LossFn:
-    # dynamic=False keeps V static (Step marks the rows dynamic). Dynamo's caches hang on the code object, so a
-    # sweep over many V would hit the recompile limit and fall back to eager: the runner resets it when V changes.
+    # dynamic=False keeps V static (Step marks the rows dynamic); the runner resets Dynamo when V changes.
     return torch.compile(_build_eager(label_smoothing, ignore_index), backend=COMPILE_BACKEND, dynamic=False)
 
 
@@ -99,8 +89,8 @@ def _build_quack(label_smoothing: float, ignore_index: int) -> LossFn:
 
     if "reduction" in inspect.signature(cross_entropy).parameters:
         return lambda logits, target: cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean")
-    # Older quack returns per-row losses and has no ignore_index: mask the ignored rows.
-    def loss_fn(logits, target):
+
+    def loss_fn(logits, target):  # older quack: per-row losses, no ignore_index
         counted = target != ignore_index
         return (cross_entropy(logits, target.clamp_min(0)) * counted).sum() / counted.sum().clamp_min(1)
 
@@ -127,12 +117,9 @@ BASELINE_FOR_RATIOS = "smoothce"  # every other implementation is a baseline it 
 
 
 class Step:
-    """One run of one implementation on one case: ``prepare()`` untimed, then ``run()`` timed.
-
-    The run is the forward under ``torch.no_grad()`` ("fwd"), or forward and ``loss.backward()``
-    on a leaf that requires grad ("fwd+bwd"). An implementation that writes into the logits
-    (Liger writes the gradient there) gets a copy of its own, so the others never see its writes.
-    """
+    """One run of one implementation on one case: ``prepare()`` untimed, then ``run()`` timed: the forward under
+    ``torch.no_grad()`` ("fwd"), or the previous gradient dropped (as a training step's ``zero_grad``), the forward
+    and ``loss.backward()`` ("fwd+bwd"). An implementation that writes into the logits (Liger) gets its own copy."""
 
     def __init__(self, impl: Implementation, logits, target, mode: str, label_smoothing: float, ignore_index=-100):
         self.mode, self.target = mode, target
@@ -146,22 +133,19 @@ class Step:
             torch._dynamo.mark_dynamic(self.target, 0)
 
     def release(self) -> None:
-        """Drop the gradient of the last run (frees it)."""
         self.logits.grad = None
 
     def prepare(self) -> None:
-        """Reset to the state before a run: no gradient held (each run allocates its own, as a training step
-        does), logits as generated."""
+        """Reset to the state before a run: no gradient held, logits as generated."""
         self.release()
         if self._pristine is not None:
             with torch.no_grad():
                 self.logits.copy_(self._pristine)
 
     def run(self) -> torch.Tensor:
-        """The measured work; returns the (detached) loss."""
         if self.mode == FWD:
             with torch.no_grad():
                 return self.loss_fn(self.logits, self.target)
-        loss = self.loss_fn(self.logits, self.target)
-        loss.backward()
+        self.logits.grad = None
+        (loss := self.loss_fn(self.logits, self.target)).backward()
         return loss.detach()

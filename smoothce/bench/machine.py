@@ -1,7 +1,5 @@
-"""Where and with what a benchmark ran: PyTorch's own environment report (``torch.utils.collect_env``)
-plus what it leaves out: the device's name and memory, the peer libraries' versions, smoothce's
-backend and commit, the date and the load.
-"""
+"""Where and with what a benchmark ran: ``torch.utils.collect_env`` plus the device, the peers' versions,
+smoothce's backend and commit, the date and the load."""
 
 from __future__ import annotations
 
@@ -38,8 +36,7 @@ def available_memory_bytes(device: torch.device) -> int:
     """Memory free for new tensors now: MemAvailable on CPU (Linux), ``mem_get_info`` on accelerators."""
     if device.type != "cpu":
         return getattr(torch, device.type).mem_get_info(device)[0]
-    with open("/proc/meminfo") as meminfo:
-        return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    return int(re.search(r"MemAvailable:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
 
 
 def _commit() -> str | None:

@@ -1,14 +1,8 @@
-"""Writing a benchmark record out: results.json (raw numbers), results.md (tables), summary.md, PNG plots.
+"""Writing a sweep's record: results.json (raw numbers), results.md (tables), summary.md, PNG plots.
 
-Ratios always compare smoothce with each baseline measured in the same run:
-
-    speed-up        = baseline median time / smoothce median time
-    memory saving   = baseline peak memory beyond the logits / smoothce's
-    of limit        = the case's limit time / the implementation's time (1.00 = as fast as the limit)
-
-Above 1 means smoothce is faster, or needs less memory. Peaks under 1 MiB are below
-what the measurement resolves and count as 1 MiB: a saving is then a bound ("≥" when
-smoothce's peak is that small, "≤" when the baseline's is), and none is given when both are.
+Ratios compare smoothce with each baseline of the same run: speed-up = baseline time / smoothce's; memory
+saving = baseline peak beyond the logits / smoothce's (peaks under 1 MiB count as 1 MiB, so a saving may be
+a bound, "≥" or "≤"); of limit = the case's limit time / the implementation's. Above 1: smoothce is better.
 """
 
 from __future__ import annotations
@@ -20,6 +14,7 @@ from smoothce.bench.impls import BASELINE_FOR_RATIOS as OURS
 
 MIB = 1 << 20  # also the resolution of the memory measurement: smaller peaks count as 1 MiB
 DEFAULT_LABEL_SMOOTHING = 0.1
+RATIO_KEYS = ("speedup", "memory_saving")
 HOST_BOUND_S = 10e-6  # a limit this short on an accelerator: the device waits for the host's launches
 
 
@@ -82,14 +77,11 @@ def _of_limit(entry: dict) -> str:
     return f"{entry['of_limit']:.2f}" if entry.get("of_limit") else "—"
 
 
-def _mib(nbytes: float) -> str:
-    return f"{nbytes / MIB:.0f} MiB" if nbytes >= 100 * MIB else f"{nbytes / MIB:.3g} MiB"
-
-
 def _memory_cell(entry: dict, logits_bytes: int) -> str:
     if "peak_extra_bytes" not in entry:
         return "error" if "memory_error" in entry or "error" in entry else "—"
-    return f"{_mib(entry['peak_extra_bytes'])} ({entry['peak_extra_bytes'] / logits_bytes:.2f}×)"
+    peak = entry["peak_extra_bytes"]
+    return (f"{peak / MIB:.0f}" if peak >= 100 * MIB else f"{peak / MIB:.3g}") + f" MiB ({peak / logits_bytes:.2f}×)"
 
 
 def _label(case: dict) -> str:
@@ -120,50 +112,46 @@ def summary_lines(record: dict) -> list[str]:
     rows = []
     for case in record["cases"]:
         label = _label(case) + (" (host-bound)" if _host_bound(record, case) else "")
-        if case.get("skipped"):
-            rows.append([label, case["skipped"]] + ["—"] * (1 + 2 * len(baselines)))
-        else:
-            ours = case["results"].get(OURS, {})
-            rows.append([label, _time_cell(ours), _of_limit(ours), *_ratios(case, baselines, "speedup"),
-                         *_ratios(case, baselines, "memory_saving")])  # fmt: skip
+        ours, speed, saving = (case["results"].get(OURS, {}), *(_ratios(case, baselines, k) for k in RATIO_KEYS))
+        cells = [case["skipped"], *["—"] * (1 + 2 * len(baselines))] if case.get("skipped") else None
+        rows.append([label, *(cells or [_time_cell(ours), _of_limit(ours), *speed, *saving])])
     header = ["case", "smoothce time", "of limit", *(f"speed-up vs {b}" for b in baselines)]
     return _table(header + [f"memory saving vs {b}" for b in baselines], rows)
 
 
 def _header(record: dict) -> list[str]:
     env, settings = record["environment"], record["settings"]
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     memory_gib = f", {env['device_memory_bytes'] / 2**30:.0f} GiB" if env.get("device_memory_bytes") else ""
     machine = f"{env['device_name']}{memory_gib}" + (f"; host CPU {env['cpu']}" if env["device_type"] != "cpu" else "")
     machine += f"; {env['logical_cores']} logical cores, {settings['threads']} torch threads; {env['platform']}"
     backend = env["smoothce_backend"] + (" (set by SMOOTHCE_BACKEND)" if env.get("smoothce_backend_env") else "")
-    commit = f"; smoothce commit {env['commit']}" if env.get("commit") else ""
-    timer = f"`time.perf_counter` around each run, runs repeated for {settings['rep_ms']:g} ms, median"
-    if settings["warmup_ms"] is not None:
-        timer = (f"`triton.testing.do_bench` (runs back to back between device events, L2 flushed before each; "
-                 f"{settings['warmup_ms']:g} ms warm-up, {settings['rep_ms']:g} ms of runs, median)")  # fmt: skip
+    timer = (
+        f"`torch.utils.benchmark.Timer.blocked_autorange` (one untimed warm-up run, then runs for "
+        f"{settings['rep_ms']:g} ms, at least one; their mean)"
+        if settings["warmup_ms"] is None
+        else f"`triton.testing.do_bench` (runs between device events, L2 flushed before each; "
+        f"{settings['warmup_ms']:g} ms warm-up, {settings['rep_ms']:g} ms of runs, median)"
+    )
     ignored = f"every {settings['ignore_every']}th target ignored" if settings["ignore_every"] else "no ignored rows"
-    lines = [f"Measured {env['date']} on **{machine}**.", "", f"Versions: {versions}{commit}. smoothce backend: "
-             f"`{backend}`."]  # fmt: skip
-    if env.get("load_average_at_start") is not None:
-        lines.append(f"Load average (1 minute): {env['load_average_at_start']:.2f} at the start, "
-                     f"{env.get('load_average_at_end') or 0:.2f} at the end; above the core count, other work "
-                     "competed for the machine and the times are noisy.")  # fmt: skip
-    lines += [
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    load = env.get("load_average_at_start")
+    return [
+        f"Measured {env['date']} on **{machine}**.",
         "",
-        f'Loss: reduction="mean", int64 targets, {ignored}, logits ~ N(0, 1) (seed {settings["seed"]}); '
-        "λ (label smoothing) per table. Each implementation runs once untimed (compilation happens there), then "
+        f"Versions: {versions}; smoothce commit {env.get('commit')}. smoothce backend: `{backend}`."
+        + ("" if load is None else f" Load average (1 minute): {load:.2f} at the start, "
+           f"{env.get('load_average_at_end') or 0:.2f} at the end (above the core count: other work competed)."),
+        "",
+        f'Loss: reduction="mean", int64 targets, {ignored}, logits ~ N(0, 1) (seed {settings["seed"]}); λ per '
+        f"table. Each implementation runs once untimed (compilation happens there, and its loss is checked), then "
         f"{settings['rounds']} rounds each time every implementation once, in a rotating order; one round's "
         f"number: {timer}. Times are medians over rounds, ± half their interquartile range.",
-        "",
-        "Speed-up = baseline time / smoothce time; memory saving = baseline peak memory beyond the "
-        "logits / smoothce's; of limit = limit time / implementation time. All from this one run.",
         "",
         "Implementations:",
         "",
         *(f"- **{name}**: {text}" for name, text in record["implementations"].items()),
+        *(f"- not run: **{name}**, {why}" for name, why in record.get("not_run", {}).items()),
     ]
-    return lines + [f"- not run: **{name}**, {why}" for name, why in record.get("not_run", {}).items()]
 
 
 def markdown(record: dict, plots: list[str]) -> str:
@@ -172,67 +160,57 @@ def markdown(record: dict, plots: list[str]) -> str:
     lines = [f"# smoothce benchmark: {env['device_name']} ({env['device_type']})", "", *_header(record)]
     lines += ["", "## Summary", "", *summary_lines(record)]
     for (mode, dtype, lam), cases in groups(record).items():
-        kind = "copy" if mode == "fwd+bwd" else "read"
-        time_rows, limit_rows, mem_rows = [], [], []
-        for case in cases:
-            shape, results = f"{case['n']} × {case['v']}", case["results"]
-            if case.get("skipped"):
-                time_rows.append([shape, case["skipped"]] + ["—"] * (len(names) + len(baselines)))
-                continue
-            limit = case["limit"]["median_s"]
-            time_rows.append([shape, _time(limit) if limit else "—", *(_time_cell(results.get(n, {})) for n in names),
-                              *_ratios(case, baselines, "speedup")])
-            limit_rows.append([shape] + [
-                f"{_of_limit(results[n])} ({results[n]['gbps']:.1f} GB/s)" if "gbps" in results.get(n, {}) else "—"
-                for n in names
-            ])
-            mem_rows.append([shape, _mib(case["logits_bytes"]),
-                             *(_memory_cell(results.get(n, {}), case["logits_bytes"]) for n in names),
-                             *_ratios(case, baselines, "memory_saving")])  # fmt: skip
-        lines += ["", f"## {mode}, {dtype}, λ = {lam:g}", "",
-                  "Time per call (median ± half the interquartile range) and smoothce's speed-up:", ""]
+        kind, done = ("copy" if mode == "fwd+bwd" else "read"), [c for c in cases if not c.get("skipped")]
+        time_rows = [[f"{c['n']} × {c['v']}", c["skipped"]] for c in cases if c.get("skipped")]
+        for case in done:
+            results, limit = case["results"], case["limit"]["median_s"]
+            time_rows.append([f"{case['n']} × {case['v']}", _time(limit) if limit else "—"])
+            time_rows[-1] += [_time_cell(results.get(n, {})) for n in names] + _ratios(case, baselines, "speedup")
+        lines += ["", f"## {mode}, {dtype}, λ = {lam:g}", "", "Time per call and smoothce's speed-up:", ""]
         lines += _table(["N × V", f"{kind} limit", *names] + [f"speed-up vs {b}" for b in baselines], time_rows)
-        if limit_rows:
-            lines += ["", f"Share of the {kind} limit (limit time / time) and effective bandwidth, bytes = "
-                      f"{settings['bytes_model'][mode]}:", "", *_table(["N × V", *names], limit_rows)]
-        if settings["memory_measured"] and mem_rows:
+        cell = lambda r: f"{_of_limit(r)} ({r['gbps']:.1f} GB/s)" if "gbps" in r else "—"
+        limit_rows = [[f"{c['n']} × {c['v']}", *(cell(c["results"].get(n, {})) for n in names)] for c in done]
+        lines += ["", f"Share of the {kind} limit (limit time / time) and effective bandwidth, bytes = "]
+        lines[-1] += settings["bytes_model"][mode] + ":"
+        lines += ["", *_table(["N × V", *names], limit_rows)] if done else []
+        if settings["memory_measured"] and done:
+            mem_rows = [[f"{c['n']} × {c['v']}", f"{c['logits_bytes'] / MIB:.3g} MiB"] for c in done]
+            for row, c in zip(mem_rows, done, strict=True):
+                row += [_memory_cell(c["results"].get(n, {}), c["logits_bytes"]) for n in names]
+                row += _ratios(c, baselines, "memory_saving")
             lines += ["", "Peak memory beyond the logits (in brackets: as a multiple of the logits' size):", ""]
-            lines += _table(["N × V", "logits"] + names + [f"memory saving vs {b}" for b in baselines], mem_rows)
+            lines += _table(["N × V", "logits", *names] + [f"memory saving vs {b}" for b in baselines], mem_rows)
         if plot_name(mode, dtype, lam) in plots:
             lines += ["", f"![time and memory against V, {mode} {dtype} λ={lam:g}]({plot_name(mode, dtype, lam)})"]
-    return "\n".join([*lines, "", "## Notes", "", *_notes(record)]) + "\n"  # fmt: skip
+    return "\n".join([*lines, "", "## Notes", "", *_notes(record)]) + "\n"
 
 
 def _notes(record: dict) -> list[str]:
     settings = record["settings"]
     notes = [
-        "- Limits, timed in the same rounds as the implementations: copy = `out.copy_(logits)` (reads the logits "
-        "once, writes a gradient-sized buffer once: the least any forward+backward moves), read = "
-        "`torch.amax(logits)` (one reduction reading every logit once: the least any forward moves).",
-        "- Effective bandwidth counts the least traffic any implementation needs: "
-        + "; ".join(f"{mode}: {text}" for mode, text in settings["bytes_model"].items())
-        + "; b = bytes per logit. fwd+bwd runs `loss.backward()` on logits that require grad, the previous "
-        "gradient dropped before each run (untimed), so each timed run allocates its gradient; fwd runs under "
+        "- Limits, timed in the same rounds: copy = `out.copy_(logits)` (the least any forward+backward moves), "
+        "read = `torch.amax(logits)` (the least any forward moves). Effective bandwidth counts that least traffic; "
+        "b = bytes per logit.",
+        "- fwd+bwd runs `loss.backward()` on logits that require grad, the previous gradient dropped first "
+        "(`grad = None`, as a training step's `zero_grad` does; on GPUs outside the timed events); fwd runs under "
         "`torch.no_grad()`.",
+        "- Every implementation's loss is checked against a float64 reference; ⚠ marks a loss off by more than the "
+        "dtype's tolerance (fp32 1e-4, bf16 2e-2, fp16 5e-3, relative).",
     ]
+    if settings["memory_measured"]:
+        notes.append(f"- Peak memory beyond the logits: {settings['memory_method']}. For fwd+bwd it includes the "
+                     "gradient (N·V·b, 1.00× the logits), which every implementation returns.")  # fmt: skip
     host = [_label(c) for c in record["cases"] if _host_bound(record, c)]
     if host:
         notes.append(f"- Host-bound rows ({'; '.join(host)}): the limit takes under {HOST_BOUND_S * 1e6:.0f} µs, so "
-                     "the device waits for the host's launches and these times are each implementation's launch "
-                     "overhead per call.")  # fmt: skip
-    if settings["memory_measured"]:
-        notes.append(f"- Peak memory beyond the logits: {settings['memory_method']}. For fwd+bwd it includes "
-                     "the gradient (N·V·b, 1.00× the logits), which every implementation returns.")  # fmt: skip
-    notes.append("- Every implementation's loss is checked against a float64 reference; ⚠ marks a loss off by more "
-                 "than the dtype's tolerance (fp32 1e-4, bf16 2e-2, fp16 5e-3, relative).")  # fmt: skip
+                     "these times are each implementation's launch overhead per call.")  # fmt: skip
     problems = []
     for case in record["cases"]:
         for name, entry in case["results"].items():
             where = f"  - {_label(case)}, {name}: "
             problems += [where + entry[key] for key in ("error", "memory_error") if key in entry]
             if entry.get("loss_ok") is False:
-                problems.append(f"{where}loss {entry['loss']:.6g} vs reference {case['reference_loss']:.6g} "
-                                f"(relative error {entry['loss_rel_error']:.1e})")  # fmt: skip
+                problems.append(f"{where}loss {entry['loss']:.6g} vs reference {case['reference_loss']:.6g}")
     return notes + (["- Problems:", *problems] if problems else [])
 
 
@@ -241,16 +219,16 @@ def write(record: dict, directory: Path, plots: list[str]) -> list[Path]:
     results, summary, raw = directory / "results.md", directory / "summary.md", directory / "results.json"
     results.write_text(markdown(record, plots))
     env = record["environment"]
-    summary.write_text("\n".join([f"{env['device_name']} ({env['device_type']}), {env['date']}; details in "
-                                  "results.md.", "", *summary_lines(record)]) + "\n")  # fmt: skip
+    summary.write_text(f"{env['device_name']} ({env['device_type']}), {env['date']}; details in results.md.\n\n")
+    with summary.open("a") as file:
+        file.write("\n".join(summary_lines(record)) + "\n")
     raw.write_text(json.dumps(record, indent=1) + "\n")
     return [results, summary, raw]
 
 
 def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
-    """PNGs of time (top row) and peak memory beyond the logits (below) against V, one line per implementation:
-    one figure per (mode, dtype, λ), named by ``plot_name``, one column per token count N. Returns the file names
-    written, and the reason when none could be (matplotlib is optional)."""
+    """PNGs of time (top row) and peak memory beyond the logits (below) against V, one line per implementation,
+    one figure per (mode, dtype, λ), one column per N. Returns the names written, or why none could be."""
     try:
         import matplotlib
 
@@ -258,7 +236,7 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
         import matplotlib.pyplot as plt
     except ImportError:
         return [], "matplotlib is not installed (pip install 'smoothce[bench]'), so no plots were drawn"
-    names, metrics = list(record["implementations"]), [("median_s", 1e3, "time per call (ms)")]
+    metrics = [("median_s", 1e3, "time per call (ms)")]
     if record["settings"]["memory_measured"]:
         metrics.append(("peak_extra_bytes", 1 / MIB, "peak memory beyond logits (MiB)"))
     written = []
@@ -270,13 +248,12 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
             row_cases = sorted((c for c in cases if c["n"] == n), key=lambda c: c["v"])
             vocab = sorted({c["v"] for c in row_cases})
             for ax, (key, scale, ylabel) in zip(axes[:, col], metrics, strict=True):
-                for name in names:
+                for name in record["implementations"]:
                     points = [(c["v"], c["results"][name][key] * scale) for c in row_cases
                               if key in c["results"].get(name, {})]  # fmt: skip
                     if points:
                         ax.plot(*zip(*points, strict=False), marker="o", label=name)
-                ax.set(xlabel="vocabulary size V", ylabel=ylabel, ylim=(0, None))
-                ax.set_xscale("log", base=2)
+                ax.set(xlabel="vocabulary size V", ylabel=ylabel, ylim=(0, None), xscale="log")
                 ax.set_xticks(vocab, [str(v) for v in vocab], rotation=30, fontsize=7)
                 ax.minorticks_off()
                 ax.grid(alpha=0.3)
@@ -284,11 +261,9 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
         handles, labels = axes[0][0].get_legend_handles_labels()
         if handles:
             fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-        env = record["environment"]
-        fig.suptitle(f"{env['device_name']}, {env['date']}", fontsize=9)
+        fig.suptitle(f"{record['environment']['device_name']}, {record['environment']['date']}", fontsize=9)
         fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-        name = plot_name(mode, dtype, lam)
-        fig.savefig(directory / name, dpi=110)
+        fig.savefig(directory / plot_name(mode, dtype, lam), dpi=110)
         plt.close(fig)
-        written.append(name)
+        written.append(plot_name(mode, dtype, lam))
     return written, None

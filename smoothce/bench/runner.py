@@ -1,10 +1,6 @@
-"""The sweep: every case's implementations timed in interleaved rounds, checked, and their memory measured.
-
-Per (shape, dtype) the logits are made once and shared by the case's modes, λs and implementations.
-Each implementation runs once untimed first (imports, compilation) and that run's loss is compared
-with a float64 reference, so a table never compares implementations that compute different things.
-Shapes that would not fit in the memory free then are skipped and marked, as are the cases left
-when ``time_limit_s`` has passed. One progress line per case goes to stderr.
+"""The cross-entropy sweep: per case, every implementation checked against a float64 loss, timed in
+interleaved rounds with the case's limit, and its peak memory measured. Shapes that do not fit in the free
+memory, and cases left after ``time_limit_s``, are skipped and marked. One progress line per case on stderr.
 """
 
 from __future__ import annotations
@@ -20,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.benchmark.utils.common import set_torch_threads
 
-from smoothce.bench import machine, memory, report
+from smoothce.bench import machine, measure, report
 from smoothce.bench.cases import BYTES_MODEL, IGNORE_INDEX, Case, make_inputs, reference_loss
 from smoothce.bench.impls import FWD_BWD, IMPLEMENTATIONS, Step
-from smoothce.bench.timing import Limit, Timer, describe_error, summarize, time_rounds
+from smoothce.bench.measure import Limit, Timer, describe_error, summarize, time_rounds
 
 SCHEMA = 2
 LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
@@ -47,10 +43,6 @@ class Settings:
     time_limit_s: float | None = None  # start no case after this many seconds
     preset: str = "custom"
     skipped_impls: dict[str, str] = field(default_factory=dict)  # name -> why it is not run
-
-
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)  # sys.stderr as it is now (tests capture it)
 
 
 def _time_case(settings: Settings, case: Case, logits, target, reference: float, timer: Timer, limit) -> dict:
@@ -79,9 +71,9 @@ def _time_case(settings: Settings, case: Case, logits, target, reference: float,
             entry["of_limit"] = limit_s / entry["median_s"] if limit_s else None
             error = abs(losses[name] - reference) / max(abs(reference), 1e-12)
             entry.update(loss=losses[name], loss_rel_error=error, loss_ok=error <= LOSS_RTOL[case.dtype])
-            if settings.memory and settings.device.type != "cpu":
+            if settings.memory:
                 try:
-                    entry["peak_extra_bytes"] = memory.accelerator_peak_extra(steps[name], settings.device)
+                    entry["peak_extra_bytes"] = measure.peak_extra(steps[name], settings.device)
                 except Exception as error:
                     entry["memory_error"] = describe_error(error)
         if name in errors:
@@ -91,22 +83,6 @@ def _time_case(settings: Settings, case: Case, logits, target, reference: float,
     return {"results": results, "run_order": [n for n in order if n != LIMIT], "limit": limit_record}
 
 
-def _probe_cpu_memory(settings: Settings, records: list[dict]) -> None:
-    """Peak memory of each implementation that timed fine: one fresh process per implementation and λ."""
-    n, v, dtype = (records[0][key] for key in ("n", "v", "dtype"))
-    for name, lam in itertools.product(settings.impls, dict.fromkeys(r["label_smoothing"] for r in records)):
-        mine = [r for r in records if r["label_smoothing"] == lam and "median_s" in r["results"].get(name, {})]
-        if not mine:
-            continue
-        _log(f"    memory {name} {n}x{v} {dtype} λ={lam:g}")
-        modes = [r["mode"] for r in mine]
-        argv = [name, n, v, dtype, lam, settings.ignore_every, settings.threads, settings.seed, *modes]
-        answers = memory.in_fresh_process(argv, modes)
-        for record in mine:
-            answer = answers.get(record["mode"], {"error": "the probe did not answer for this mode"})
-            record["results"][name].update({"memory_error": answer["error"]} if "error" in answer else answer)
-
-
 def _record(settings: Settings, environment: dict, cases: list[dict]) -> dict:
     on_cpu = settings.device.type == "cpu"
     return {
@@ -114,11 +90,12 @@ def _record(settings: Settings, environment: dict, cases: list[dict]) -> dict:
         "environment": environment,
         "settings": dict(
             preset=settings.preset, reduction="mean", ignore_index=IGNORE_INDEX, ignore_every=settings.ignore_every,
-            target_dtype="int64", timer="time.perf_counter per run" if on_cpu else "triton.testing.do_bench, median",
+            target_dtype="int64",
+            timer="torch.utils.benchmark blocked_autorange" if on_cpu else "triton.testing.do_bench, median",
             rounds=settings.rounds, warmup_ms=None if on_cpu else settings.warmup_ms, rep_ms=settings.rep_ms,
             seed=settings.seed, threads=settings.threads, time_limit_s=settings.time_limit_s,
             memory_measured=settings.memory,
-            memory_method=(memory.CPU_METHOD if on_cpu else memory.ACCELERATOR_METHOD) if settings.memory else None,
+            memory_method=(measure.CPU_METHOD if on_cpu else measure.ACCELERATOR_METHOD) if settings.memory else None,
             bytes_model=BYTES_MODEL,
         ),
         "implementations": {name: IMPLEMENTATIONS[name].description for name in settings.impls},
@@ -128,11 +105,8 @@ def _record(settings: Settings, environment: dict, cases: list[dict]) -> dict:
 
 
 def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: None) -> dict:
-    """Measure everything ``settings`` asks for, with ``settings.threads`` torch threads; the record report writes.
-
-    ``checkpoint(record)`` sees the record so far after every shape and dtype, so a run cut short still leaves
-    its results.
-    """
+    """Measure everything ``settings`` asks for; the record ``report`` writes. ``checkpoint(record)`` sees the record
+    so far after every shape and dtype, so a run cut short still leaves its results."""
     device, done, last_v = settings.device, [], None
     with set_torch_threads(settings.threads):
         environment, timer = machine.describe(device), Timer(device, settings.warmup_ms, settings.rep_ms)
@@ -146,7 +120,7 @@ def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: 
             if out_of_time or need > free:
                 why = "time limit" if out_of_time else f"needs about {need:.1f} GiB, {free:.1f} GiB free"
                 done += [{**record, "skipped": f"skipped: {why}", "results": {}} for record in base]
-                _log(f"[{len(done)}/{len(settings.cases)}] {n}x{v} {dtype}: skipped, {why}")
+                print(f"[{len(done)}/{len(settings.cases)}] {n}x{v} {dtype}: skipped, {why}", file=sys.stderr)
                 continue
             if v != last_v:
                 torch.compiler.reset()  # compiled code per vocabulary size; no recompile limit across the sweep
@@ -161,14 +135,12 @@ def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: 
                 cells = [f"{name} {e['median_s'] * 1e3:.3g} ms ({e['of_limit'] or 0:.2f})" if "median_s" in e
                          else f"{name} ✗" for name, e in record["results"].items()]  # fmt: skip
                 label = f"{case.mode} {dtype} {n}x{v} λ={case.label_smoothing:g}"
-                _log(f"[{len(done) + i}/{len(settings.cases)} {time.perf_counter() - started:.0f} s] {label}: "
-                     + ", ".join(cells))  # fmt: skip
+                print(f"[{len(done) + i}/{len(settings.cases)} {time.perf_counter() - started:.0f} s] {label}: "
+                      + ", ".join(cells), file=sys.stderr, flush=True)  # fmt: skip
             del logits, target, limits
             gc.collect()
             if device.type != "cpu":
                 getattr(torch, device.type).empty_cache()
-            elif settings.memory:
-                _probe_cpu_memory(settings, base)
             done += [{**record, "ratios": report.ratios(record)} for record in base]
             checkpoint(_record(settings, environment, done))
     environment["load_average_at_end"] = os.getloadavg()[0]

@@ -1,15 +1,6 @@
-"""Benchmark of ``vocab_parallel_cross_entropy``: its communication, and its time against the full logits.
-
-    python -m smoothce.bench.vocab_parallel [--vocab 32000 128256 262144] [--rows 64 256]
-        [--world 2] [--backend gloo|nccl] [--dtype bfloat16] [--out PATH]
-
-Starts ``--world`` ranks (``launch``): gloo on the CPU, or NCCL with one GPU per rank
-(``--backend nccl --world 1`` works on a single GPU). Every rank builds the same full (rows, V)
-logits and keeps an even slice of the vocabulary. Per (V, rows) it records the collectives one
-forward + backward issues (``CollectiveRecorder``), so the bytes are measured, not assumed, and
-times the vocabulary-parallel loss on rank 0 against ``smoothce.cross_entropy`` on the full
-logits in one process. The Markdown table's notes define its columns. What to read: "stats
-B/row" is the same for every V (O(rows) communication); "gather B/row" grows with V.
+"""``python -m smoothce.bench.vocab_parallel [--vocab ...] [--rows ...] [--world 2] [--backend gloo|nccl]
+[--out PATH]``: the bytes the vocabulary-parallel loss all-reduces (recorded, not assumed), and its time on rank 0
+against ``smoothce.cross_entropy`` on the full logits in one process. ``launch`` starts the ranks.
 """
 
 from __future__ import annotations
@@ -131,17 +122,18 @@ def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_n
                 full.grad = None
                 smoothce.cross_entropy(full, target, label_smoothing=LABEL_SMOOTHING).backward()
 
-            recorder = CollectiveRecorder()
-            with recorder:
-                ours()
+            recorders = {n: CollectiveRecorder() for n in (1, rows)}  # bytes = fixed + per row * rows
+            for n, recorder in recorders.items():
+                with recorder:
+                    vocab_parallel_cross_entropy(shard[:n], target[:n], label_smoothing=LABEL_SMOOTHING).backward()
+            per_row = (recorders[rows].total_bytes - recorders[1].total_bytes) / max(rows - 1, 1)
             t_ours = _seconds_per_step(ours, repeat)
             dist.barrier()
             t_single = _seconds_per_step(single, repeat) if rank == 0 else float("nan")
             dist.barrier()
-            table_bytes = world * 10 * 8  # the per-call (world, 10) int64 table
             out.append({
-                "V": num_classes, "rows": rows, "collectives": len(recorder.calls),
-                "stats_per_row": (recorder.total_bytes - table_bytes) / rows, "fixed": table_bytes,
+                "V": num_classes, "rows": rows, "collectives": len(recorders[rows].calls), "stats_per_row": per_row,
+                "fixed": recorders[rows].total_bytes - per_row * rows,
                 "gather_per_row": (num_classes - shard.shape[1]) * full.element_size(),
                 "full_mib": full.numel() * full.element_size() / 2**20, "t_ours": t_ours * 1e3,
                 "t_single": t_single * 1e3,
@@ -152,19 +144,15 @@ def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_n
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(prog="python -m smoothce.bench.vocab_parallel",
                                      description=__doc__.splitlines()[0])  # fmt: skip
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 262144])
-    parser.add_argument("--rows", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--world", type=int, default=2)
+    for name, default in (("vocab", [32000, 128256, 262144]), ("rows", [64, 256]), ("world", 2), ("repeat", 3)):
+        parser.add_argument(f"--{name}", type=int, nargs="+" if isinstance(default, list) else None, default=default)
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16", "float64"])
-    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are killed")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
-    if args.world < 1 or args.repeat < 1:
-        parser.error(f"--world and --repeat must be >= 1, got {args.world} and {args.repeat}")
-    if min(args.vocab) < args.world or min(args.rows) < 1:
-        parser.error(f"every --vocab must be >= --world ({args.world}) and every --rows >= 1")
+    if min(args.world, args.repeat, *args.rows) < 1 or min(args.vocab) < args.world:
+        parser.error(f"--world, --repeat and every --rows must be >= 1, every --vocab >= --world, got {vars(args)}")
     if args.backend == "nccl" and args.world > torch.cuda.device_count():
         parser.error(f"--backend nccl --world {args.world} needs {args.world} GPUs, {torch.cuda.device_count()} here")
     per_rank = launch(_rank, args.world, args.vocab, args.rows, args.dtype, args.repeat, backend=args.backend,
@@ -177,11 +165,12 @@ def main(argv=None) -> str:
         "| V | rows | all-reduces | stats B/row | fixed B/call | gather B/row | full logits MiB/rank "
         "| vocab-parallel ms | full logits, one process, ms |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *(f"| {r['V']} | {r['rows']} | {r['collectives']} | {r['stats_per_row']:.0f} | {r['fixed']} "
+        *(f"| {r['V']} | {r['rows']} | {r['collectives']} | {r['stats_per_row']:.0f} | {r['fixed']:.0f} "
           f"| {r['gather_per_row']} | {r['full_mib']:.1f} | {r['t_ours']:.3g} | {r['t_single']:.3g} |"
           for r in per_rank[0]),
         "",
-        "stats B/row: bytes all-reduced per row; fixed B/call: the per-call shard-size/consistency table. "
+        "stats B/row and fixed B/call: the bytes all-reduced by one forward + backward, recorded at 1 row and at "
+        "`rows`, as fixed + per row x rows (fixed: the per-call shard-size and consistency checks). "
         "gather B/row: bytes each rank would receive per row to all-gather the logits instead; full logits: "
         "the buffer that gathering would materialise on every rank, which the vocabulary-parallel path never "
         "allocates. Times: rank 0, forward + backward steps back to back; the last column is "
