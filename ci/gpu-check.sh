@@ -3,7 +3,7 @@
 # no network needed): run from the project root. Results go to $OUT (default gpu-check/):
 #   tune/     benchmarks/tune_cuda.py: the launch table's candidates against the copy limit
 #   bench/    python -m smoothce.bench --preset gpu-targets (with the peers when .peers/ was packed
-#             by ../shared/tools/gpu-peers.sh and carried along)
+#             by ci/gpu-peers.sh and carried along)
 #   tests.log the CUDA test session (SMOOTHCE_TEST_DEVICE=cuda, pytest-xdist)
 #   linear/   the fused linear loss against eager, torch.compile and Liger, then smoothce alone with
 #             a 1 GiB chunk and with d weight summed in bf16 (linear-1g/, linear-half/): the
