@@ -59,14 +59,26 @@ __all__ = ["forget_slice_sizes", "vocab_parallel_linear_cross_entropy"]
 
 _NAME = "vocab_parallel_linear_cross_entropy"
 
-# Chunk budget by device type. CPU: half the single-process loss's 32 MiB, so one chunk stays
-# under 10% of a rank's logits at 4096 rows (240 rows of V_i = 16000 fp32: 5.9%).
-DEFAULT_CHUNK_BYTES = {"cpu": 16 << 20}
+# Chunk budget by device type. CPU: a quarter of the single-process loss's 32 MiB: 120 rows of
+# V_i = 16000 fp32, 2.9% of a rank's logits at 4096 rows, so that with the backend's block-sized
+# temporaries the loss needs under 10% of them beyond its inputs and gradients.
+DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20}
 
 # Process groups by name: the ops' schemas carry the name, the collectives need the group.
 _GROUPS: dict[str, object] = {}
 # (group name, own V_i) -> every rank's V_i, remembered on accelerators (see the module docstring).
 _SLICE_SIZES: dict[tuple[str, int], list[int]] = {}
+
+
+def _group(name: str):
+    # The group registered by the Python entry; under torch.compile that side effect may not have
+    # run, and the name is resolved as PyTorch's functional collectives resolve it.
+    group = _GROUPS.get(name)
+    if group is None:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        group = _GROUPS[name] = _resolve_process_group(name)
+    return group
 
 
 def forget_slice_sizes() -> None:
@@ -195,7 +207,7 @@ def vp_linear_cross_entropy_fwd(hidden, weight, bias, target, table, denominator
     (backward all-reduces it); gradients are kept for "mean"/"sum" where asked, empty otherwise.
     Row max and excess (N,) are kept for "none" (empty otherwise); offsets = [start, V].
     """
-    group = _GROUPS[group_name]
+    group = _group(group_name)
     local_classes = weight.shape[0]
     if table.device.type == "cpu":
         start, num_classes, sizes = check_table_on_host(table, position, ignore_index)
@@ -221,9 +233,9 @@ def vp_linear_cross_entropy_fwd(hidden, weight, bias, target, table, denominator
         scale=grad_scale, post_scale=post_scale if keep else None,
     )
     loss = reduce_rows(losses, denominator.to(acc), reduction)
-    empty = hidden.new_empty(0)
-    kept_rows = (row_max, excess) if not keep else (empty.to(acc), empty.to(acc))
-    return (loss, *(empty if g is None else g for g in grads), *kept_rows, offsets.to(hidden.device))
+    # (a new empty tensor for each output not computed: outputs must not alias one another)
+    kept_rows = (row_max, excess) if not keep else (hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc))
+    return (loss, *(hidden.new_empty(0) if g is None else g for g in grads), *kept_rows, offsets.to(hidden.device))
 
 
 def _fake_fwd(hidden, weight, bias, target, table, denominator, label_smoothing, ignore_index, reduction,
@@ -233,12 +245,11 @@ def _fake_fwd(hidden, weight, bias, target, table, denominator, label_smoothing,
     keep = reduction != "none"
     acc = loss_dtype(hidden.dtype)
     n_rows = hidden.shape[0]
-    empty = hidden.new_empty(0)
     return (
         hidden.new_empty(() if keep else (n_rows,), dtype=acc),
-        hidden.new_empty(hidden.shape) if keep and grad_hidden else empty,
-        weight.new_empty(weight.shape) if keep and grad_weight else empty,
-        bias.new_empty(bias.shape) if keep and grad_bias and bias is not None else empty,
+        hidden.new_empty(hidden.shape) if keep and grad_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if keep and grad_weight else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if keep and grad_bias and bias is not None else hidden.new_empty(0),
         hidden.new_empty((0,) if keep else (n_rows,), dtype=acc),
         hidden.new_empty((0,) if keep else (n_rows,), dtype=acc),
         table.new_empty(2),
@@ -250,7 +261,7 @@ def vp_linear_cross_entropy_bwd(grad_loss, hidden, weight, bias, target, offsets
                                 grad_hidden, grad_weight, grad_bias):
     """Backward of "none": recompute each chunk's gradient, scale its rows by dO (N,), the matmuls,
     then the all-reduce of d hidden. Returns (d_hidden, d_weight, d_bias), empty where not asked for."""
-    group = _GROUPS[group_name]
+    group = _group(group_name)
     acc = loss_dtype(hidden.dtype)
     sizes = [weight.shape[0]]  # any rows per chunk will do: no collective per chunk here
     fp32_acc = hidden.dtype in linear.HALF_DTYPES and fp32_weight_grad
@@ -269,11 +280,10 @@ def vp_linear_cross_entropy_bwd(grad_loss, hidden, weight, bias, target, offsets
 def _fake_bwd(grad_loss, hidden, weight, bias, target, offsets, row_max, excess, label_smoothing, ignore_index,
               group_name, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
     # Shapes and dtypes only, for torch.compile's traced backward.
-    empty = hidden.new_empty(0)
     return (
-        hidden.new_empty(hidden.shape) if grad_hidden else empty,
-        weight.new_empty(weight.shape) if grad_weight else empty,
-        bias.new_empty(bias.shape) if grad_bias and bias is not None else empty,
+        hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if grad_weight else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if grad_bias and bias is not None else hidden.new_empty(0),
     )
 
 
@@ -375,7 +385,7 @@ def _backward(ctx, grad_loss, *_unused):
         else:
             if out[0] is kept[0] and not ctx.inplace:
                 out[0] = out[0].clone()
-            dist.all_reduce(out[0], group=_GROUPS[ctx.group_name])
+            dist.all_reduce(out[0], group=_group(ctx.group_name))
     ctx.consumed = ctx.inplace and not traced
     return (*out, *tail)
 
@@ -434,7 +444,8 @@ def vocab_parallel_linear_loss(hidden, weight, target, *, group, position, world
                                                reduction)
         label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
         check_normalizer(normalizer, reduction)
-        registry.select(hidden.device)  # a device without a backend: this rank's clear error, told to all
+        if not torch.compiler.is_compiling():  # (the op's kernel selects it again at run time)
+            registry.select(hidden.device)  # a device without a backend: this rank's clear error, told to all
     except TypeError as exc:
         error, code = exc, _TYPE_ERROR
     except ValueError as exc:

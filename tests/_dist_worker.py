@@ -561,11 +561,31 @@ def _compile_job(backend):
         bad = torch.where(target == -100, sum(sizes), target)
         _expect_error("bad target", lambda: compiled(full[:, own].contiguous(), bad, label_smoothing=0.1),
                       ValueError, "out of range", failures)
+        failures += _compile_fused(rank, world, backend)
         return failures
 
     return job
 
 
+def _compile_fused(rank, world, backend):
+    # The fused LM-head loss under torch.compile(fullgraph=True) against its eager self.
+    from smoothce.vocab_parallel_linear import vocab_parallel_linear_cross_entropy
+
+    failures = []
+    compiled = torch.compile(vocab_parallel_linear_cross_entropy, backend=backend, fullgraph=True)
+    sizes = _split(60, world)
+    hidden, weight, b, target = _lm_head_data(60, (9,), 8, torch.float32)
+    own = _slices(sizes)[rank]
+    for reduction in ("mean", "none"):
+        results = []
+        for fn in (compiled, vocab_parallel_linear_cross_entropy):
+            h, w, bb = (x.clone().requires_grad_() for x in (hidden, weight[own], b[own]))
+            loss = fn(h, w, target, bias=bb, label_smoothing=0.1, reduction=reduction)
+            (loss.sum() if reduction == "none" else loss).backward()
+            results.append((loss.detach(), h.grad, w.grad, bb.grad))
+        for what, a, e in zip(("loss", "dhidden", "dweight", "dbias"), *results, strict=True):
+            _close(f"fused {reduction} {what}", a, e, failures, rtol=1e-6, atol=1e-7)
+    return failures
 
 
 # ---------------------------------------------------------------------------------------------
