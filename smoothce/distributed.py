@@ -76,8 +76,8 @@ if dist.is_available():  # builds without torch.distributed can still import smo
 
 from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
-from smoothce._ops import REDUCTIONS, check_arguments
-from smoothce.checks import bad_target_message
+from smoothce._library import define
+from smoothce.checks import REDUCTIONS, bad_target_message, check_arguments
 from smoothce.numerics import kept_factors, loss_dtype
 
 __all__ = ["count_tokens", "vocab_parallel_cross_entropy"]
@@ -276,8 +276,7 @@ def check_table_on_device(table: torch.Tensor, position: int, ignore_index: int,
     return torch.stack([sizes[:position].sum(), num_classes])
 
 
-@torch.library.custom_op("smoothce::vp_offsets", mutates_args=())
-def vp_offsets(table: torch.Tensor, rank: int, ignore_index: int) -> torch.Tensor:
+def _offsets(table: torch.Tensor, rank: int, ignore_index: int) -> torch.Tensor:
     """Check the all-reduced (world, 13) table; return [start of this rank's slice, global V] (int64).
 
     ``rank``: this rank's position in the table. CPU tables are read on the host (free there) and
@@ -289,10 +288,13 @@ def vp_offsets(table: torch.Tensor, rank: int, ignore_index: int) -> torch.Tenso
     return torch.tensor([start, num_classes], dtype=torch.int64)
 
 
-@vp_offsets.register_fake
-def _(table, rank, ignore_index):
+def _offsets_fake(table, rank, ignore_index):
     # Shape only: the checks need the values, which exist only at run time.
     return table.new_empty(2)
+
+
+vp_offsets = define("vp_offsets(Tensor table, int rank, int ignore_index) -> Tensor", kernel=_offsets,
+                    fake=_offsets_fake)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +309,7 @@ def unpack_offsets(offsets):
     return offsets[0], offsets[1]
 
 
-@torch.library.custom_op("smoothce::vp_stats", mutates_args=())
-def vp_stats(
+def _stats(
     logits: torch.Tensor,
     target: torch.Tensor,
     offsets: torch.Tensor,
@@ -325,11 +326,16 @@ def vp_stats(
     return backend.shard_stats(logits, target, start, float(label_smoothing), ignore_index)
 
 
-@vp_stats.register_fake
-def _(logits, target, offsets, label_smoothing, ignore_index):
+def _stats_fake(logits, target, offsets, label_smoothing, ignore_index):
     # A (4, N) tensor in the accumulation dtype.
     torch._check(logits.dim() == 2, lambda: f"vp_stats expects 2-D logits, got {logits.dim()}-D")
     return logits.new_empty(4, logits.shape[0], dtype=loss_dtype(logits.dtype))
+
+
+vp_stats = define(
+    "vp_stats(Tensor logits, Tensor target, Tensor offsets, float label_smoothing, int ignore_index) -> Tensor",
+    kernel=_stats, fake=_stats_fake,
+)
 
 
 def contributions(stats, global_max, target, offsets, local_classes, label_smoothing, ignore_index):
@@ -381,8 +387,7 @@ def reduce_rows(rows: torch.Tensor, denominator: torch.Tensor, reduction: str) -
     return torch.where(positive, rows.sum() / torch.where(positive, denominator, 1.0), 0.0)
 
 
-@torch.library.custom_op("smoothce::vp_loss_grad", mutates_args=())
-def vp_loss_grad(
+def _loss_grad(
     logits: torch.Tensor,
     target: torch.Tensor,
     offsets: torch.Tensor,
@@ -425,9 +430,8 @@ def vp_loss_grad(
     return loss, grad, factor
 
 
-@vp_loss_grad.register_fake
-def _(logits, target, offsets, row_max, excess, partial, denominator, label_smoothing, ignore_index,
-      reduction, compute_grad):
+def _loss_grad_fake(logits, target, offsets, row_max, excess, partial, denominator, label_smoothing, ignore_index,
+                    reduction, compute_grad):
     # Shapes and dtypes only: loss (N,) or 0-d and the 0-d factor in the accumulation dtype; grad like logits.
     acc = loss_dtype(logits.dtype)
     loss = logits.new_empty(logits.shape[0] if reduction == "none" else (), dtype=acc)
@@ -435,8 +439,14 @@ def _(logits, target, offsets, row_max, excess, partial, denominator, label_smoo
     return loss, grad, logits.new_empty((), dtype=acc)
 
 
-# The kept gradient's autograd, shared with smoothce.cross_entropy (in place in eager).
-register_kept_gradient_autograd("smoothce::vp_loss_grad", _NAME, reduction_arg=9, compute_grad_arg=10)
+vp_loss_grad = define(
+    "vp_loss_grad(Tensor logits, Tensor target, Tensor offsets, Tensor row_max, Tensor excess, Tensor partial, "
+    "Tensor denominator, float label_smoothing, int ignore_index, str reduction, bool compute_grad) "
+    "-> (Tensor, Tensor, Tensor)",
+    kernel=_loss_grad, fake=_loss_grad_fake,
+)
+# The one kept-gradient autograd, shared with smoothce.cross_entropy (in place in eager).
+register_kept_gradient_autograd(vp_loss_grad, _NAME, reduction_arg=9, compute_grad_arg=10)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ each chunk of rows h (C, D):
 so one chunk of logits exists at a time and each is computed once (no recompute: three matmuls,
 as for the unfused layer). With D the "mean" denominator, c x p = 1 / D by
 ``numerics.kept_factors`` (c = 1 / D, p = 1; float16: c = 2**e / D in (1/2, 1] and the exact power
-of two p = 2**-e applied after the matmuls, so nothing underflows in the chunk). "mean"/"sum" keep
-dh_i, dW_i, db_i from the forward: backward multiplies them by dO (nothing at dO = 1 on CPU) and
-all-reduces dh (a column-parallel layer's backward: the gradient of hidden is sum_i dh_i). "none"
-keeps each row's global max and excess (8 bytes per row) and recomputes the chunks in backward,
-with no communication but that all-reduce.
+of two p = 2**-e applied after the matmuls, so nothing underflows in the chunk). d hidden is then
+all-reduced over the ranks (a column-parallel layer's backward: the gradient of hidden is
+sum_i dh_i). "mean"/"sum" keep dh, dW_i, db_i from the forward, and backward only multiplies them
+by dO (smoothce's one kept-gradient autograd; nothing at dO = 1 on CPU). "none" makes each chunk
+again in backward, collectives included, with each row's gradient scaled by its dO.
 
 Every chunk is a collective, so all ranks cut the rows alike: the chunk is sized from the largest
 slice. CPU tables are read on the host for free; elsewhere the slice sizes are remembered per
@@ -32,14 +32,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from smoothce import _autograd, linear, registry
+from smoothce import linear, registry
+from smoothce._autograd import register_kept_gradient_autograd
+from smoothce._library import define
 from smoothce.checks import option_values
 from smoothce.distributed import (
     _NO_ERROR,
     _TYPE_ERROR,
     _VALUE_ERROR,
     _VOCAB,
-    _all_reduce,
     _resolve_group,
     check_normalizer,
     check_table_on_device,
@@ -130,14 +131,13 @@ def _finish(acc, dtype, post_scale):
 
 @torch.no_grad()
 def _chunks(hidden, weight, bias, target, offsets, group, *, label_smoothing, ignore_index, rows_per_chunk,
-            fp32_weight_grad, grad_hidden, grad_weight, grad_bias, scale=None, post_scale=None, stats_rows=None,
-            row_scale=None):
-    """One pass over the chunks: logits, then either the statistics' all-reduces or the kept ones.
+            fp32_weight_grad, grad_hidden, grad_weight, grad_bias, scale, post_scale=None, row_scale=None):
+    """The chunk loop: each chunk's logits, their statistics' two all-reduces, loss rows, gradient, matmuls.
 
-    Forward (``stats_rows`` None): returns (per-row losses, row max M, excess e) and the gradients
-    with the chunk's gradient scaled by ``scale``. Backward of "none" (``stats_rows`` = (M, e)):
-    no communication, each chunk's gradient rows scaled by ``row_scale`` (dO).
-    Gradients: (d_hidden, d_weight, d_bias), None where not asked for.
+    ``scale``: 0-d, multiplies each chunk's gradient (c); ``post_scale``: 0-d or None, the exact power
+    of two applied after the matmuls; ``row_scale``: (N,) dO per row ("none"'s backward) or None.
+    Returns the (N,) loss rows and (d_hidden, d_weight, d_bias), None where not asked for; d hidden
+    is summed over the ranks (the column-parallel layer's all-reduce).
     """
     n_rows, dim = hidden.shape
     local_classes = weight.shape[0]
@@ -152,14 +152,7 @@ def _chunks(hidden, weight, bias, target, offsets, group, *, label_smoothing, ig
     d_weight = torch.zeros(weight.shape, dtype=torch.float32 if fp32_acc else dtype, device=device) \
         if grad_weight else None
     d_bias = torch.zeros(local_classes, dtype=acc_dtype, device=device) if grad_bias else None
-    forward = stats_rows is None
-    if forward:
-        losses = torch.empty(n_rows, dtype=acc_dtype, device=device)
-        row_max = torch.empty(n_rows, dtype=acc_dtype, device=device)
-        excess = torch.empty(n_rows, dtype=acc_dtype, device=device)
-    else:
-        row_max, excess = stats_rows
-        scale = torch.ones((), dtype=acc_dtype, device=device)
+    losses = torch.empty(n_rows, dtype=acc_dtype, device=device)
     target = target.contiguous()
     weight_t = weight.t()
     buffer = torch.empty((min(rows_per_chunk, n_rows), local_classes), dtype=dtype, device=device)
@@ -170,20 +163,16 @@ def _chunks(hidden, weight, bias, target, offsets, group, *, label_smoothing, ig
             torch.mm(h, weight_t, out=z)
         else:
             torch.addmm(bias, h, weight_t, out=z)
-        if forward:
-            stats = backend.shard_stats(z, t, start, lam, ignore_index)
-            m = stats[0].clone()
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            packed = contributions(stats, m, t, offsets, local_classes, lam, ignore_index)
-            dist.all_reduce(packed, group=group)
-            e, partial = combine(packed)
-            losses[lo:hi] = torch.where(t != ignore_index, torch.log1p(e) + partial, 0.0)
-            row_max[lo:hi], excess[lo:hi] = m, e
-        else:
-            m, e = row_max[lo:hi], excess[lo:hi]
+        stats = backend.shard_stats(z, t, start, lam, ignore_index)
+        row_max = stats[0].clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        packed = contributions(stats, row_max, t, offsets, local_classes, lam, ignore_index)
+        dist.all_reduce(packed, group=group)
+        excess, partial = combine(packed)
+        losses[lo:hi] = torch.where(t != ignore_index, torch.log1p(excess) + partial, 0.0)
         if not compute_grad:
             continue
-        backend.shard_grad(z, t, start, num_classes, m, e, lam, ignore_index, scale, z)  # over its own logits
+        backend.shard_grad(z, t, start, num_classes, row_max, excess, lam, ignore_index, scale, z)  # over its logits
         if row_scale is not None:
             z.mul_(row_scale[lo:hi, None])
         if grad_hidden:
@@ -192,22 +181,15 @@ def _chunks(hidden, weight, bias, target, offsets, group, *, label_smoothing, ig
             _accumulate_(d_weight, z.t(), h)
         if grad_bias:
             d_bias += torch.sum(z, 0, dtype=d_bias.dtype)
-    if d_hidden is not None and post_scale is not None:
-        d_hidden.mul_(post_scale)  # an exact power of two
-    grads = (d_hidden, _finish(d_weight, dtype, post_scale), _finish(d_bias, dtype, post_scale))
-    return ((losses, row_max, excess) if forward else None), grads
+    if d_hidden is not None:
+        if post_scale is not None:
+            d_hidden.mul_(post_scale)  # an exact power of two
+        dist.all_reduce(d_hidden, group=group)
+    return losses, (d_hidden, _finish(d_weight, dtype, post_scale), _finish(d_bias, dtype, post_scale))
 
 
-def vp_linear_cross_entropy_fwd(hidden, weight, bias, target, table, denominator, label_smoothing, ignore_index,
-                                reduction, group_name, position, chunk_bytes, fp32_weight_grad, grad_hidden,
-                                grad_weight, grad_bias):
-    """The forward: (loss, d_hidden, d_weight, d_bias, row max, excess, offsets); see the module docstring.
-
-    ``table``: the exchanged (world, 13) table, checked here first. d_hidden is this rank's part
-    (backward all-reduces it); gradients are kept for "mean"/"sum" where asked, empty otherwise.
-    Row max and excess (N,) are kept for "none" (empty otherwise); offsets = [start, V].
-    """
-    group = _group(group_name)
+def _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc, grad_weight):
+    """The table checked, and (offsets [start, V], rows per chunk): the same rows on every rank."""
     local_classes = weight.shape[0]
     if table.device.type == "cpu":
         start, num_classes, sizes = check_table_on_host(table, position, ignore_index)
@@ -218,68 +200,37 @@ def vp_linear_cross_entropy_fwd(hidden, weight, bias, target, table, denominator
         sizes = _SLICE_SIZES.get(key)
         if sizes is None:  # this group's first call with this slice: one host read, remembered
             sizes = _SLICE_SIZES[key] = table[:, _VOCAB].tolist()
+    return offsets, _rows_per_chunk(hidden, weight, sizes, chunk_bytes, fp32_acc, grad_weight)
+
+
+def _forward(hidden, weight, bias, target, table, denominator, label_smoothing, ignore_index, reduction, group_name,
+             position, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+    """(loss, d_hidden, d_weight, d_bias): the loss reduced as asked and, for "mean"/"sum", the kept gradients.
+
+    ``table``: the exchanged (world, 13) table, checked here first. d hidden is already summed over
+    the ranks; a gradient not asked for (and every gradient for "none", made in backward) is empty.
+    """
     keep = reduction != "none"
     acc = loss_dtype(hidden.dtype)
-    grad_scale, factor = kept_factors(denominator.to(acc), hidden.dtype)
+    fp32_acc = hidden.dtype in linear.HALF_DTYPES and fp32_weight_grad
+    offsets, rows = _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc,
+                          keep and grad_weight)
+    denominator = denominator.to(acc)
+    grad_scale, factor = kept_factors(denominator, hidden.dtype)
     post_scale = None
-    if hidden.dtype == torch.float16:  # c = 2**e / D in the chunk, the exact 2**-e after the matmuls
+    if hidden.dtype == torch.float16 and reduction == "mean":  # c = 2**e / D in the chunk, 2**-e after
         grad_scale, post_scale = grad_scale / 2.0**15, factor * 2.0**15
-    fp32_acc = hidden.dtype in linear.HALF_DTYPES and fp32_weight_grad
-    rows = _rows_per_chunk(hidden, weight, sizes, chunk_bytes, fp32_acc, keep and grad_weight)
-    (losses, row_max, excess), grads = _chunks(
-        hidden, weight, bias, target, offsets, group, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        rows_per_chunk=rows, fp32_weight_grad=fp32_weight_grad, grad_hidden=keep and grad_hidden,
-        grad_weight=keep and grad_weight, grad_bias=keep and grad_bias and bias is not None,
-        scale=grad_scale, post_scale=post_scale if keep else None,
+    losses, grads = _chunks(
+        hidden, weight, bias, target, offsets, _group(group_name), label_smoothing=label_smoothing,
+        ignore_index=ignore_index, rows_per_chunk=rows, fp32_weight_grad=fp32_weight_grad,
+        grad_hidden=keep and grad_hidden, grad_weight=keep and grad_weight,
+        grad_bias=keep and grad_bias and bias is not None, scale=grad_scale, post_scale=post_scale,
     )
-    loss = reduce_rows(losses, denominator.to(acc), reduction)
-    # (a new empty tensor for each output not computed: outputs must not alias one another)
-    kept_rows = (row_max, excess) if not keep else (hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc))
-    return (loss, *(hidden.new_empty(0) if g is None else g for g in grads), *kept_rows, offsets.to(hidden.device))
+    # (a new empty tensor for each gradient not computed: outputs must not alias one another)
+    return reduce_rows(losses, denominator, reduction), *(hidden.new_empty(0) if g is None else g for g in grads)
 
 
-def _fake_fwd(hidden, weight, bias, target, table, denominator, label_smoothing, ignore_index, reduction,
-              group_name, position, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
-    # Shapes and dtypes only, for torch.compile and meta tensors.
-    torch._check(hidden.dim() == 2, lambda: f"{_NAME}: expects 2-D hidden, got {hidden.dim()}-D")
-    keep = reduction != "none"
-    acc = loss_dtype(hidden.dtype)
-    n_rows = hidden.shape[0]
-    return (
-        hidden.new_empty(() if keep else (n_rows,), dtype=acc),
-        hidden.new_empty(hidden.shape) if keep and grad_hidden else hidden.new_empty(0),
-        weight.new_empty(weight.shape) if keep and grad_weight else hidden.new_empty(0),
-        bias.new_empty(bias.shape) if keep and grad_bias and bias is not None else hidden.new_empty(0),
-        hidden.new_empty((0,) if keep else (n_rows,), dtype=acc),
-        hidden.new_empty((0,) if keep else (n_rows,), dtype=acc),
-        table.new_empty(2),
-    )
-
-
-def vp_linear_cross_entropy_bwd(grad_loss, hidden, weight, bias, target, offsets, row_max, excess,
-                                label_smoothing, ignore_index, group_name, chunk_bytes, fp32_weight_grad,
-                                grad_hidden, grad_weight, grad_bias):
-    """Backward of "none": recompute each chunk's gradient, scale its rows by dO (N,), the matmuls,
-    then the all-reduce of d hidden. Returns (d_hidden, d_weight, d_bias), empty where not asked for."""
-    group = _group(group_name)
-    acc = loss_dtype(hidden.dtype)
-    sizes = [weight.shape[0]]  # any rows per chunk will do: no collective per chunk here
-    fp32_acc = hidden.dtype in linear.HALF_DTYPES and fp32_weight_grad
-    rows = _rows_per_chunk(hidden, weight, sizes, chunk_bytes, fp32_acc, grad_weight)
-    _, grads = _chunks(
-        hidden, weight, bias, target, offsets, group, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        rows_per_chunk=rows, fp32_weight_grad=fp32_weight_grad, grad_hidden=grad_hidden, grad_weight=grad_weight,
-        grad_bias=grad_bias and bias is not None, stats_rows=(row_max, excess), row_scale=grad_loss.to(acc),
-    )
-    d_hidden = grads[0]
-    if d_hidden is not None:
-        dist.all_reduce(d_hidden, group=group)
-    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
-
-
-def _fake_bwd(grad_loss, hidden, weight, bias, target, offsets, row_max, excess, label_smoothing, ignore_index,
-              group_name, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
-    # Shapes and dtypes only, for torch.compile's traced backward.
+def _grads_fake(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
     return (
         hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0),
         weight.new_empty(weight.shape) if grad_weight else hidden.new_empty(0),
@@ -287,111 +238,73 @@ def _fake_bwd(grad_loss, hidden, weight, bias, target, offsets, row_max, excess,
     )
 
 
-_lib = torch.library.Library("smoothce", "FRAGMENT")
-_lib.define(
+def _forward_fake(hidden, weight, bias, target, table, denominator, label_smoothing, ignore_index, reduction,
+                  group_name, position, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+    torch._check(hidden.dim() == 2, lambda: f"{_NAME}: expects 2-D hidden, got {hidden.dim()}-D")
+    keep = reduction != "none"
+    loss = hidden.new_empty(() if keep else (hidden.shape[0],), dtype=loss_dtype(hidden.dtype))
+    return loss, *_grads_fake(hidden, weight, bias, keep and grad_hidden, keep and grad_weight, keep and grad_bias)
+
+
+vp_linear_cross_entropy_fwd = define(
     "vp_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor table, "
     "Tensor denominator, float label_smoothing, int ignore_index, str reduction, str group_name, int position, "
     "int chunk_bytes, bool fp32_weight_grad, bool grad_hidden, bool grad_weight, bool grad_bias) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    kernel=_forward,
+    fake=_forward_fake,
 )
-_lib.define(
+
+
+def _backward_none(grad_loss, hidden, weight, bias, target, table, label_smoothing, ignore_index, group_name,
+                   position, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+    """Backward of "none": the chunk loop again (the same collectives), each chunk's gradient rows scaled by
+    dO (N,) before the matmuls. Returns (d_hidden summed over the ranks, d_weight, d_bias), empty where not
+    asked for."""
+    acc = loss_dtype(hidden.dtype)
+    fp32_acc = hidden.dtype in linear.HALF_DTYPES and fp32_weight_grad
+    offsets, rows = _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc,
+                          grad_weight)
+    _, grads = _chunks(
+        hidden, weight, bias, target, offsets, _group(group_name), label_smoothing=label_smoothing,
+        ignore_index=ignore_index, rows_per_chunk=rows, fp32_weight_grad=fp32_weight_grad, grad_hidden=grad_hidden,
+        grad_weight=grad_weight, grad_bias=grad_bias and bias is not None,
+        scale=torch.ones((), dtype=acc, device=hidden.device), row_scale=grad_loss.to(acc),
+    )
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+def _backward_none_fake(grad_loss, hidden, weight, bias, target, table, label_smoothing, ignore_index, group_name,
+                        position, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+    torch._check(grad_loss.shape[0] == hidden.shape[0], lambda: "grad_loss and hidden disagree on the rows")
+    return _grads_fake(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
+
+
+vp_linear_cross_entropy_bwd = define(
     "vp_linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-    "Tensor offsets, Tensor row_max, Tensor excess, float label_smoothing, int ignore_index, str group_name, "
-    "int chunk_bytes, bool fp32_weight_grad, bool grad_hidden, bool grad_weight, bool grad_bias) "
-    "-> (Tensor, Tensor, Tensor)"
+    "Tensor table, float label_smoothing, int ignore_index, str group_name, int position, int chunk_bytes, "
+    "bool fp32_weight_grad, bool grad_hidden, bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor)",
+    kernel=_backward_none,
+    fake=_backward_none_fake,
 )
-# One kernel for every device type (the matmuls are torch's, the rest asks the registry) and its fake.
-_lib.impl("vp_linear_cross_entropy_fwd", vp_linear_cross_entropy_fwd, "CompositeExplicitAutograd")
-_lib.impl("vp_linear_cross_entropy_bwd", vp_linear_cross_entropy_bwd, "CompositeExplicitAutograd")
-torch.library.register_fake("smoothce::vp_linear_cross_entropy_fwd", _fake_fwd, lib=_lib)
-torch.library.register_fake("smoothce::vp_linear_cross_entropy_bwd", _fake_bwd, lib=_lib)
 
 
-# ---------------------------------------------------------------------------------------------
-# Autograd: backward scales the kept gradients by dO and all-reduces d hidden ("none": recomputes).
-
-_OPTIONS = 12  # arguments after hidden, weight, bias: none of them differentiable
-
-
-def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, target, _table, _denominator, label_smoothing, ignore_index, reduction, group_name,
-     _position, chunk_bytes, fp32, gh, gw, gb) = inputs
-    _loss, d_hidden, d_weight, d_bias, row_max, excess, offsets = output
-    ctx.reduction = reduction
-    ctx.group_name = group_name
-    ctx.computed = (gh, gw, gb and bias is not None)
-    ctx.has_bias = bias is not None
-    ctx.inplace = getattr(getattr(_autograd, "_inplace_backward", None), "enabled", True)
-    ctx.consumed = False
-    ctx.mark_non_differentiable(d_hidden, d_weight, d_bias, row_max, excess, offsets)
-    ctx.set_materialize_grads(False)
-    if reduction == "none":
-        ctx.options = (label_smoothing, ignore_index, chunk_bytes, fp32)
-        ctx.save_for_backward(hidden, weight, bias, target, offsets, row_max, excess)
-    else:
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+def _recompute(inputs, grad_loss, wanted):
+    # "none": dO per row reaches each chunk's gradient before the matmuls, so the chunks are made again.
+    (hidden, weight, bias, target, table, _denominator, label_smoothing, ignore_index, _reduction, group_name,
+     position, chunk_bytes, fp32, *_) = inputs
+    grads = vp_linear_cross_entropy_bwd(
+        grad_loss.reshape(-1), hidden, weight, bias, target, table, label_smoothing, ignore_index, group_name,
+        position, chunk_bytes, fp32, wanted[0], wanted[1], wanted[2] and bias is not None,
+    )
+    return tuple(g if w else None for g, w in zip(grads, wanted, strict=True))
 
 
-def _traced(*tensors) -> bool:
-    return not all(type(t) is torch.Tensor for t in tensors)
-
-
-def _backward(ctx, grad_loss, *_unused):
-    tail = (None,) * (1 + _OPTIONS)
-    wanted = tuple(ctx.needs_input_grad[:3])
-    if grad_loss is None:
-        return (None, None, None, *tail)
-    for name, want, have in zip(("hidden", "weight", "bias"), wanted, ctx.computed, strict=True):
-        if want and not have:
-            raise RuntimeError(
-                f"{_NAME}: no gradient for {name} was computed because it did not require grad "
-                "(or grad mode was off) in the forward pass"
-            )
-    if ctx.reduction == "none":
-        hidden, weight, bias, target, offsets, row_max, excess = ctx.saved_tensors
-        label_smoothing, ignore_index, chunk_bytes, fp32 = ctx.options
-        grads = torch.ops.smoothce.vp_linear_cross_entropy_bwd(
-            grad_loss.reshape(-1), hidden, weight, bias, target, offsets, row_max, excess, label_smoothing,
-            ignore_index, ctx.group_name, chunk_bytes, fp32, wanted[0], wanted[1], wanted[2] and ctx.has_bias,
-        )
-        return (*(g if w else None for g, w in zip(grads, wanted, strict=True)), *tail)
-    if ctx.consumed:
-        raise RuntimeError(
-            f"{_NAME}: a second backward through the same call (retain_graph=True), but the first one "
-            "scaled the kept gradients in place. Run the forward inside "
-            "`with smoothce.inplace_backward(False):` to keep them intact for repeated backward passes."
-        )
-    kept = ctx.saved_tensors
-    traced = _traced(*kept, grad_loss)
-    if not traced and torch.is_grad_enabled():
-        raise RuntimeError(f"{_NAME} does not support double backward (create_graph=True)")
-    scale = grad_loss.reshape(1).to(loss_dtype(kept[0].dtype))  # (1,), not 0-d: dO in fp32, rounded once
-    unit = not traced and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
-    out = []
-    for grad, want in zip(kept, wanted, strict=True):
-        if not want:
-            out.append(None)
-        elif traced:
-            out.append((grad * scale).to(grad.dtype))
-        elif unit:
-            out.append(grad)
-        elif ctx.inplace:
-            out.append(grad.mul_(scale))
-        else:
-            out.append(torch.mul(grad, scale, out=torch.empty_like(grad)))
-    if out[0] is not None:  # the column-parallel layer's backward: d hidden summed over the ranks
-        if traced:
-            out[0] = _all_reduce(out[0], "sum", ctx.group_name)
-        else:
-            if out[0] is kept[0] and not ctx.inplace:
-                out[0] = out[0].clone()
-            dist.all_reduce(out[0], group=_group(ctx.group_name))
-    ctx.consumed = ctx.inplace and not traced
-    return (*out, *tail)
-
-
-torch.library.register_autograd("smoothce::vp_linear_cross_entropy_fwd", _backward, setup_context=_setup_context,
-                                lib=_lib)
+# The one kept-gradient autograd: backward scales d hidden (already summed), d weight, d bias by dO.
+register_kept_gradient_autograd(
+    vp_linear_cross_entropy_fwd, f"smoothce.{_NAME}", reduction_arg=8, compute_grad_arg=(13, 14, 15),
+    grad_inputs=(0, 1, 2), recompute=_recompute,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,8 +335,9 @@ def vocab_parallel_linear_cross_entropy(
     Returns the loss (float32; float64 for float64), the same on every rank. No rank holds more
     than one chunk of its logits (``smoothce.linear.settings(chunk_bytes=...)`` sizes it). Backward
     gives this rank's weight and bias gradients and the full gradient of ``hidden``, summed over
-    the ranks by one all-reduce (every rank must run backward, with the same dO, as for any
-    tensor-parallel layer). Bad inputs raise on every rank as in ``vocab_parallel_cross_entropy``.
+    the ranks by one all-reduce in the forward pass (so backward has no collective but for "none",
+    and every rank must pass backward the same dO, as for any replicated loss). Bad inputs raise on
+    every rank as in ``vocab_parallel_cross_entropy``.
     """
     group, rank, world = _resolve_group(group, _NAME)
     return vocab_parallel_linear_loss(
@@ -475,7 +389,7 @@ def vocab_parallel_linear_loss(hidden, weight, target, *, group, position, world
     acc = loss_dtype(hidden.dtype)
     flat_target = target.reshape(-1)
     denominator = denominator_for(reduction, normalizer, flat_target, ignore_index, acc, device)
-    loss = torch.ops.smoothce.vp_linear_cross_entropy_fwd(
+    loss = vp_linear_cross_entropy_fwd(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_target, table, denominator, float(label_smoothing),
         ignore_index, reduction, group_name, position, _chunk_bytes(device), _fp32_weight_grad(),
         grad_hidden, grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad,
