@@ -19,6 +19,8 @@ from torch.multiprocessing.spawn import ProcessException
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.benchmark import Timer
 
+from smoothce.bench import machine
+
 COLLECTIVES = {"all_reduce", "all_reduce_", "all_reduce_coalesced", "all_gather_into_tensor", "broadcast",
                "all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "all_to_all_single"}  # fmt: skip
 LABEL_SMOOTHING = 0.1
@@ -155,12 +157,14 @@ def main(argv=None) -> str:
         parser.error(f"--world, --repeat and every --rows must be >= 1, every --vocab >= --world, got {vars(args)}")
     if args.backend == "nccl" and args.world > torch.cuda.device_count():
         parser.error(f"--backend nccl --world {args.world} needs {args.world} GPUs, {torch.cuda.device_count()} here")
+    env = machine.describe(torch.device("cpu" if args.backend == "gloo" else "cuda"))
     per_rank = launch(_rank, args.world, args.vocab, args.rows, args.dtype, args.repeat, backend=args.backend,
                       timeout_s=args.timeout)  # fmt: skip
     text = "\n".join([
         f"Vocabulary-parallel cross-entropy, {args.world} {args.backend} rank(s) on "
         f"{'CPU' if args.backend == 'gloo' else 'GPUs'}, {args.dtype} logits, label_smoothing={LABEL_SMOOTHING}, "
-        "forward + backward.",
+        f"forward + backward. Measured {env['date']} on {env['device_name']} ({env['logical_cores']} logical cores, "
+        f"load average {env['load_average_at_start']:.1f}); torch {torch.__version__}, commit {env['commit']}.",
         "",
         "| V | rows | all-reduces | stats B/row | fixed B/call | gather B/row | full logits MiB/rank "
         "| vocab-parallel ms | full logits, one process, ms |",
