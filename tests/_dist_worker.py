@@ -77,6 +77,7 @@ def _loopback_interface():
 
 def _main(rank, world, port, backend, jobs, out_dir):
     failures = []
+    os.environ["SMOOTHCE_DIST_OUT"] = out_dir
     try:
         lo = _loopback_interface()
         if lo is not None:
@@ -841,6 +842,85 @@ def job_example(rank, world, device):
     return []
 
 
+
+def job_sync_free(rank, world, device):
+    """Accelerators: no host sync per call (after a first call), and the plain loss captured in a CUDA graph."""
+    from smoothce.distributed import vocab_parallel_cross_entropy
+    from smoothce.reference import cross_entropy_reference
+    from smoothce.vocab_parallel_linear import vocab_parallel_linear_cross_entropy
+
+    failures = []
+    sizes = _split(1003, world)
+    own = _slices(sizes)[rank]
+    full, target = _case_data(sizes, 64, torch.float32, device)
+    hidden, weight, _, lm_target = (x.to(device) if x is not None else None
+                                   for x in _lm_head_data(1003, (64,), 32, torch.float32))
+
+    def plain():
+        shard = full[:, own].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(shard, target, label_smoothing=0.1, normalizer=torch.tensor(50.0))
+        loss.backward()
+        return loss
+
+    def fused():
+        h, w = hidden.clone().requires_grad_(), weight[own].clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(h, w, lm_target, label_smoothing=0.1, normalizer=7.0)
+        loss.backward()
+        return loss
+
+    for name, fn in (("plain", plain), ("fused", fused)):
+        fn()  # first call: kernels compiled, the fused loss's slice sizes read once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        except RuntimeError as exc:
+            failures.append(f"{name}: a host sync: {' '.join(str(exc).split())[:300]}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # CUDA graph: the forward (which makes the kept gradient) captured once and replayed.
+    shard = full[:, own].clone().requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            vocab_parallel_cross_entropy(shard, target, label_smoothing=0.1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            captured = vocab_parallel_cross_entropy(shard, target, label_smoothing=0.1)
+        shard.data.mul_(0.5)  # new values in the same memory: the replay must see them
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_loss, _ = cross_entropy_reference(full * 0.5, target, label_smoothing=0.1)
+        _close("CUDA graph replay loss", captured, ref_loss, failures, rtol=1e-5, atol=1e-5)
+    except RuntimeError as exc:
+        failures.append(f"CUDA graph capture: {' '.join(str(exc).split())[:300]}")
+    return failures
+
+
+def job_device_assert(rank, world, device):
+    """Accelerators: a target == V stops every rank at the device-side assert (no hang); then the process ends.
+
+    The device's state is lost after the assert, so this job writes its result and leaves at once.
+    """
+    from smoothce.distributed import vocab_parallel_cross_entropy
+
+    sizes = _split(40, world)
+    full, target = _case_data(sizes, 6, torch.float32, device)
+    bad = torch.where(target == -100, 40, target)
+    failures = ["no error from a target == V"]
+    try:
+        vocab_parallel_cross_entropy(full[:, _slices(sizes)[rank]].contiguous(), bad)
+        torch.cuda.synchronize()
+    except RuntimeError as exc:
+        failures = [] if "assert" in str(exc).lower() else [f"not a device-side assert: {exc}"]
+    with open(os.path.join(os.environ["SMOOTHCE_DIST_OUT"], f"rank{rank}.json"), "w") as f:
+        json.dump(failures, f)
+    os._exit(0)
+
+
 JOBS = {
     "values": job_values,
     "comm": job_comm,
@@ -855,4 +935,6 @@ JOBS = {
     "dtensor": job_dtensor,
     "vp_linear_errors": job_vp_linear_errors,
     "example": job_example,
+    "sync_free": job_sync_free,
+    "device_assert": job_device_assert,
 }

@@ -70,9 +70,25 @@ def test_gloo(world, tmp_path):
 def test_nccl(tmp_path):
     # One rank per GPU, at most two (one rank if that is all there is). The distributed loss's one
     # Inductor compilation is here (Triton code for the GPU); on CPU, gloo's tests trace it with aot_eager.
+    # On the GPU bad inputs stop every rank at a device-side assert (no host read): the "errors" job's
+    # ValueErrors are CPU's; test_nccl_device_assert checks the GPU's behaviour in processes of its own.
     world = min(2, torch.cuda.device_count())
-    jobs = ["values", "precision", "comm", "errors", "compile_inductor"]
+    jobs = ["values", "precision", "comm", "sync_free", "compile_inductor"]
     results = _dist_worker.launch(world, jobs, backend="nccl", timeout=280, tmp_path=tmp_path)
+    failures = _report(results)
+    assert not failures, f"failures on {world} NCCL ranks:\n{failures}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and dist.is_available() and dist.is_nccl_available()),
+    reason="needs a CUDA device and NCCL",
+)
+@pytest.mark.timeout(200)
+def test_nccl_device_assert(tmp_path):
+    # A target == V on every rank: each stops at the same device-side assert, none hangs.
+    world = min(2, torch.cuda.device_count())
+    results = _dist_worker.launch(world, ["device_assert"], backend="nccl", timeout=180, tmp_path=tmp_path)
     failures = _report(results)
     assert not failures, f"failures on {world} NCCL ranks:\n{failures}"
 
