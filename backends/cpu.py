@@ -1,28 +1,33 @@
 """The "cpu" backend: vectorized torch code, fused per block of rows so the block stays in cache.
 
-Each block of rows (a few MiB of logits) is read from memory once; the work on it
-runs in fp32 (fp64 for fp64 logits) while it is in cache: one fused softmax (one exp
-per element), a sum for the smoothing term, and one pass that writes the gradient,
-rounding each element to the logits' dtype once. For contiguous fp32/fp64 gradients
-the softmax is written straight into the gradient buffer and finished there in place;
-otherwise one block-sized scratch buffer (reused for every block, never a full-size
-copy) holds it. Per-row work (targets, the loss, the target column) is done once for
-all rows, outside the block loop. Torch's intra-op threads split each block's rows
-over the cores, so a block has at least one row per thread.
+Each block of rows (up to 16 MiB of fp32 work) is read from memory once; the work on it runs
+in fp32 (fp64 for fp64 logits) while it is in cache: a sum for the smoothing term and one
+fused softmax (one exp per element), finished into the gradient in one more pass that rounds
+each element to the logits' dtype once. Without a gradient a fused log-softmax gives the loss.
+For contiguous fp32/fp64 gradients the softmax is written straight into the gradient buffer;
+otherwise one block-sized scratch buffer (reused for every block) holds it. Per-row work
+(targets, the loss, the target column) is done once for all rows, outside the block loop.
+Torch's intra-op threads split each block's rows over the cores; blocks are large, so a call
+makes few parallel regions (each waits for every thread, and a loaded machine delays them).
+A large gradient is allocated in transparent huge pages (Linux): faulting in a fresh buffer
+4 KiB at a time costs more than the whole computation on it.
 
 Precision: the loss and the target column are built from terms that carry relative
 rounding errors only, so no cancellation is left in them:
 
-* a confident row (p_k >= 1/2): 1 - p_k can lie far below fp32's ulp of 1, and ATen's softmax
-  sums its denominator in a few running fp32 lanes, which drop such a remainder. A block
+* a confident row (p_k >= 1/2): 1 - p_k can lie far below the ulp of 1, and ATen's softmax
+  sums its denominator in a few running lanes, which drop such a remainder. A block
   holding such a row also sums q = sum_{j != k} p_j directly (a cascade sum with the target
   column zeroed); rho = q / p_k = sum_{j != k} exp(z_j - m) / exp(z_k - m) does not depend on
   that denominator, and -log p_k = log1p(rho), 1 - p_k = 1 / (1 + p_k / q).
 * elsewhere -log p_k; where p_k < 1e-30 (z_k far below the max) the row's
-  (m - z_k) + log sum_j exp(z_j - m) is taken from the logits instead.
-* the target column p_k - c, c = 1 - lam + lam / V, in fp64 from fp32 p_k (or as
+  (m - z_k) + log sum_j exp(z_j - m) is taken from the logits instead. Without a gradient,
+  -log p_k is the log-softmax's own -(z_k - m - log sum_j exp(z_j - m)), never tiny-limited.
+* the target column p_k - c, c = 1 - lam + lam / V, in fp64 from p_k (or as
   lam (1 - 1/V) - (1 - p_k) for a confident row): its error is p_k's own, for every lam
   (p_k - 1/V at lam = 1, -(1 - p_k) at lam = 0).
+* float64: ATen's softmax sum drifts by up to ~V/8 ulps over a row (3e-14 at V = 128256),
+  so each fp64 row is renormalised by its cascade sum: every p_j to a few ulps.
 * the smoothing term lam (z_k - s / V), s = sum_j z_j: fp32's error in s, a few eps x
   sum_j |z_j|, only shows where the row shares a large offset; rows where lam |s / V| exceeds
   four times the loss sum s again in fp64, where the offset cancels exactly (inputs of up to
@@ -33,7 +38,9 @@ rounding errors only, so no cancellation is left in them:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 
 import torch
 
@@ -41,13 +48,16 @@ from smoothce.backends.base import Backend
 from smoothce.checks import check_targets_on_host
 from smoothce.numerics import kept_factors, loss_dtype
 
-# Elements per block: 1M fp32 is 4 MiB of scratch, which stays in the L2/L3 caches and
-# keeps the per-block Python overhead (half a dozen op calls) small against the work.
-BLOCK_ELEMENTS = 1 << 20
+# Elements per block: 4M fp32 is 16 MiB of scratch, within the 32 MiB L3 of a small server; larger
+# blocks mean fewer op calls and parallel regions per call (a region waits for every thread).
+BLOCK_ELEMENTS = 1 << 22
+# Gradients from this size on are allocated in transparent huge pages where the OS offers them.
+HUGE_PAGE_BYTES = 1 << 25
 # Below this p_k the row's loss is recomputed from logsumexp instead of -log p_k.
 _TINY = 1e-30
 # From this p_k on, a row's loss and target column come from q = sum_{j != k} p_j.
 _CONFIDENT = 0.5
+_LOG_CONFIDENT = math.log(_CONFIDENT)
 # Rows where lam |s / V| exceeds this multiple of the loss sum s again in fp64. Elsewhere fp32's
 # error in s, a few eps x sum_j |z_j| <= a few eps x (|s| + 2 V loss / lam), is a few ulps of the loss.
 _OFFSET_RATIO = 4.0
@@ -66,32 +76,41 @@ def _softmax_(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(logits, 1, False, out=out)
 
 
+def _log_softmax_(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    # ATen's fused last-dim log-softmax (max, sum of exp, one write): one pass fewer than the softmax.
+    return torch.ops.aten._log_softmax.out(logits, 1, False, out=out)
+
+
+def new_gradient(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer like ``logits`` for the gradient.
+
+    From ``HUGE_PAGE_BYTES`` on, contiguous logits get anonymous memory advised for transparent
+    huge pages (``madvise(MADV_HUGEPAGE)``, Linux): the first write to a fresh buffer then faults
+    once per 2 MiB instead of once per 4 KiB, which on a small VM cost several times the whole
+    forward pass. The memory is returned to the OS when the tensor is freed, like any other.
+    """
+    nbytes = logits.numel() * logits.element_size()
+    if nbytes < HUGE_PAGE_BYTES or not logits.is_contiguous() or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty_like(logits)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # THP not built in: ordinary pages, still a valid buffer
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buffer, dtype=logits.dtype).view(logits.shape)
+
+
 def _targets(target, num_classes, ignore_index):
-    """(k (N, 1) int64 with ignored rows on class 0, valid (N,)); ValueError naming a bad target."""
+    """(k (N, 1) int64 with ignored rows on class 0, valid (N,) or None when no row is ignored, the
+    number of counted rows); ValueError naming a bad target."""
     target = target.long()  # compare in int64: an int32 target never equals a wider ignore_index
-    valid = target != ignore_index
-    k = target * valid  # ignored rows read class 0, harmlessly
-    _check_range(k, target, num_classes, ignore_index)
-    return k.unsqueeze(1), valid
-
-
-def _check_range(k, target, num_classes, ignore_index):
-    low, high = torch.aminmax(k)
-    if int(low) < 0 or int(high) >= num_classes:
-        check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
-
-
-def _small_targets(target, num_classes, ignore_index):
-    """``_targets`` for a small input, where each op call counts: ``valid`` is None when no row
-    is ignored (no masking to do), and the number of counted rows comes along."""
-    target = target.long()
     valid = target != ignore_index
     counted = int(valid.sum())
     if counted == target.shape[0]:
         k, valid = target, None
     else:
-        k = target * valid
-    _check_range(k, target, num_classes, ignore_index)
+        k = target * valid  # ignored rows read class 0, harmlessly
+    low, high = torch.aminmax(k)
+    if int(low) < 0 or int(high) >= num_classes:
+        check_targets_on_host(target, num_classes, ignore_index)  # raises, naming the value
     return k.unsqueeze(1), valid, counted
 
 
@@ -99,13 +118,22 @@ def _forward_small(logits, k, valid, lam, grad, scale, acc):
     """``forward`` of a small input in float64, the spec's formulas with l = log_softmax(z) = z - r:
         loss = -(1 - lam) l_k - lam mean_j l_j,  grad = scale (exp(l) - lam / V - (1 - lam) onehot(k))
     (r - z_k and r - s / V, each >= 0, so a target on a -inf column gives +inf, not inf - inf; a
-    term whose weight is 0 is left out). ``valid`` None: no ignored row.
+    term whose weight is 0 is left out). A confident row (p_k >= 1/2) takes -l_k = log1p(q / p_k) and
+    the target column lam (1 - 1/V) - q / (p_k + q), q = sum_{j != k} p_j, as the blocked path does:
+    exp(l_k) - 1 would keep nothing of a remainder below the ulp of 1. ``valid`` None: no ignored row.
     """
     num_classes = logits.shape[1]
     log_p = torch.log_softmax(logits.to(torch.float64), 1)
     log_p_k = log_p.gather(1, k)
+    confident = log_p_k >= _LOG_CONFIDENT
+    p = rest = None
+    if bool(confident.any()):
+        p = log_p.exp()
+        p_k = p.gather(1, k)
+        rest = p.scatter(1, k, 0.0).sum(1, keepdim=True)
+        log_p_k = torch.where(confident, torch.log1p(rest / p_k).neg_(), log_p_k)
     if lam == 0.0:
-        loss = log_p_k.neg_()
+        loss = log_p_k.neg()
     else:
         loss = log_p.mean(1, keepdim=True).mul_(-lam)
         if lam != 1.0:
@@ -114,10 +142,14 @@ def _forward_small(logits, k, valid, lam, grad, scale, acc):
     if valid is not None:
         loss = torch.where(valid, loss, 0.0)
     if grad is not None:
-        g = log_p.exp_()
+        g = log_p.exp_() if p is None else p
+        target_col = g.gather(1, k) - (1.0 - lam + lam / num_classes)
+        if rest is not None:
+            from_rest = (lam * (1.0 - 1.0 / num_classes)) - rest / (p_k + rest)
+            target_col = torch.where(confident, from_rest, target_col)
         if lam != 0.0:
             g.sub_(lam / num_classes)
-        g.scatter_add_(1, k, torch.full(k.shape, lam - 1.0, dtype=torch.float64))
+        g.scatter_(1, k, target_col)
         if scale != 1.0:
             g.mul_(scale)
         if valid is not None:
@@ -154,15 +186,11 @@ class CpuBackend(Backend):
         self.block_elements = block_elements
 
     def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
-        """``Backend.loss_and_grad``; a small input takes one pass of float64 ops with the count, the
-        gradient's factor and the reduction read on the host (free on CPU)."""
-        n_rows, num_classes = logits.shape
-        if n_rows * num_classes > _SMALL_ELEMENTS:
-            return super().loss_and_grad(
-                logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer
-            )
+        """``Backend.loss_and_grad`` with the count, the gradient's factor and the reduction read on the
+        host (free on CPU), and the gradient from ``new_gradient``."""
+        num_classes = logits.shape[1]
         acc = loss_dtype(logits.dtype)
-        k, valid, counted = _small_targets(target, num_classes, ignore_index)
+        k, valid, counted = _targets(target, num_classes, ignore_index)
         if reduction != "mean":
             denominator = 1.0
         elif normalizer is not None:
@@ -170,10 +198,14 @@ class CpuBackend(Backend):
         else:
             denominator = float(max(counted, 1))  # no counted target: loss 0, not NaN
         grad_scale, factor = kept_factors(denominator, logits.dtype)
-        grad = torch.empty_like(logits) if compute_grad else None
-        rows = _forward_small(logits, k, valid, label_smoothing, grad, grad_scale, acc)
-        loss = rows.sum() / denominator if denominator > 0 else rows.new_zeros(())
-        loss = rows if reduction == "none" else loss
+        grad = new_gradient(logits) if compute_grad else None
+        rows = self._rows(logits.detach(), k, valid, label_smoothing, grad, grad_scale, acc)
+        if reduction == "none":
+            loss = rows
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            loss = rows.sum() / denominator if denominator > 0 else rows.new_zeros(())
         return loss, grad, torch.full((), factor, dtype=acc)
 
     def forward(self, logits, target, label_smoothing, ignore_index, grad, grad_scale):
@@ -187,20 +219,59 @@ class CpuBackend(Backend):
                      with p_k - c = lam (1 - 1/V) - 1 / (1 + p_k / q) for a confident row
         A target on a -inf column has p_k = 0 and loss +inf, for every lam.
         """
-        n_rows, num_classes = logits.shape
-        lam = label_smoothing
+        num_classes = logits.shape[1]
+        k, valid, _ = _targets(target, num_classes, ignore_index)
         acc = loss_dtype(logits.dtype)
-        logits = logits.detach()
+        return self._rows(logits.detach(), k, valid, label_smoothing, grad, float(grad_scale), acc)
+
+    def _blocks(self, n_rows, num_classes, acc, grad, in_place, aliased):
+        """(start, stop, fp32/fp64 scratch of stop - start rows, or None in place) for each block of rows.
+
+        In place: all rows at once. A contiguous half gradient lends its own bytes: blocks run from
+        the last rows up, each in the (still unwritten) rows of the gradient above it, in blocks of
+        ``block_elements``; the first few rows, and everything else, use one scratch block of
+        ``block_elements`` (a quarter as many with a gradient: memory beyond the gradient stays ~1%).
+        """
+        if in_place:
+            yield 0, n_rows, None
+            return
+        threads = torch.get_num_threads()
+        stop = n_rows
+        if grad is not None and not aliased and grad.is_contiguous() and grad.element_size() * 2 == acc.itemsize:
+            flat = grad.view(-1)
+            while stop > 0:
+                # rows [stop - r, stop) in 2 r V half elements of the gradient before row stop - r (+1 to align)
+                room = (stop * num_classes - 1) // (3 * num_classes)
+                rows = min(stop, max(1, self.block_elements // num_classes), room)
+                if rows < threads:
+                    break
+                begin = ((stop - rows) * num_classes - 2 * rows * num_classes) & ~1
+                scratch = flat[begin : begin + 2 * rows * num_classes].view(acc).view(rows, num_classes)
+                yield stop - rows, stop, scratch
+                stop -= rows
+        if stop == 0:
+            return
+        budget = self.block_elements if grad is None else self.block_elements // 4
+        rows_per_block = min(stop, max(threads, budget // num_classes, 1))
+        scratch = torch.empty((rows_per_block, num_classes), dtype=acc)
+        for start in range(0, stop, rows_per_block):
+            end = min(start + rows_per_block, stop)
+            yield start, end, scratch[: end - start]
+
+    def _rows(self, logits, k, valid, lam, grad, scale, acc):
+        """``forward`` on checked targets ``k`` (N, 1) and ``valid`` (None: no ignored row), ``scale`` a float."""
+        n_rows, num_classes = logits.shape
         if n_rows * num_classes <= _SMALL_ELEMENTS:
-            k, valid, _ = _small_targets(target, num_classes, ignore_index)
-            return _forward_small(logits, k, valid, lam, grad, float(grad_scale), acc)
-        k, valid = _targets(target, num_classes, ignore_index)
+            return _forward_small(logits, k, valid, lam, grad, scale, acc)
         z_k = logits.gather(1, k).to(acc).squeeze(1)
-        # Per row: p_k, and q = sum_{j != k} p_j in blocks with a confident row; s = sum_j z_j,
-        # in fp64 where that costs nothing.
+        # Per row: p_k (log p_k without a gradient), and q = sum_{j != k} p_j in blocks with a
+        # confident row; s = sum_j z_j, in fp64 where that costs nothing.
         stats = torch.empty((2, n_rows, 1), dtype=acc)
         p_k, rest = stats[0], stats[1]
         any_confident = False
+        # Without a gradient, fp32 work takes the log-softmax (one pass fewer); fp64 keeps the
+        # renormalised softmax, whose sum the log-softmax cannot correct.
+        log_space = grad is None and acc != torch.float64
         # The gradient may be written over the logits (the fused linear loss does): then nothing
         # after the loop may read them. Each block then keeps its row max m before the softmax,
         # and r = m - log(max_j p_j) for the rows whose p_k underflows (max_j p_j = 1 / sum_j exp(z_j - m),
@@ -211,15 +282,15 @@ class CpuBackend(Backend):
         sum_dtype = torch.float64 if exact_sums or aliased else acc
         row_sum = torch.empty((n_rows, 1), dtype=sum_dtype) if lam != 0.0 else None
 
-        rows_per_block = min(n_rows, max(torch.get_num_threads(), self.block_elements // num_classes, 1))
+        # fp32/fp64 gradients are worked on in place, all rows at once (three passes, three parallel
+        # regions); the rest go through an fp32 scratch block by block.
         in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
-        scratch = None if in_place else torch.empty((rows_per_block, num_classes), dtype=acc)
-        scale = float(grad_scale)
+        if lam != 0.0 and not aliased:
+            torch.sum(logits, 1, keepdim=True, dtype=sum_dtype, out=row_sum)
         offset = torch.tensor(-scale * lam / num_classes, dtype=acc)
         affine = scale != 1.0 or lam != 0.0
-        for start in range(0, n_rows, rows_per_block):
-            stop = min(start + rows_per_block, n_rows)
-            if stop - start == n_rows:  # one block: the whole tensors, no views (small inputs)
+        for start, stop, p in self._blocks(n_rows, num_classes, acc, grad, in_place, aliased):
+            if stop - start == n_rows:  # one block: the whole tensors, no views
                 x, k_block, p_k_block, rest_block, sum_block, grad_block = logits, k, p_k, rest, row_sum, grad
             else:
                 x, k_block, p_k_block, rest_block = logits[start:stop], k[start:stop], p_k[start:stop], rest[start:stop]
@@ -227,17 +298,23 @@ class CpuBackend(Backend):
                 grad_block = None if grad is None else grad[start:stop]
             if in_place:
                 p = grad_block
-            else:
-                p = scratch if stop - start == rows_per_block else scratch[: stop - start]
-                if x.dtype != acc:
-                    x = p.copy_(x)  # half inputs: upcast once, then work in place
+            elif x.dtype != acc:
+                x = p.copy_(x)  # half inputs: upcast once, then work in place
             if aliased:
                 row_max = torch.amax(x, 1, keepdim=True)
                 if lam != 0.0:
                     _offset_exact_sum(x, row_max, sum_block, exact_sums)
-            elif lam != 0.0:
-                torch.sum(x, 1, keepdim=True, dtype=sum_block.dtype, out=sum_block)
+            if log_space:  # no gradient: log p, and p only in a block with a confident row
+                p = _log_softmax_(p, x)
+                torch.gather(p, 1, k_block, out=p_k_block)
+                if bool((p_k_block >= _LOG_CONFIDENT).any()):
+                    any_confident = True
+                    p.exp_().scatter_(1, k_block, 0.0)
+                    torch.sum(p, 1, keepdim=True, out=rest_block)
+                continue
             p = _softmax_(p, x)
+            if acc == torch.float64:  # ATen's running sum drifts by up to ~V/8 ulps: renormalise
+                p.div_(p.sum(1, keepdim=True))
             torch.gather(p, 1, k_block, out=p_k_block)
             if aliased and bool((p_k_block < _TINY).any()):
                 torch.sub(row_max, torch.amax(p, 1, keepdim=True).log_(), out=lse[start:stop])
@@ -253,31 +330,42 @@ class CpuBackend(Backend):
                 grad_block.copy_(p)  # rounded to the gradient's dtype once
 
         p_k, rest = p_k.squeeze(1), rest.squeeze(1)
-        confident = (p_k >= _CONFIDENT) if any_confident else None
-        loss = -torch.log(p_k)
-        if confident is not None:
-            loss = torch.where(confident, torch.log1p(rest / p_k), loss)
-        any_tiny = float(p_k.min()) < _TINY
-        if any_tiny:  # z_k far below the max: -log p_k from logsumexp of the logits instead
-            tiny = p_k < _TINY
-            if aliased:
-                loss[tiny] = lse.squeeze(1)[tiny] - z_k[tiny]
-            else:
-                rows = logits[tiny].to(acc)
-                m = rows.amax(1, keepdim=True)
-                loss[tiny] = (m.squeeze(1) - z_k[tiny]) + (rows - m).exp().sum(1).log()
+        any_tiny = False
+        if log_space:
+            log_p_k, p_k = p_k, None
+            loss = -log_p_k
+            if any_confident:
+                confident = log_p_k >= _LOG_CONFIDENT
+                loss = torch.where(confident, torch.log1p(rest / log_p_k.exp()), loss)
+        else:
+            confident = (p_k >= _CONFIDENT) if any_confident else None
+            loss = -torch.log(p_k)
+            if confident is not None:
+                loss = torch.where(confident, torch.log1p(rest / p_k), loss)
+            any_tiny = float(p_k.min()) < _TINY
+            if any_tiny:  # z_k far below the max: -log p_k from logsumexp of the logits instead
+                tiny = p_k < _TINY
+                if aliased:
+                    loss[tiny] = lse.squeeze(1)[tiny] - z_k[tiny]
+                else:
+                    rows = logits[tiny].to(acc)
+                    m = rows.amax(1, keepdim=True)
+                    loss[tiny] = (m.squeeze(1) - z_k[tiny]) + (rows - m).exp().sum(1).log()
         if lam != 0.0:
             mean_term = row_sum.squeeze(1) / num_classes
             smoothing = (z_k - mean_term).mul_(lam).to(acc)
             if not (exact_sums or aliased):  # (an aliased block refined its sums in the loop)
-                refine = (mean_term.abs() * lam > _OFFSET_RATIO * (loss + smoothing)) & valid
+                refine = mean_term.abs() * lam > _OFFSET_RATIO * (loss + smoothing)
+                if valid is not None:
+                    refine &= valid
                 if bool(refine.any()):  # a large common offset: the mean again, summed in fp64
                     exact_mean = logits[refine].to(torch.float64).mean(1)
                     smoothing[refine] = (lam * (z_k[refine].double() - exact_mean)).to(acc)
             loss = loss + smoothing
-        if any_tiny:
+        if any_tiny or log_space:
             loss = torch.where(z_k == -math.inf, math.inf, loss)  # p_k = 0 whatever lam: not inf - inf
-        loss = torch.where(valid, loss, 0.0)
+        if valid is not None:
+            loss = torch.where(valid, loss, 0.0)
         if grad is not None:
             # p_k - c in fp64, rounded once: p_k's relative error only, for every lam. A confident
             # row takes (1 - c) - (1 - p_k), 1 - c = lam (1 - 1/V), 1 - p_k = 1 / (1 + p_k / q).
@@ -288,6 +376,6 @@ class CpuBackend(Backend):
                 target_col = torch.where(confident, from_rest, target_col)
             # (index_put_, not scatter_: torch 2.13's CPU scatter_ into half tensors copies them whole)
             grad.index_put_((torch.arange(n_rows), k.squeeze(1)), target_col.to(grad.dtype))
-            if not bool(valid.all()):
-                grad[~valid] = 0.0
+            if valid is not None:
+                grad.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)  # only the ignored rows
         return loss
