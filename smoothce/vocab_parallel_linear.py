@@ -61,8 +61,8 @@ __all__ = ["forget_slice_sizes", "vocab_parallel_linear_cross_entropy"]
 _NAME = "vocab_parallel_linear_cross_entropy"
 
 # Chunk budget by device type. CPU: a quarter of the single-process loss's 32 MiB: 120 rows of
-# V_i = 16000 fp32, 2.9% of a rank's logits at 4096 rows, so that with the backend's block-sized
-# temporaries the loss needs under 10% of them beyond its inputs and gradients.
+# V_i = 16000 fp32, 2.9% of a rank's fp32 logits at 4096 rows, so that with the backend's
+# block-sized fp32 temporaries the loss needs under 10% of them beyond its inputs and gradients.
 DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20}
 
 # Process groups by name: the ops' schemas carry the name, the collectives need the group.
