@@ -303,6 +303,29 @@ def test_patch_twice():
     assert "_loss_function" not in model.__dict__
 
 
+def test_gradient_checkpointing_and_deepcopy():
+    """Trainer's gradient checkpointing, and TRL's deepcopy'd reference model: each copy its own patch."""
+    model = build("llama")
+    reference = stock_copy(model, 0.1)
+    patch(model, label_smoothing=0.1)
+    for m in (model, reference):  # the name since transformers 5.x, and the older one
+        if hasattr(m, "activation_checkpointing_enable"):
+            m.activation_checkpointing_enable()
+            assert m.is_activation_checkpointing
+        else:
+            m.gradient_checkpointing_enable()
+            assert m.is_gradient_checkpointing
+    assert_parity(*loss_and_grads(model, batch()), *loss_and_grads(reference, batch()), rtol=1e-5)
+    clone = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
+    output, grads = loss_and_grads(clone, batch())
+    assert output.logits is None
+    assert all(p.grad is None for p in model.parameters())  # the copy's forward runs on the copy
+    assert_parity(output, grads, *loss_and_grads(reference, batch()), rtol=1e-5)
+    unpatch(clone)
+    assert model(**batch()).logits is None  # the original keeps its patch
+
+
 # ---------------------------------------------------------------------------------------
 # Models and options it cannot handle
 # ---------------------------------------------------------------------------------------
