@@ -467,8 +467,9 @@ def test_memory_one_step_vocab_128k(tmp_path):
     if not script.exists():
         pytest.skip("needs the source tree's examples/ folder")
     out = tmp_path / "step.json"
-    subprocess.run([sys.executable, str(script), "--reps", "0", "--variants", "stock,fused", "--json", str(out)],
-                   check=True, timeout=600, capture_output=True)
+    done = subprocess.run([sys.executable, str(script), "--reps", "0", "--variants", "stock,fused", "--json", str(out)],
+                          timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     stock, fused = results["runs"]["stock"], results["runs"]["fused"]
     assert fused["loss"] == pytest.approx(stock["loss"], rel=1e-5)
