@@ -8,8 +8,8 @@ its 1003 classes. Three runs of 5 SGD steps start from the same weights, with la
 
 1. one process, no parallelism: ``smoothce.cross_entropy`` of the full logits;
 2. DTensor logits: ``ColwiseParallel(use_local_output=False)`` gives logits placed Shard(-1), and
-   ``smoothce.dtensor.cross_entropy`` takes the vocabulary-parallel loss on them;
-3. fused: ``smoothce.dtensor.linear_cross_entropy(hidden, lm_head.weight, ...)`` with the Shard(0)
+   ``smoothce.cross_entropy`` takes the vocabulary-parallel loss on them;
+3. fused: ``smoothce.linear_cross_entropy(hidden, lm_head.weight, ...)`` with the Shard(0)
    weight: no rank ever holds more than one chunk of its logits.
 
 The losses of 2 and 3 must match 1 within 1e-5 at every step; otherwise the script exits non-zero.
@@ -75,10 +75,10 @@ def train(mode: str, mesh=None) -> list[float]:
         if mode == "single":
             loss = smoothce.cross_entropy(model(tokens), target, label_smoothing=LAM)
         elif mode == "dtensor":
-            loss = smoothce.dtensor.cross_entropy(model(tokens), target, label_smoothing=LAM)
+            loss = smoothce.cross_entropy(model(tokens), target, label_smoothing=LAM)
         else:
             head = model.lm_head
-            loss = smoothce.dtensor.linear_cross_entropy(model.hidden(tokens), head.weight, target, bias=head.bias,
+            loss = smoothce.linear_cross_entropy(model.hidden(tokens), head.weight, target, bias=head.bias,
                                                          label_smoothing=LAM)
         loss.backward()
         optimizer.step()

@@ -12,6 +12,7 @@ from smoothce.distributed import count_tokens, vocab_parallel_cross_entropy
 from smoothce.functional import cross_entropy
 from smoothce.linear import linear_cross_entropy
 from smoothce.module import CrossEntropyLoss, LinearCrossEntropyLoss
+from smoothce.vocab_parallel_linear import vocab_parallel_linear_cross_entropy
 
 register_builtin_backends()
 
@@ -24,5 +25,6 @@ __all__ = [
     "linear_cross_entropy",
     "registry",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import torch
 from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
-from smoothce.checks import REDUCTIONS, check_arguments, normalizer_tensor  # noqa: F401 (REDUCTIONS: until distributed.py takes it from checks)
+from smoothce.checks import check_arguments, normalizer_tensor
 from smoothce.numerics import kept_factors, loss_dtype
 
 

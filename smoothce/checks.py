@@ -131,18 +131,13 @@ def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: 
         raise ValueError(bad_target_message(value, num_classes, ignore_index))
 
 
-def normalizer_tensor(normalizer, reduction, like: torch.Tensor) -> torch.Tensor | None:
-    """``normalizer`` as a 0-d tensor of the loss dtype on ``like``'s device, or None; errors name the value.
-
-    A number (>= 0, finite) or a one-element real tensor on any device, and only with "mean" (which
-    then divides the summed loss by it). Nothing is read on the host: a number becomes a fill on
-    the device, a tensor is copied there without waiting.
-    """
+def check_normalizer(normalizer, reduction) -> None:
+    """TypeError/ValueError naming a ``normalizer`` that is not None, a finite number >= 0 or a
+    one-element real tensor, or one given with another reduction than "mean"."""
     if normalizer is None:
-        return None
+        return
     if reduction != "mean":
         raise ValueError(f"normalizer is only used with reduction='mean', got reduction={reduction!r}")
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
             raise ValueError(
@@ -150,9 +145,23 @@ def normalizer_tensor(normalizer, reduction, like: torch.Tensor) -> torch.Tensor
             )
         if normalizer.dtype == torch.bool or normalizer.is_complex():
             raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
-        return normalizer.detach().reshape(()).to(device=like.device, dtype=dtype, non_blocking=True)
+        return
     if _is_bool(normalizer) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a number or a one-element tensor, got {type(normalizer).__name__}")
     if not 0.0 <= float(normalizer) < float("inf"):  # False for NaN too
         raise ValueError(f"normalizer must be a finite number >= 0, got {normalizer}")
+
+
+def normalizer_tensor(normalizer, reduction, like: torch.Tensor) -> torch.Tensor | None:
+    """``normalizer`` checked and made a 0-d tensor of the loss dtype on ``like``'s device (or None).
+
+    Nothing is read on the host: a number becomes a fill on the device, a tensor is copied there
+    without waiting.
+    """
+    check_normalizer(normalizer, reduction)
+    if normalizer is None:
+        return None
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.detach().reshape(()).to(device=like.device, dtype=dtype, non_blocking=True)
     return torch.full((), float(normalizer), dtype=dtype, device=like.device)

@@ -65,9 +65,6 @@ gradient, by that number instead.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import torch.distributed as dist
 
@@ -77,7 +74,7 @@ if dist.is_available():  # builds without torch.distributed can still import smo
 from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
-from smoothce.checks import REDUCTIONS, bad_target_message, check_arguments
+from smoothce.checks import REDUCTIONS, bad_target_message, check_arguments, check_normalizer
 from smoothce.numerics import kept_factors, loss_dtype
 
 __all__ = ["count_tokens", "vocab_parallel_cross_entropy"]
@@ -451,28 +448,6 @@ register_kept_gradient_autograd(vp_loss_grad, _NAME, reduction_arg=9, compute_gr
 
 # ---------------------------------------------------------------------------------------------
 # The public functions.
-
-
-def check_normalizer(normalizer, reduction):
-    """TypeError/ValueError for a ``normalizer`` that is not a number >= 0 or a one-element real tensor."""
-    if normalizer is None:
-        return
-    if reduction != "mean":
-        raise ValueError(f"normalizer is only used with reduction='mean', got reduction={reduction!r}")
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(
-                f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}"
-            )
-        if normalizer.dtype == torch.bool or normalizer.is_complex():
-            raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
-        return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
-        raise TypeError(
-            f"normalizer must be a number or a one-element tensor, got {type(normalizer).__name__}"
-        )
-    if math.isnan(normalizer) or normalizer < 0:
-        raise ValueError(f"normalizer must be >= 0, got {normalizer}")
 
 
 def denominator_for(reduction, normalizer, target, ignore_index, dtype, device) -> torch.Tensor:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from smoothce import dtensor
 from smoothce._ops import cross_entropy_impl
 from smoothce.checks import check_tensors_given, normalizer_tensor, option_values
+from smoothce.dtensor import is_dtensor
 
 
 def cross_entropy(
@@ -23,7 +25,8 @@ def cross_entropy(
     - (lam / V) sum_j z_j. Rows with ``target == ignore_index`` contribute nothing.
     ``reduction``: "none" gives shape (...), "sum" and "mean" a scalar; "mean" divides by
     the number of non-ignored targets and is 0.0 (gradient zero) when there are none.
-    ``normalizer`` (only with "mean"): a number or a one-element tensor on any device, read
+    A DTensor ``logits`` sharded on the class dimension takes the vocabulary-parallel loss on its
+    mesh (``smoothce.dtensor``). ``normalizer`` (only with "mean"): a number or a one-element tensor on any device, read
     without a host sync; the summed loss is divided by it instead of the count (the tokens of a
     whole accumulation window, say), so that ``loss.backward()`` stays free. The result is float32
     (float64 for float64 logits); the gradient, computed in this forward pass and kept, has the
@@ -33,6 +36,11 @@ def cross_entropy(
     # with a RuntimeError; the op checks everything else, once (smoothce/checks.py).
     check_tensors_given(logits, target)
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
+    if is_dtensor(logits):  # the classes sharded over a device mesh: the vocabulary-parallel loss
+        return dtensor.cross_entropy(
+            logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction,
+            normalizer=normalizer,
+        )
     if torch._C._are_functorch_transforms_active():
         # torch.func (grad, vmap, ...): the op's body in Python, so that its autograd.Function is
         # applied where the transforms see it; inside the dispatcher they cannot.

@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from smoothce import registry
+from smoothce import dtensor, registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
 from smoothce.checks import (
@@ -26,6 +26,7 @@ from smoothce.checks import (
     normalizer_tensor,
     option_values,
 )
+from smoothce.dtensor import is_dtensor
 from smoothce.numerics import kept_factors, loss_dtype
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -208,6 +209,11 @@ def linear_cross_entropy(
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
+    if is_dtensor(weight) or is_dtensor(hidden):  # a ColwiseParallel lm_head: the vocabulary-parallel loss
+        return dtensor.linear_cross_entropy(
+            hidden, weight, target, bias=bias, label_smoothing=label_smoothing, ignore_index=ignore_index,
+            reduction=reduction, normalizer=normalizer,
+        )
     if normalizer is not None and not isinstance(normalizer, torch.Tensor):
         normalizer = normalizer_tensor(normalizer, reduction, hidden)  # the schema takes a tensor
     return torch.ops.smoothce.linear_cross_entropy(

@@ -35,14 +35,13 @@ import torch.distributed as dist
 from smoothce import linear, registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
-from smoothce.checks import option_values
+from smoothce.checks import check_normalizer, option_values
 from smoothce.distributed import (
     _NO_ERROR,
     _TYPE_ERROR,
     _VALUE_ERROR,
     _VOCAB,
     _resolve_group,
-    check_normalizer,
     check_table_on_device,
     check_table_on_host,
     combine,
@@ -354,9 +353,9 @@ def vocab_parallel_linear_loss(hidden, weight, target, *, group, position, world
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
     error = None
     try:
+        label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
         target = linear.check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index,
                                                reduction)
-        label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
         check_normalizer(normalizer, reduction)
         if not torch.compiler.is_compiling():  # (the op's kernel selects it again at run time)
             registry.select(hidden.device)  # a device without a backend: this rank's clear error, told to all
