@@ -72,14 +72,12 @@ def train(mode: str, mesh=None) -> list[float]:
     losses = []
     for _ in range(STEPS):
         optimizer.zero_grad()
-        if mode == "single":
-            loss = smoothce.cross_entropy(model(tokens), target, label_smoothing=LAM)
-        elif mode == "dtensor":
-            loss = smoothce.cross_entropy(model(tokens), target, label_smoothing=LAM)
-        else:
+        if mode == "fused":  # the lm_head's Shard(0) weight takes the fused vocabulary-parallel loss
             head = model.lm_head
             loss = smoothce.linear_cross_entropy(model.hidden(tokens), head.weight, target, bias=head.bias,
-                                                         label_smoothing=LAM)
+                                                 label_smoothing=LAM)
+        else:  # plain logits ("single") or Shard(-1) DTensor logits ("dtensor"): the same call
+            loss = smoothce.cross_entropy(model(tokens), target, label_smoothing=LAM)
         loss.backward()
         optimizer.step()
         losses.append(float((loss.full_tensor() if mode != "single" else loss).detach()))
