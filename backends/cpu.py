@@ -1,16 +1,14 @@
-"""The "cpu" backend: vectorized torch code, fused per block of rows so the block stays in cache.
+"""The "cpu" backend: vectorized torch code in a few fused passes, each row's work in fp32 (fp64 for fp64).
 
-Each block of rows (up to 16 MiB of fp32 work) is read from memory once; the work on it runs
-in fp32 (fp64 for fp64 logits) while it is in cache: a sum for the smoothing term and one
-fused softmax (one exp per element), finished into the gradient in one more pass that rounds
-each element to the logits' dtype once. Without a gradient a fused log-softmax gives the loss.
-For contiguous fp32/fp64 gradients the softmax is written straight into the gradient buffer;
-otherwise one block-sized scratch buffer (reused for every block) holds it. Per-row work
-(targets, the loss, the target column) is done once for all rows, outside the block loop.
-Torch's intra-op threads split each block's rows over the cores; blocks are large, so a call
-makes few parallel regions (each waits for every thread, and a loaded machine delays them).
-A large gradient is allocated in transparent huge pages (Linux): faulting in a fresh buffer
-4 KiB at a time costs more than the whole computation on it.
+A contiguous fp32/fp64 gradient is written in place for all rows at once: a sum for the smoothing
+term, one fused softmax (one exp per element) straight into the gradient, and one pass that
+finishes it; three parallel regions per call, which a loaded machine delays far less than many
+small ones. Half-precision gradients, strided ones and the loss without a gradient go through one
+4 MiB fp32 scratch block, reused block by block while it is in cache, and round each element to
+the logits' dtype once; without a gradient a fused log-softmax (one pass fewer) gives the loss.
+Per-row work (targets, the loss, the target column) is done once for all rows, after the blocks.
+A large gradient is allocated in transparent huge pages (Linux): faulting a fresh buffer in 4 KiB
+at a time costs more than the whole computation on it.
 
 Precision: the loss and the target column are built from terms that carry relative
 rounding errors only, so no cancellation is left in them:
@@ -48,9 +46,9 @@ from smoothce.backends.base import Backend
 from smoothce.checks import check_targets_on_host
 from smoothce.numerics import kept_factors, loss_dtype
 
-# Elements per block: 4M fp32 is 16 MiB of scratch, within the 32 MiB L3 of a small server; larger
-# blocks mean fewer op calls and parallel regions per call (a region waits for every thread).
-BLOCK_ELEMENTS = 1 << 22
+# Elements per scratch block: 1M fp32 is 4 MiB, which stays in the L2/L3 caches and keeps the per-block
+# Python overhead (half a dozen op calls) small against the work.
+BLOCK_ELEMENTS = 1 << 20
 # Gradients from this size on are allocated in transparent huge pages where the OS offers them.
 HUGE_PAGE_BYTES = 1 << 25
 # Below this p_k the row's loss is recomputed from logsumexp instead of -log p_k.
@@ -224,39 +222,17 @@ class CpuBackend(Backend):
         acc = loss_dtype(logits.dtype)
         return self._rows(logits.detach(), k, valid, label_smoothing, grad, float(grad_scale), acc)
 
-    def _blocks(self, n_rows, num_classes, acc, grad, in_place, aliased):
-        """(start, stop, fp32/fp64 scratch of stop - start rows, or None in place) for each block of rows.
-
-        In place: all rows at once. A contiguous half gradient lends its own bytes: blocks run from
-        the last rows up, each in the (still unwritten) rows of the gradient above it, in blocks of
-        ``block_elements``; the first few rows, and everything else, use one scratch block of
-        ``block_elements`` (a quarter as many with a gradient: memory beyond the gradient stays ~1%).
-        """
+    def _blocks(self, n_rows, num_classes, acc, in_place):
+        """(start, stop, fp32/fp64 scratch of stop - start rows, or None in place) for each block of rows:
+        all rows at once in place, else blocks of ``block_elements`` (at least a row per thread)."""
         if in_place:
             yield 0, n_rows, None
             return
-        threads = torch.get_num_threads()
-        stop = n_rows
-        if grad is not None and not aliased and grad.is_contiguous() and grad.element_size() * 2 == acc.itemsize:
-            flat = grad.view(-1)
-            while stop > 0:
-                # rows [stop - r, stop) in 2 r V half elements of the gradient before row stop - r (+1 to align)
-                room = (stop * num_classes - 1) // (3 * num_classes)
-                rows = min(stop, max(1, self.block_elements // num_classes), room)
-                if rows < threads:
-                    break
-                begin = ((stop - rows) * num_classes - 2 * rows * num_classes) & ~1
-                scratch = flat[begin : begin + 2 * rows * num_classes].view(acc).view(rows, num_classes)
-                yield stop - rows, stop, scratch
-                stop -= rows
-        if stop == 0:
-            return
-        budget = self.block_elements if grad is None else self.block_elements // 4
-        rows_per_block = min(stop, max(threads, budget // num_classes, 1))
+        rows_per_block = min(n_rows, max(torch.get_num_threads(), self.block_elements // num_classes, 1))
         scratch = torch.empty((rows_per_block, num_classes), dtype=acc)
-        for start in range(0, stop, rows_per_block):
-            end = min(start + rows_per_block, stop)
-            yield start, end, scratch[: end - start]
+        for start in range(0, n_rows, rows_per_block):
+            stop = min(start + rows_per_block, n_rows)
+            yield start, stop, scratch[: stop - start]
 
     def _rows(self, logits, k, valid, lam, grad, scale, acc):
         """``forward`` on checked targets ``k`` (N, 1) and ``valid`` (None: no ignored row), ``scale`` a float."""
@@ -285,11 +261,14 @@ class CpuBackend(Backend):
         # fp32/fp64 gradients are worked on in place, all rows at once (three passes, three parallel
         # regions); the rest go through an fp32 scratch block by block.
         in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
-        if lam != 0.0 and not aliased:
+        # fp32/fp64 logits: s for all rows in one pass; half ones per block, from the upcast block
+        # (a sum of half logits with dtype=float32 first copies them all to float32).
+        sum_first = lam != 0.0 and not aliased and logits.dtype == acc
+        if sum_first:
             torch.sum(logits, 1, keepdim=True, dtype=sum_dtype, out=row_sum)
         offset = torch.tensor(-scale * lam / num_classes, dtype=acc)
         affine = scale != 1.0 or lam != 0.0
-        for start, stop, p in self._blocks(n_rows, num_classes, acc, grad, in_place, aliased):
+        for start, stop, p in self._blocks(n_rows, num_classes, acc, in_place):
             if stop - start == n_rows:  # one block: the whole tensors, no views
                 x, k_block, p_k_block, rest_block, sum_block, grad_block = logits, k, p_k, rest, row_sum, grad
             else:
@@ -304,6 +283,8 @@ class CpuBackend(Backend):
                 row_max = torch.amax(x, 1, keepdim=True)
                 if lam != 0.0:
                     _offset_exact_sum(x, row_max, sum_block, exact_sums)
+            elif lam != 0.0 and not sum_first:
+                torch.sum(x, 1, keepdim=True, dtype=sum_block.dtype, out=sum_block)
             if log_space:  # no gradient: log p, and p only in a block with a confident row
                 p = _log_softmax_(p, x)
                 torch.gather(p, 1, k_block, out=p_k_block)

@@ -75,9 +75,8 @@ def smoothce_rows(logits, target, label_smoothing):
 @pytest.mark.parametrize("confident", [False, True], ids=["", "confident-rows"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_blocks(dtype, confident, layout):
-    # 37 x 700 logits with blocks of 1400: fp32/fp64 in place in one block; half gradients in
-    # blocks of 2 rows borrowed from the gradient's own rows above, the first rows in a scratch
-    # block; a strided gradient and no gradient through the scratch alone (blocks of 2, last one short).
+    # 37 x 700 logits with blocks of 1400: fp32/fp64 gradients in place, all rows at once; half
+    # gradients, strided ones and no gradient through the scratch in blocks of 2 rows, the last one short.
     backend = CpuBackend(block_elements=1400)
     logits = make_logits((37, 700), dtype)
     target = make_target((37,), 700)
@@ -103,7 +102,7 @@ def test_blocks(dtype, confident, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_gradient_over_its_own_logits(dtype):
     # The fused linear loss writes the gradient over the logits: all rows at once in place (fp32,
-    # fp64) or through the scratch (bf16: the gradient's rows hold logits not yet read, nothing to borrow).
+    # fp64) or block by block through the scratch (bf16); nothing may re-read a logit once overwritten.
     backend = CpuBackend(block_elements=1400)
     logits = make_logits((37, 700), dtype)
     target = make_target((37,), 700)
