@@ -46,16 +46,11 @@ def environment() -> list[str]:
     return lines
 
 
-def interpreted(device: torch.device) -> bool:
-    """Whether smoothce runs on ``device`` through an interpreter (a GPU backend selected for CPU tensors)."""
-    return device.type == "cpu" and registry.select(device).name != "cpu"
-
-
 def benchmark(device: torch.device) -> None:
     """smoothce against PyTorch eager and torch.compile, one shape per dtype (interpreted: eager only, tiny)."""
     from smoothce.bench import cases, report, runner
 
-    slow, cpu = interpreted(device), device.type == "cpu"
+    slow, cpu = selfcheck.interpreted(device), device.type == "cpu"
     shape = BENCH_SHAPES["interpreted" if slow else "cpu" if cpu else "accelerator"]
     settings = runner.Settings(
         device=device, cases=cases.grid([shape], ["fp32", "bf16"], ["fwd+bwd"]),
@@ -83,7 +78,7 @@ def linear_benchmark(device: torch.device) -> None:
     """smoothce.linear_cross_entropy against F.linear + F.cross_entropy and F.linear_cross_entropy."""
     from smoothce.bench import linear
 
-    slow, cpu = interpreted(device), device.type == "cpu"
+    slow, cpu = selfcheck.interpreted(device), device.type == "cpu"
     shape = LINEAR_SHAPES["interpreted" if slow else "cpu" if cpu else "accelerator"]
     dtype = "fp32" if cpu else "bf16"
     impls = linear.available_impls(device, compile_=False)

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from smoothce.bench.impls import FWD_BWD
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IGNORE_INDEX = -100
+DTYPES, IGNORE_INDEX = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}, -100
 # Vocabulary sizes of real models: Llama-2 / Mistral, GPT-2, Llama-3, Qwen2, Gemma-3.
 VOCAB_SIZES = (32000, 50257, 128256, 151936, 262144)
 # The least traffic any implementation needs (b: bytes per logit): the yardstick for every bandwidth and limit.

@@ -25,7 +25,6 @@ from smoothce.registry import default_device
 
 TARGET_SHAPES = ((8192, 32000), (8192, 128256), (4096, 262144), (16384, 151936))
 HOST_SHAPE = (16, 32000)
-# Per sweep preset: token counts on CPU and on accelerators, and rounds (CPU, accelerator).
 PRESETS = {  # token counts on CPU, on accelerators, vocabulary sizes, rounds on CPU, on accelerators
     "quick": ((128,), (1024,), (32000, 128256), 3, 3),
     "default": ((256, 1024), (4096, 16384), cases.VOCAB_SIZES, 5, 3),

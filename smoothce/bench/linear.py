@@ -30,8 +30,7 @@ DESCRIPTIONS = {
     "torch-eager": "F.cross_entropy(F.linear(hidden, weight), target): the (N, V) logits and gradient materialised",
     "torch-compile": "the same under torch.compile (compilation not timed)",
     "torch-linear-ce": "torch.nn.functional.linear_cross_entropy (PyTorch 2.13), default options=None",
-    "torch-linear-ce-chunked": "torch.nn.functional.linear_cross_entropy with options=LinearCrossEntropyOptions() "
-    "(its chunked path, which takes label_smoothing=0 only)",
+    "torch-linear-ce-chunked": "the same with options=LinearCrossEntropyOptions() (chunked; label_smoothing=0 only)",
     "liger": "Liger-Kernel's LigerFusedLinearCrossEntropyLoss (Triton)",
 }
 
@@ -161,36 +160,40 @@ def run_case(device, shape, dtype_name, *, reps, impls, accuracy, label_smoothin
 
 def markdown(record: dict) -> str:
     lam = record.get("label_smoothing", LABEL_SMOOTHING)
+    versions = ", ".join(f"{k} {v}" for k, v in record.get("versions", {"torch": record["torch"]}).items())
     lines = [
         f"# Fused linear + cross-entropy, forward + backward, {record['device_name']}",
         "",
         f"label_smoothing={lam:g}, every 16th target ignored; medians of {record['reps']} interleaved rounds; "
-        f"{record.get('date', '')}; torch {record['torch']}, smoothce commit {record.get('commit')}. smoothce's "
+        f"{record.get('date', '')}; {versions}, smoothce commit {record.get('commit')}. smoothce's "
         f"chunk budget: {record['chunk_bytes'] / 2**20:.0f} MiB; d weight summed "
-        f"{'in fp32' if record.get('fp32_weight_grad', True) else 'in its own dtype'}.",
+        f"{'in fp32' if record.get('fp32_weight_grad', True) else 'in its own dtype'}. Load average (1 minute) at the "
+        f"start: {record.get('load_average')} (above the core count: other work competed, times inflated).",
         "",
         *(f"- **{name}**: {DESCRIPTIONS[name]}" for name in (record["cases"] or [{"results": {}}])[0]["results"]),
         *(f"- not run: **{name}**, {why}" for name, why in record["not_run"].items()),
         "",
-        "| N x D x V | dtype | implementation | ms (median) | ms (best) | vs eager | vs matmuls | TFLOP/s "
-        "| extra memory (x logits) | d hidden err | d weight err |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N x D x V | dtype | implementation | ms (median) | ms (best) | vs eager | smoothce's speed-up | vs matmuls "
+        "| TFLOP/s | extra memory (x logits) | d hidden err | d weight err |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in record["cases"]:
-        eager_ms = case["results"].get("torch-eager", {}).get("ms")
+        eager_ms, ours = (case["results"].get(name, {}).get("ms") for name in ("torch-eager", "smoothce"))
         floor = case["results"]["matmuls"]["ms"]
         for name, r in case["results"].items():
             peak, size = r.get("peak_extra_bytes"), case["logits_bytes"]
             mem = r.get("error", "n/a") if peak is None else f"{peak / 2**20:.0f} MiB ({peak / size:.2f}x)"
             errs = [f"{r[key]:.2e}" if key in r else "" for key in ("d_hidden", "d_weight")]
             vs_eager = f"{eager_ms / r['ms']:.2f}x" if eager_ms else ""
+            speedup = f"{r['ms'] / ours:.2f}x" if ours else ""
             lines.append(
                 f"| {case['n']}x{case['d']}x{case['v']} | {case['dtype']} | {name} | {r['ms']:.1f} | {r['ms_min']:.1f} "
-                f"| {vs_eager} | {r['ms'] / floor:.2f} | {r['tflops']:.2f} | {mem} | {errs[0]} | {errs[1]} |"
+                f"| {vs_eager} | {speedup} | {r['ms'] / floor:.2f} | {r['tflops']:.2f} | {mem} | {' | '.join(errs)} |"
             )
     lines += [
         "",
-        "vs eager: eager's median time / this one's (above 1 is faster). vs matmuls: this median / the three "
+        "vs eager: eager's median time / this one's (above 1 is faster); smoothce's speed-up: this one's / "
+        "smoothce's. vs matmuls: this median / the three "
         "matmuls' alone. Extra memory: peak beyond the inputs and the returned gradients during one forward + "
         f"backward ({measure.CPU_METHOD if record['device'] == 'cpu' else measure.ACCELERATOR_METHOD}). Errors: "
         "max |error| / max |value| against float64 linear + cross-entropy on the same inputs.",
@@ -213,7 +216,8 @@ def run_linear_sweep(device, out=None, *, shapes=None, dtypes=None, reps=None, c
         "device_name": f"CPU {environment['device_name']}, {torch.get_num_threads()} threads" if cpu
         else environment["device_name"],
         "date": environment["date"], "commit": environment["commit"], "torch": torch.__version__,
-        "versions": environment["versions"], "label_smoothing": label_smoothing, "reps": reps or (3 if cpu else 10),
+        "versions": environment["versions"], "load_average": environment["load_average_at_start"],
+        "label_smoothing": label_smoothing, "reps": reps or (3 if cpu else 10),
         "chunk_bytes": chunk_bytes or smoothce.linear.chunk_bytes_for(device),
         "fp32_weight_grad": fp32_weight_grad is not False,
         "not_run": {n: why for n in BUILDERS if (why := unavailable_reason(n, device, label_smoothing))},

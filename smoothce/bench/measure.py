@@ -88,9 +88,7 @@ def time_rounds(steps: Mapping[str, object], measure: Callable[[object], float],
     return {name: times[name] for name in alive}, errors, order
 
 
-ACCELERATOR_METHOD = (
-    "allocator statistics: max_memory_allocated during one run minus memory_allocated before it"
-)
+ACCELERATOR_METHOD = "allocator statistics: max_memory_allocated during one run minus memory_allocated before it"
 CPU_METHOD = (
     "resident set in the benchmark process: VmHWM during one run minus VmRSS before it (peak reset through "
     "/proc/self/clear_refs), with malloc returning every block over 64 KiB to the system on free and its free "
