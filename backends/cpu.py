@@ -36,6 +36,7 @@ rounding errors only, so no cancellation is left in them:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import mmap
@@ -222,17 +223,35 @@ class CpuBackend(Backend):
         acc = loss_dtype(logits.dtype)
         return self._rows(logits.detach(), k, valid, label_smoothing, grad, float(grad_scale), acc)
 
-    def _blocks(self, n_rows, num_classes, acc, in_place):
-        """(start, stop, fp32/fp64 scratch of stop - start rows, or None in place) for each block of rows:
-        all rows at once in place, else blocks of ``block_elements`` (at least a row per thread)."""
-        if in_place:
-            yield 0, n_rows, None
-            return
-        rows_per_block = min(n_rows, max(torch.get_num_threads(), self.block_elements // num_classes, 1))
-        scratch = torch.empty((rows_per_block, num_classes), dtype=acc)
-        for start in range(0, n_rows, rows_per_block):
-            stop = min(start + rows_per_block, n_rows)
-            yield start, stop, scratch[: stop - start]
+    def _run_blocks(self, block, n_rows, num_classes, acc):
+        """``block(start, stop, scratch)`` over the rows in blocks of ``block_elements``; True where any is.
+
+        With several torch threads and blocks enough, each of that many Python threads takes every
+        so-many-th block with its own scratch (``block_elements`` shared between them) and runs its
+        ops single-threaded: no parallel region per op, whose end waits for every thread (a loaded
+        machine delays each by a scheduler slice). Otherwise one loop, a parallel region per op.
+        """
+        threads = torch.get_num_threads()
+        workers = threads if n_rows * num_classes >= 4 * threads * self.block_elements else 1
+        rows_per_block = min(n_rows, max(workers, self.block_elements // (workers * num_classes), 1))
+        starts = range(0, n_rows, rows_per_block)
+
+        def run(worker):
+            scratch = torch.empty((rows_per_block, num_classes), dtype=acc)
+            confident = False
+            for start in starts[worker::workers]:
+                stop = min(start + rows_per_block, n_rows)
+                confident |= block(start, stop, scratch[: stop - start])
+            return confident
+
+        if workers == 1:
+            return run(0)
+        torch.set_num_threads(1)  # the workers' ops take this count when they first run
+        try:
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="smoothce-cpu") as pool:
+                return any(list(pool.map(run, range(workers))))
+        finally:
+            torch.set_num_threads(threads)
 
     def _rows(self, logits, k, valid, lam, grad, scale, acc):
         """``forward`` on checked targets ``k`` (N, 1) and ``valid`` (None: no ignored row), ``scale`` a float."""
@@ -244,7 +263,6 @@ class CpuBackend(Backend):
         # confident row; s = sum_j z_j, in fp64 where that costs nothing.
         stats = torch.empty((2, n_rows, 1), dtype=acc)
         p_k, rest = stats[0], stats[1]
-        any_confident = False
         # Without a gradient, fp32 work takes the log-softmax (one pass fewer); fp64 keeps the
         # renormalised softmax, whose sum the log-softmax cannot correct.
         log_space = grad is None and acc != torch.float64
@@ -268,11 +286,14 @@ class CpuBackend(Backend):
             torch.sum(logits, 1, keepdim=True, dtype=sum_dtype, out=row_sum)
         offset = torch.tensor(-scale * lam / num_classes, dtype=acc)
         affine = scale != 1.0 or lam != 0.0
-        for start, stop, p in self._blocks(n_rows, num_classes, acc, in_place):
+        def block(start, stop, p):
+            """The rows [start, stop), in ``p`` (scratch; None in place); True where one is confident."""
+            confident = False
             if stop - start == n_rows:  # one block: the whole tensors, no views
                 x, k_block, p_k_block, rest_block, sum_block, grad_block = logits, k, p_k, rest, row_sum, grad
             else:
-                x, k_block, p_k_block, rest_block = logits[start:stop], k[start:stop], p_k[start:stop], rest[start:stop]
+                x, k_block, p_k_block = logits[start:stop], k[start:stop], p_k[start:stop]
+                rest_block = rest[start:stop]
                 sum_block = None if row_sum is None else row_sum[start:stop]
                 grad_block = None if grad is None else grad[start:stop]
             if in_place:
@@ -289,10 +310,10 @@ class CpuBackend(Backend):
                 p = _log_softmax_(p, x)
                 torch.gather(p, 1, k_block, out=p_k_block)
                 if bool((p_k_block >= _LOG_CONFIDENT).any()):
-                    any_confident = True
+                    confident = True
                     p.exp_().scatter_(1, k_block, 0.0)
                     torch.sum(p, 1, keepdim=True, out=rest_block)
-                continue
+                return confident
             p = _softmax_(p, x)
             if acc == torch.float64:  # ATen's running sum drifts by up to ~V/8 ulps: renormalise
                 p.div_(p.sum(1, keepdim=True))
@@ -300,15 +321,18 @@ class CpuBackend(Backend):
             if aliased and bool((p_k_block < _TINY).any()):
                 torch.sub(row_max, torch.amax(p, 1, keepdim=True).log_(), out=lse[start:stop])
             if bool((p_k_block >= _CONFIDENT).any()):
-                any_confident = True
+                confident = True
                 p.scatter_(1, k_block, 0.0)  # the target column is written after the loop
                 torch.sum(p, 1, keepdim=True, out=rest_block)
             if grad is None:
-                continue
+                return confident
             if affine:  # p <- scale * p - scale * lam / V, in fp32/fp64
                 torch.add(offset, p, alpha=scale, out=p)
             if not in_place:
                 grad_block.copy_(p)  # rounded to the gradient's dtype once
+            return confident
+
+        any_confident = block(0, n_rows, None) if in_place else self._run_blocks(block, n_rows, num_classes, acc)
 
         p_k, rest = p_k.squeeze(1), rest.squeeze(1)
         any_tiny = False
