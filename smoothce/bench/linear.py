@@ -30,7 +30,7 @@ DESCRIPTIONS = {
     "torch-eager": "F.cross_entropy(F.linear(hidden, weight), target): the (N, V) logits and gradient materialised",
     "torch-compile": "the same under torch.compile (compilation not timed)",
     "torch-linear-ce": "torch.nn.functional.linear_cross_entropy (PyTorch 2.13), default options=None",
-    "torch-linear-ce-chunked": "the same with options=LinearCrossEntropyOptions() (chunked; label_smoothing=0 only)",
+    "torch-linear-ce-chunked": "F.linear_cross_entropy, options=LinearCrossEntropyOptions(): chunked, takes λ = 0 only",
     "liger": "Liger-Kernel's LigerFusedLinearCrossEntropyLoss (Triton)",
 }
 
@@ -160,6 +160,7 @@ def run_case(device, shape, dtype_name, *, reps, impls, accuracy, label_smoothin
 
 def markdown(record: dict) -> str:
     lam = record.get("label_smoothing", LABEL_SMOOTHING)
+    load = record.get("load_average") if isinstance(record.get("load_average"), float) else float("nan")
     versions = ", ".join(f"{k} {v}" for k, v in record.get("versions", {"torch": record["torch"]}).items())
     lines = [
         f"# Fused linear + cross-entropy, forward + backward, {record['device_name']}",
@@ -168,7 +169,7 @@ def markdown(record: dict) -> str:
         f"{record.get('date', '')}; {versions}, smoothce commit {record.get('commit')}. smoothce's "
         f"chunk budget: {record['chunk_bytes'] / 2**20:.0f} MiB; d weight summed "
         f"{'in fp32' if record.get('fp32_weight_grad', True) else 'in its own dtype'}. Load average (1 minute) at the "
-        f"start: {record.get('load_average')} (above the core count: other work competed, times inflated).",
+        f"start: {load:.3g} (above the core count: other work competed, times inflated).",
         "",
         *(f"- **{name}**: {DESCRIPTIONS[name]}" for name in (record["cases"] or [{"results": {}}])[0]["results"]),
         *(f"- not run: **{name}**, {why}" for name, why in record["not_run"].items()),
