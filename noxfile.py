@@ -28,9 +28,11 @@ def _install(session: nox.Session, extras: str, torch_spec: str = TORCH, *pip_ar
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff over the package, the backends, the tests and this file."""
+    """Ruff's linter, and its formatter as a check, over the package, backends, tests, examples and this file."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "smoothce", "backends", "tests", "noxfile.py", *session.posargs)
+    paths = ("smoothce", "backends", "tests", "examples", "noxfile.py")
+    session.run("ruff", "check", *paths, *session.posargs)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
@@ -62,8 +64,13 @@ def triton_interpret(session: nox.Session) -> None:
     """
     _install(session, "test,triton")
     session.install(TRITON)
-    session.run(*PYTEST, "tests/test_triton_kernels.py", "tests/test_triton_shard_kernels.py", *session.posargs,
-                env={"TRITON_INTERPRET": "1"})
+    session.run(
+        *PYTEST,
+        "tests/test_triton_kernels.py",
+        "tests/test_triton_shard_kernels.py",
+        *session.posargs,
+        env={"TRITON_INTERPRET": "1"},
+    )
     for backend in ("cuda-triton", "xpu-triton"):
         env = {"TRITON_INTERPRET": "1", "SMOOTHCE_BACKEND": backend}
         session.run(*PYTEST, "tests/test_op.py", "tests/test_linear.py", *session.posargs, env=env)

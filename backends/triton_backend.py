@@ -121,8 +121,14 @@ class TritonBackend(Backend):
         if kernel == "split" and not self.chunks_resident(-(-num_classes // block), device):
             kernel = "loop"
         keep, drop = self.EVICTION
-        config = {"kernel": kernel, "block": block, "num_warps": num_warps, "keep": keep, "drop": drop,
-                  "fast_exp": self.FAST_EXP}
+        config = {
+            "kernel": kernel,
+            "block": block,
+            "num_warps": num_warps,
+            "keep": keep,
+            "drop": drop,
+            "fast_exp": self.FAST_EXP,
+        }
         options = self.compile_options()
         if options:
             config["options"] = options
@@ -164,7 +170,13 @@ class TritonBackend(Backend):
         settings = self.SCALE_GRAD
         cores = self.cores(grad.device) if grad.device.type != "cpu" else None
         return triton_kernels.scale_grad(
-            grad, grad_out, factor, per_row, inplace, block=settings["block"], num_warps=settings["num_warps"],
+            grad,
+            grad_out,
+            factor,
+            per_row,
+            inplace,
+            block=settings["block"],
+            num_warps=settings["num_warps"],
             programs=cores * settings["programs_per_core"] if cores else None,
         )
 
@@ -190,13 +202,23 @@ class TritonBackend(Backend):
         config = self.shard_launch_config(logits.shape[1], logits.dtype)
         return triton_shard_kernels.shard_stats(logits, target, start, label_smoothing, ignore_index, config)
 
-    def shard_grad(self, logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index,
-                   grad_scale, grad):
+    def shard_grad(
+        self, logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index, grad_scale, grad
+    ):
         from smoothce.backends import triton_shard_kernels
 
         self.check_inputs(logits)
         config = self.shard_launch_config(logits.shape[1], logits.dtype)
         triton_shard_kernels.shard_grad(
-            logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index, grad_scale, grad,
+            logits,
+            target,
+            start,
+            num_classes,
+            row_max,
+            excess,
+            label_smoothing,
+            ignore_index,
+            grad_scale,
+            grad,
             config,
         )

@@ -22,8 +22,9 @@ def exp(x, FAST: tl.constexpr):
     # exp(x) = 2**(x log2 e). FAST (float32 on NVIDIA GPUs): the hardware's ex2 with results below
     # 2**-126 flushed to 0, two instructions; else Triton's exp, which also rescales such results.
     if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1
+        )
     else:
         return tl.exp(x)
 
@@ -33,8 +34,9 @@ def to_acc(z, ACC_DTYPE: tl.constexpr, FAST: tl.constexpr):
     # A loaded block in the accumulation dtype. FAST (NVIDIA): a bfloat16 pair, packed in a 32-bit
     # register, is its low half shifted up and its high half masked, one instruction per value.
     if FAST and z.dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xFFFF0000;", "=r,=r,r", [z],
-                                         dtype=tl.float32, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(
+            "shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xFFFF0000;", "=r,=r,r", [z], dtype=tl.float32, is_pure=True, pack=2
+        )
     else:
         return z.to(ACC_DTYPE)
 
@@ -61,8 +63,18 @@ def lane_step(z, m, r, s, ref, mask, MASKED: tl.constexpr, SMOOTHING: tl.constex
 
 
 @triton.jit
-def row_stats(row_ptr, stride, n_cols, ref, offsets, BLOCK: tl.constexpr, SMOOTHING: tl.constexpr,
-              ACC_DTYPE: tl.constexpr, FAST_EXP: tl.constexpr, EVICT: tl.constexpr):
+def row_stats(
+    row_ptr,
+    stride,
+    n_cols,
+    ref,
+    offsets,
+    BLOCK: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+    EVICT: tl.constexpr,
+):
     """(M, R, S) of a row's first ``n_cols`` values, lane by lane (``lane_step``): M the max (-inf
     if no value is above -inf), R the sum of exp(z - M) over all values but one max, S = sum (z - ref).
 
@@ -101,8 +113,21 @@ def row_stats(row_ptr, stride, n_cols, ref, offsets, BLOCK: tl.constexpr, SMOOTH
 
 
 @triton.jit
-def grad_sweep(row_ptr, stride, grad_row, grad_stride, n_cols, shift, a, b, offsets, BLOCK: tl.constexpr,
-               ACC_DTYPE: tl.constexpr, FAST_EXP: tl.constexpr, EVICT: tl.constexpr):
+def grad_sweep(
+    row_ptr,
+    stride,
+    grad_row,
+    grad_stride,
+    n_cols,
+    shift,
+    a,
+    b,
+    offsets,
+    BLOCK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+    EVICT: tl.constexpr,
+):
     """grad_j = exp(z_j - shift) a - b over a row's ``n_cols`` values, each rounded to the gradient's
     dtype once: one exp and one fused multiply-add per value. Backwards, the masked tail first (what
     a statistics sweep just before left in the cache), then the full blocks unmasked, each one's

@@ -288,13 +288,32 @@ def split_kernel(
         shift = tl.where(M == NEG_INF, 0.0, M)
         if writer:
             # Ignored rows read nothing (M = z_k = -inf): 0 for both keeps their loss from NaN.
-            loss = _row_loss(R, tl.where(valid, M, 0.0), tl.where(valid, z_k, 0.0), s_rel,
-                             _wide(oml_hi, oml_lo, ACC_DTYPE), _wide(lov_hi, lov_lo, ACC_DTYPE), SMOOTHING)
+            loss = _row_loss(
+                R,
+                tl.where(valid, M, 0.0),
+                tl.where(valid, z_k, 0.0),
+                s_rel,
+                _wide(oml_hi, oml_lo, ACC_DTYPE),
+                _wide(lov_hi, lov_lo, ACC_DTYPE),
+                SMOOTHING,
+            )
             tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
         if COMPUTE_GRAD:
             scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
-            g = _grad_values(z, cols == k, shift, R, 1.0 / (1.0 + R), scale, lov_hi, lov_lo, tgt_hi, tgt_lo,
-                             _wide(lamk_hi, lamk_lo, ACC_DTYPE), FAST_EXP)
+            g = _grad_values(
+                z,
+                cols == k,
+                shift,
+                R,
+                1.0 / (1.0 + R),
+                scale,
+                lov_hi,
+                lov_lo,
+                tgt_hi,
+                tgt_lo,
+                _wide(lamk_hi, lamk_lo, ACC_DTYPE),
+                FAST_EXP,
+            )
             g = tl.where(valid, g, 0.0)  # ignored rows: exact zeros
             tl.store(
                 grad_ptr + row * stride_gr + cols * stride_gc,
@@ -371,8 +390,15 @@ def loop_kernel(
     shift = tl.where(M == NEG_INF, 0.0, M)
     s_rel = S + n_read.to(ACC_DTYPE) * (ref - shift)
 
-    loss = _row_loss(R, tl.where(valid, M, 0.0), z_k, s_rel, _wide(oml_hi, oml_lo, ACC_DTYPE),
-                     _wide(lov_hi, lov_lo, ACC_DTYPE), SMOOTHING)
+    loss = _row_loss(
+        R,
+        tl.where(valid, M, 0.0),
+        z_k,
+        s_rel,
+        _wide(oml_hi, oml_lo, ACC_DTYPE),
+        _wide(lov_hi, lov_lo, ACC_DTYPE),
+        SMOOTHING,
+    )
     tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
 
     if COMPUTE_GRAD:
@@ -384,10 +410,35 @@ def loop_kernel(
             scale = tl.load(scalars_ptr).to(ACC_DTYPE)
             a = inv_d * scale
             b = _wide(lov_hi, lov_lo, ACC_DTYPE) * scale
-            grad_sweep(logits_row, stride_lc, grad_row, stride_gc, num_classes, shift, a, b, offsets, BLOCK,
-                       ACC_DTYPE, FAST_EXP, DROP)
-            g_k = _grad_values(z_k, True, shift, R, inv_d, scale, lov_hi, lov_lo, tgt_hi, tgt_lo,
-                               _wide(lamk_hi, lamk_lo, ACC_DTYPE), False)
+            grad_sweep(
+                logits_row,
+                stride_lc,
+                grad_row,
+                stride_gc,
+                num_classes,
+                shift,
+                a,
+                b,
+                offsets,
+                BLOCK,
+                ACC_DTYPE,
+                FAST_EXP,
+                DROP,
+            )
+            g_k = _grad_values(
+                z_k,
+                True,
+                shift,
+                R,
+                inv_d,
+                scale,
+                lov_hi,
+                lov_lo,
+                tgt_hi,
+                tgt_lo,
+                _wide(lamk_hi, lamk_lo, ACC_DTYPE),
+                False,
+            )
             tl.debug_barrier()  # after every thread's store of the block holding k
             tl.store(grad_row + k * stride_gc, round_to(g_k, grad_ptr.dtype.element_ty))
         else:
@@ -459,8 +510,12 @@ def _constants(label_smoothing: float, num_classes: int) -> dict:
     # The per-call constants of the loss and the gradient, each from float64 as two float32 halves.
     lam = float(label_smoothing)
     constants = {}
-    for name, value in (("oml", 1.0 - lam), ("lov", lam / num_classes), ("tgt", 1.0 - lam + lam / num_classes),
-                        ("lamk", lam - lam / num_classes)):
+    for name, value in (
+        ("oml", 1.0 - lam),
+        ("lov", lam / num_classes),
+        ("tgt", 1.0 - lam + lam / num_classes),
+        ("lamk", lam - lam / num_classes),
+    ):
         constants[f"{name}_hi"], constants[f"{name}_lo"] = split_float(value)
     return constants
 
@@ -500,24 +555,50 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
     with device_guard(logits.device):
         if config["kernel"] == "loop":
             loop_kernel[(n_rows,)](
-                logits, target, rows, grad_arg, scalars, sync, loss, *strides,
-                n_rows, num_classes, ignore_index, **constants,
+                logits,
+                target,
+                rows,
+                grad_arg,
+                scalars,
+                sync,
+                loss,
+                *strides,
+                n_rows,
+                num_classes,
+                ignore_index,
+                **constants,
                 # Without a gradient nothing is read twice: sweep 1 takes sweep 2's hint.
-                BLOCK=block, KEEP=config.get("keep", "") if compute_grad else config.get("drop", ""),
+                BLOCK=block,
+                KEEP=config.get("keep", "") if compute_grad else config.get("drop", ""),
                 DROP=config.get("drop", ""),
-                WIDE_COLS=wide_cols, **common,
+                WIDE_COLS=wide_cols,
+                **common,
             )
             return
         num_chunks = triton.cdiv(num_classes, block)
         max_chunks = triton.next_power_of_2(num_chunks)
-        stats = torch.empty((n_rows, num_chunks, 3) if num_chunks > 1 else (1,), dtype=rows.dtype,
-                            device=logits.device)
+        stats = torch.empty((n_rows, num_chunks, 3) if num_chunks > 1 else (1,), dtype=rows.dtype, device=logits.device)
         phases = (1, 2) if INTERPRETED and compute_grad and num_chunks > 1 else (0,)
         for phase in phases:
             split_kernel[(n_rows * num_chunks,)](
-                logits, target, rows, grad_arg, scalars, stats, sync, loss, *strides,
-                n_rows, num_classes, num_chunks, ignore_index, **constants,
-                CHUNK=block, MAX_CHUNKS=max_chunks, PHASE=phase, **common,
+                logits,
+                target,
+                rows,
+                grad_arg,
+                scalars,
+                stats,
+                sync,
+                loss,
+                *strides,
+                n_rows,
+                num_classes,
+                num_chunks,
+                ignore_index,
+                **constants,
+                CHUNK=block,
+                MAX_CHUNKS=max_chunks,
+                PHASE=phase,
+                **common,
             )
 
 
@@ -543,14 +624,27 @@ def loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, comp
     normalized = mean and normalizer is not None
     with device_guard(device):
         prologue_kernel[(1,)](
-            target, sync, scalars, normalizer if normalized else scalars, n_rows, n_rows + 1, num_classes,
-            ignore_index, float(kept_scale), MEAN=mean, NORMALIZED=normalized, FOLD=fold, BLOCK=1024, num_warps=4,
+            target,
+            sync,
+            scalars,
+            normalizer if normalized else scalars,
+            n_rows,
+            n_rows + 1,
+            num_classes,
+            ignore_index,
+            float(kept_scale),
+            MEAN=mean,
+            NORMALIZED=normalized,
+            FOLD=fold,
+            BLOCK=1024,
+            num_warps=4,
         )
     rows = torch.empty(n_rows, dtype=acc, device=device)
     loss = rows if reduction == "none" else torch.empty((), dtype=acc, device=device)
     grad = torch.empty_like(logits) if compute_grad else None
-    _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothing, ignore_index,
-                 reduction != "none", config)
+    _launch_rows(
+        logits, target, rows, grad, scalars, sync, loss, label_smoothing, ignore_index, reduction != "none", config
+    )
     return loss, grad, scalars[1]
 
 
@@ -596,7 +690,17 @@ def scale_grad(grad, grad_out, factor, per_row, inplace, *, block=4096, num_warp
     grid = (max(1, min(tiles, programs or tiles)),)
     with device_guard(grad.device):
         scale_grad_kernel[grid](
-            flat_grad, flat_out, grad_out, factor, n_rows, n_cols, *strides,
-            PER_ROW=per_row, INPLACE=inplace, BLOCK=block, ACC_DTYPE=acc_dtype, num_warps=num_warps,
+            flat_grad,
+            flat_out,
+            grad_out,
+            factor,
+            n_rows,
+            n_cols,
+            *strides,
+            PER_ROW=per_row,
+            INPLACE=inplace,
+            BLOCK=block,
+            ACC_DTYPE=acc_dtype,
+            num_warps=num_warps,
         )
     return out

@@ -82,8 +82,9 @@ def shard_stats_kernel(
     z_k = tl.where(owned, z_ref, 0.0)
     ref = tl.where(tl.abs(z_ref) < 1.8446744073709552e19, z_ref, 0.0)
 
-    row_max, r_row, s_row = row_stats(logits_row, stride_logits_col, local_classes, ref, offsets, BLOCK_V,
-                                      SMOOTHING, ACC_DTYPE, FAST_EXP, "")
+    row_max, r_row, s_row = row_stats(
+        logits_row, stride_logits_col, local_classes, ref, offsets, BLOCK_V, SMOOTHING, ACC_DTYPE, FAST_EXP, ""
+    )
     t_row = tl.zeros((), ACC_DTYPE)
     if SMOOTHING:
         # t = sum (z - m~) = sum (z - ref) + V_i (ref - m~): nothing summed over raw logits.
@@ -165,15 +166,29 @@ def shard_grad_kernel(
         b = tl.zeros((), ACC_DTYPE)
         if SMOOTHING:
             b = smooth * scale
-        grad_sweep(logits_row, stride_logits_col, grad_row, stride_grad_col, local_classes, shift, a, b, offsets,
-                   BLOCK_V, ACC_DTYPE, FAST_EXP, "")
+        grad_sweep(
+            logits_row,
+            stride_logits_col,
+            grad_row,
+            stride_grad_col,
+            local_classes,
+            shift,
+            a,
+            b,
+            offsets,
+            BLOCK_V,
+            ACC_DTYPE,
+            FAST_EXP,
+            "",
+        )
         if owned:
             # The target column, written again over the sweep's value: p_k - 1 = -e / S where z_k is
             # the max and p_k > 1/2 (a confident row keeps its digits); else (p_k - lam / V) - (1 - lam),
             # exact at lam = 1.
             p_k = tl.exp(z_k - shift) * inv_sum
-            g_k = tl.where((z_k == row_max) & (excess < 1.0), (lam - smooth) - excess * inv_sum,
-                           (p_k - smooth) - (1.0 - lam))
+            g_k = tl.where(
+                (z_k == row_max) & (excess < 1.0), (lam - smooth) - excess * inv_sum, (p_k - smooth) - (1.0 - lam)
+            )
             tl.debug_barrier()  # after every thread's store of the block holding k
             tl.store(grad_row + k * stride_grad_col, round_to(g_k * scale, out))
     else:

@@ -29,10 +29,22 @@ from smoothce.reference import cross_entropy_reference
 # The target shapes, and a short row (the table's whole-row split kernel against the loop kernel).
 SHAPES = [(8192, 32000), (8192, 128256), (4096, 262144), (16384, 151936), (32768, 8192)]
 CANDIDATES = {
-    torch.bfloat16: [("split", 4096, 4), ("split", 8192, 8), ("split", 8192, 16), ("loop", 2048, 8),
-                     ("loop", 4096, 16), ("loop", 8192, 16)],
-    torch.float32: [("split", 2048, 4), ("split", 4096, 8), ("loop", 1024, 4), ("loop", 1024, 8),
-                    ("loop", 2048, 8), ("loop", 4096, 16)],
+    torch.bfloat16: [
+        ("split", 4096, 4),
+        ("split", 8192, 8),
+        ("split", 8192, 16),
+        ("loop", 2048, 8),
+        ("loop", 4096, 16),
+        ("loop", 8192, 16),
+    ],
+    torch.float32: [
+        ("split", 2048, 4),
+        ("split", 4096, 8),
+        ("loop", 1024, 4),
+        ("loop", 1024, 8),
+        ("loop", 2048, 8),
+        ("loop", 4096, 16),
+    ],
 }
 
 
@@ -60,20 +72,31 @@ def main() -> None:
             row = {"dtype": str(dtype).removeprefix("torch."), "rows": n_rows, "V": num_classes}
             row["copy_ms"] = bench(lambda: out.copy_(logits), args.rep)
             row["read_ms"] = bench(lambda: torch.amax(logits), args.rep)
-            ref_loss, ref_grad = cross_entropy_reference(logits[:64].double().cpu(), target[:64].cpu(),
-                                                         label_smoothing=lam)
+            ref_loss, ref_grad = cross_entropy_reference(
+                logits[:64].double().cpu(), target[:64].cpu(), label_smoothing=lam
+            )
             one = torch.ones((), device=device)
             for kernel, block, warps in candidates:
-                config = {"kernel": kernel, "block": block, "num_warps": warps,
-                          "keep": "evict_last", "drop": "evict_first", "fast_exp": backend.FAST_EXP}
+                config = {
+                    "kernel": kernel,
+                    "block": block,
+                    "num_warps": warps,
+                    "keep": "evict_last",
+                    "drop": "evict_first",
+                    "fast_exp": backend.FAST_EXP,
+                }
                 name = f"{kernel}/{block}/{warps}"
                 try:
+
                     def step():
                         loss, grad, factor = triton_kernels.loss_and_grad(
-                            logits, target, lam, -100, "mean", True, config)
+                            logits, target, lam, -100, "mean", True, config
+                        )
                         return loss, backend.scale_grad(grad, one, factor, False, True)
-                    loss, grad = triton_kernels.loss_and_grad(logits[:64], target[:64], lam, -100, "mean", True,
-                                                              config)[:2]
+
+                    loss, grad = triton_kernels.loss_and_grad(
+                        logits[:64], target[:64], lam, -100, "mean", True, config
+                    )[:2]
                     err = float((grad.double().cpu() - ref_grad).abs().max() / ref_grad.abs().max())
                     loss_err = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
                     row[name] = {"ms": bench(step, args.rep), "grad_err": err, "loss_err": loss_err}
@@ -93,8 +116,9 @@ def main() -> None:
             row["smoothce_ms"] = bench(ours, args.rep)
             row["eager_ms"] = bench(eager, args.rep)
             with torch.no_grad():
-                row["smoothce_nograd_ms"] = bench(lambda: smoothce.cross_entropy(logits, target, label_smoothing=lam),
-                                                  args.rep)
+                row["smoothce_nograd_ms"] = bench(
+                    lambda: smoothce.cross_entropy(logits, target, label_smoothing=lam), args.rep
+                )
                 row["eager_nograd_ms"] = bench(lambda: F.cross_entropy(logits, target, label_smoothing=lam), args.rep)
             row["peak_extra_over_logits"] = None
             x.grad = None
@@ -106,14 +130,19 @@ def main() -> None:
             row["peak_extra_over_logits"] = (torch.cuda.max_memory_allocated() - base) / logits.nbytes
             records.append(row)
             best = min((k for k in row if "/" in k and "ms" in row[k]), key=lambda k: row[k]["ms"], default=None)
-            print(f"[{time.perf_counter() - start:5.0f}s] {row['dtype']} {n_rows}x{num_classes}: copy "
-                  f"{row['copy_ms']:.3f} ms, op {row['smoothce_ms']:.3f} ms "
-                  f"({row['copy_ms'] / row['smoothce_ms']:.0%} of copy), eager {row['eager_ms']:.3f} ms, "
-                  f"best {best} {row[best]['ms'] if best else float('nan'):.3f} ms, no-grad "
-                  f"{row['read_ms'] / row['smoothce_nograd_ms']:.0%} of read", flush=True)
-            (args.out / "tuning.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                                              "torch": torch.__version__, "records": records},
-                                                             indent=1))
+            print(
+                f"[{time.perf_counter() - start:5.0f}s] {row['dtype']} {n_rows}x{num_classes}: copy "
+                f"{row['copy_ms']:.3f} ms, op {row['smoothce_ms']:.3f} ms "
+                f"({row['copy_ms'] / row['smoothce_ms']:.0%} of copy), eager {row['eager_ms']:.3f} ms, "
+                f"best {best} {row[best]['ms'] if best else float('nan'):.3f} ms, no-grad "
+                f"{row['read_ms'] / row['smoothce_nograd_ms']:.0%} of read",
+                flush=True,
+            )
+            (args.out / "tuning.json").write_text(
+                json.dumps(
+                    {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "records": records}, indent=1
+                )
+            )
             del logits, out, x, target
 
 

@@ -37,9 +37,14 @@ def run_variant(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=args.seq, tie_word_embeddings=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=False,
     )
     model = transformers.LlamaForCausalLM(config).train()
     if args.variant != "stock":
@@ -68,8 +73,12 @@ def run_variant(args) -> dict:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     return {
-        "variant": args.variant, "loss": loss, "step_s": statistics.median(times), "times_s": times,
-        "step_cpu_s": statistics.median(cpu_times), "cpu_times_s": cpu_times,
+        "variant": args.variant,
+        "loss": loss,
+        "step_s": statistics.median(times),
+        "times_s": times,
+        "step_cpu_s": statistics.median(cpu_times),
+        "cpu_times_s": cpu_times,
         "extra_peak_bytes": (_proc_kib("VmHWM") - baseline) * 1024,
     }
 
@@ -81,8 +90,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--reps", type=int, default=3,
-                        help="timed steps per process, after one warm-up step (0: one step, no warm-up)")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="timed steps per process, after one warm-up step (0: one step, no warm-up)"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--label-smoothing", type=float, default=0.0)
@@ -99,12 +109,25 @@ def main(argv=None) -> dict:
 
     logits_bytes = args.batch * args.seq * args.vocab * 4
     results = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "threads": args.threads},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "shape": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "batch": args.batch,
-                  "seq": args.seq, "label_smoothing": args.label_smoothing},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "shape": {
+            "vocab": args.vocab,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "batch": args.batch,
+            "seq": args.seq,
+            "label_smoothing": args.label_smoothing,
+        },
         "fp32_logits_bytes": logits_bytes,
         "runs": {},
     }
@@ -112,8 +135,12 @@ def main(argv=None) -> dict:
     rounds = {}  # each round runs every variant once, interleaved, so a busy machine's load hits them alike
     for _ in range(args.rounds):
         for variant in args.variants.split(","):
-            done = subprocess.run([sys.executable, __file__, *child_argv, "--variant", variant],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, __file__, *child_argv, "--variant", variant],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rounds.setdefault(variant, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
     for variant, runs in rounds.items():
         run = dict(runs[0], rounds=runs)
@@ -121,17 +148,23 @@ def main(argv=None) -> dict:
             run[key] = statistics.median(r[key] for r in runs)
         results["runs"][variant] = run
     stock = results["runs"].get("stock")
-    print(f"V={args.vocab} D={args.hidden} layers={args.layers} tokens={args.batch}x{args.seq}, "
-          f"fp32 logits {logits_bytes / 2**30:.2f} GiB, {args.threads} threads, "
-          f"medians of {max(args.reps, 1)} steps x {args.rounds} processes")
+    print(
+        f"V={args.vocab} D={args.hidden} layers={args.layers} tokens={args.batch}x{args.seq}, "
+        f"fp32 logits {logits_bytes / 2**30:.2f} GiB, {args.threads} threads, "
+        f"medians of {max(args.reps, 1)} steps x {args.rounds} processes"
+    )
     for variant, run in results["runs"].items():
         extra = run["extra_peak_bytes"]
-        line = (f"  {variant:8s} loss {run['loss']:.6f}  step {run['step_s']:.3f} s (CPU {run['step_cpu_s']:.3f} s)  "
-                f"extra peak {extra / 2**30:.2f} GiB = {extra / logits_bytes:.2f}x logits")
+        line = (
+            f"  {variant:8s} loss {run['loss']:.6f}  step {run['step_s']:.3f} s (CPU {run['step_cpu_s']:.3f} s)  "
+            f"extra peak {extra / 2**30:.2f} GiB = {extra / logits_bytes:.2f}x logits"
+        )
         if stock is not None and variant != "stock":
             saved = (stock["extra_peak_bytes"] - extra) / logits_bytes
-            line += (f"  vs stock: {saved:.2f}x logits less, time {run['step_s'] / stock['step_s']:.2f}x "
-                     f"(CPU {run['step_cpu_s'] / stock['step_cpu_s']:.2f}x)")
+            line += (
+                f"  vs stock: {saved:.2f}x logits less, time {run['step_s'] / stock['step_s']:.2f}x "
+                f"(CPU {run['step_cpu_s'] / stock['step_cpu_s']:.2f}x)"
+            )
         print(line)
     if args.json:
         with open(args.json, "w") as out:

@@ -48,8 +48,13 @@ def train(args) -> dict:
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq,
+        vocab_size=args.vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=args.seq,
     )
     model = transformers.LlamaForCausalLM(config)
     if args.run == "smoothce":
@@ -58,12 +63,21 @@ def train(args) -> dict:
         patch(model)  # the one line: the LM head's loss fused, no logits in training
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = transformers.TrainingArguments(
-            output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
-            gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, report_to="none",
-            save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+            output_dir=output_dir,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-3,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
         )
-        trainer = transformers.Trainer(model=model, args=training_args,
-                                       train_dataset=TokenData(4 * args.batch * args.steps, args.seq, args.vocab))
+        trainer = transformers.Trainer(
+            model=model, args=training_args, train_dataset=TokenData(4 * args.batch * args.steps, args.seq, args.vocab)
+        )
         baseline = _proc_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # resets the peak RSS to the current RSS
@@ -86,12 +100,15 @@ def main() -> None:
         return
     runs = {}
     for run in ("stock", "smoothce"):
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run", run],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--run", run], capture_output=True, text=True, check=True
+        )
         runs[run] = json.loads(done.stdout.strip().splitlines()[-1])
     logits_mib = args.batch * args.seq * args.vocab * 4 / 2**20
-    print(f"tiny Llama, V={args.vocab}, {args.steps} steps of 2 x {args.batch} x {args.seq} tokens "
-          f"(fp32 logits of one micro-batch: {logits_mib:.0f} MiB)")
+    print(
+        f"tiny Llama, V={args.vocab}, {args.steps} steps of 2 x {args.batch} x {args.seq} tokens "
+        f"(fp32 logits of one micro-batch: {logits_mib:.0f} MiB)"
+    )
     print("step  stock loss  smoothce loss")
     for step, (stock, ours) in enumerate(zip(runs["stock"]["losses"], runs["smoothce"]["losses"], strict=True), 1):
         print(f"{step:4d}  {stock:10.6f}  {ours:13.6f}")

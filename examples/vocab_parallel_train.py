@@ -74,8 +74,9 @@ def train(mode: str, mesh=None) -> list[float]:
         optimizer.zero_grad()
         if mode == "fused":  # the lm_head's Shard(0) weight takes the fused vocabulary-parallel loss
             head = model.lm_head
-            loss = smoothce.linear_cross_entropy(model.hidden(tokens), head.weight, target, bias=head.bias,
-                                                 label_smoothing=LAM)
+            loss = smoothce.linear_cross_entropy(
+                model.hidden(tokens), head.weight, target, bias=head.bias, label_smoothing=LAM
+            )
         else:  # plain logits ("single") or Shard(-1) DTensor logits ("dtensor"): the same call
             loss = smoothce.cross_entropy(model(tokens), target, label_smoothing=LAM)
         loss.backward()
@@ -101,8 +102,13 @@ def run(rank: int, world: int) -> None:
 
 def _spawned(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         run(rank, world)
     finally:

@@ -53,12 +53,17 @@ def benchmark(device: torch.device) -> None:
     slow, cpu = selfcheck.interpreted(device), device.type == "cpu"
     shape = BENCH_SHAPES["interpreted" if slow else "cpu" if cpu else "accelerator"]
     settings = runner.Settings(
-        device=device, cases=cases.grid([shape], ["fp32", "bf16"], ["fwd+bwd"]),
-        impls=["smoothce", "torch-eager"] + ([] if slow else ["torch-compile"]), rounds=2 if slow else 3,
-        rep_ms=0.0 if cpu else 100.0, preset="python -m smoothce",
-    )  # fmt: skip
-    print(f"\nbenchmark on {device}, forward+backward, label_smoothing=0.1 (medians of interleaved runs"
-          + (", through the interpreter)" if slow else "):"))  # fmt: skip
+        device=device,
+        cases=cases.grid([shape], ["fp32", "bf16"], ["fwd+bwd"]),
+        impls=["smoothce", "torch-eager"] + ([] if slow else ["torch-compile"]),
+        rounds=2 if slow else 3,
+        rep_ms=0.0 if cpu else 100.0,
+        preset="python -m smoothce",
+    )
+    print(
+        f"\nbenchmark on {device}, forward+backward, label_smoothing=0.1 (medians of interleaved runs"
+        + (", through the interpreter)" if slow else "):")
+    )
     record = runner.run(settings)  # progress lines go to stderr
     print("\n".join(report.summary_lines(record)))
     print("\npeak memory beyond the logits, MiB (in brackets: multiple of the logits' size):")

@@ -81,8 +81,9 @@ def _scaled_by_torch_ops(grad, grad_out, factor, per_row):
     return (grad.to(scale.dtype) * (scale.unsqueeze(-1) if per_row else scale)).to(grad.dtype)
 
 
-def register_kept_gradient_autograd(op, name: str, *, reduction_arg: int, compute_grad_arg, grad_inputs=(0,),
-                                    recompute=None, vmap=None):
+def register_kept_gradient_autograd(
+    op, name: str, *, reduction_arg: int, compute_grad_arg, grad_inputs=(0,), recompute=None, vmap=None
+):
     """Register the kept gradient's autograd for ``op`` and return it as an autograd.Function.
 
     ``op`` returns ``(loss, *kept[, factor])``, ``kept[i]`` the gradient of input ``grad_inputs[i]``

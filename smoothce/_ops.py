@@ -43,7 +43,7 @@ def _cross_entropy(logits, target, *, label_smoothing=0.0, ignore_index=-100, re
 # The public op, keyword-only options as callers outside this repo use them. Its schema converts
 # them first (numpy scalars, 0-d tensors, and a bool too); the Python entry points check them before.
 cross_entropy = define(
-    'cross_entropy(Tensor logits, Tensor target, *, float label_smoothing=0.0, int ignore_index=-100, '
+    "cross_entropy(Tensor logits, Tensor target, *, float label_smoothing=0.0, int ignore_index=-100, "
     'str reduction="mean", Tensor? normalizer=None) -> Tensor',
     composite=_cross_entropy,
 )
@@ -87,7 +87,6 @@ cross_entropy_fwd = define(
     kernel=_forward,
     fake=_forward_fake,
 )
-
 
 
 def _vmap(info, in_dims, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):

@@ -69,9 +69,7 @@ def option_values(label_smoothing, ignore_index) -> tuple[float, int]:
 def check_tensors_given(logits, target) -> None:
     """TypeError unless both are tensors (the schema would say so with a RuntimeError instead)."""
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError(
-            f"logits and target must be tensors, got {type(logits).__name__} and {type(target).__name__}"
-        )
+        raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and {type(target).__name__}")
 
 
 def check_option_values(label_smoothing: float, reduction) -> None:

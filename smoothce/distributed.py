@@ -86,8 +86,7 @@ _NAME = "vocab_parallel_cross_entropy"
 # backward adds an all-reduce), _DIM its hidden size, _SEEN the slice sizes a rank remembers
 # (smoothce.vocab_parallel_linear; -1 when it has none): each must fit the others' or the
 # collectives that follow would not match.
-(_ERROR, _VOCAB, _ROWS, _DTYPE, _LAM, _IGNORE, _REDUCTION, _FINGERPRINT, _TMIN, _TMAX,
- _CALL, _DIM, _SEEN) = range(13)
+(_ERROR, _VOCAB, _ROWS, _DTYPE, _LAM, _IGNORE, _REDUCTION, _FINGERPRINT, _TMIN, _TMAX, _CALL, _DIM, _SEEN) = range(13)
 _TABLE_COLUMNS = 13
 _NO_ERROR, _TYPE_ERROR, _VALUE_ERROR = 0, 1, 2
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
@@ -95,14 +94,19 @@ _LAM_SCALE = 2**52  # lam in [0, 1] as an exact-enough int64 for the agreement c
 _CALL_NAMES = {0: _NAME, 1: "vocab_parallel_linear_cross_entropy", 2: "vocab_parallel_linear_cross_entropy"}
 # Columns every rank must agree on, and how the error names each.
 _AGREED = (
-    (_ROWS, "the number of rows (the leading shape must be the same on every rank; only the "
-            "vocabulary dimension is split)"),
+    (
+        _ROWS,
+        "the number of rows (the leading shape must be the same on every rank; only the vocabulary dimension is split)",
+    ),
     (_DTYPE, "the logits dtype"),
     (_LAM, "label_smoothing"),
     (_IGNORE, "ignore_index"),
     (_REDUCTION, "reduction"),
-    (_CALL, "which loss is called (vocab_parallel_cross_entropy, or the fused linear loss with or "
-            "without a gradient for hidden)"),
+    (
+        _CALL,
+        "which loss is called (vocab_parallel_cross_entropy, or the fused linear loss with or "
+        "without a gradient for hidden)",
+    ),
     (_DIM, "the hidden size D"),
 )
 
@@ -151,8 +155,21 @@ def _int64_row(values, device) -> torch.Tensor:
     return row
 
 
-def local_row(*, device, local_classes, n_rows, dtype, target, label_smoothing, ignore_index, reduction,
-              error_code, call=0, dim=0, seen=-1):
+def local_row(
+    *,
+    device,
+    local_classes,
+    n_rows,
+    dtype,
+    target,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    error_code,
+    call=0,
+    dim=0,
+    seen=-1,
+):
     """This rank's row of the table (int64, on ``device``); see the column names above.
 
     The target fingerprint is sum_i (i + 1) * (t_i + 1) in wrapping int64 arithmetic: equal
@@ -172,8 +189,15 @@ def local_row(*, device, local_classes, n_rows, dtype, target, label_smoothing, 
     t_min = torch.cat([torch.where(valid, t, big), t.new_full((1,), big)]).amin()
     t_max = torch.cat([torch.where(valid, t, -big), t.new_full((1,), -big)]).amax()
     fixed = _int64_row(
-        [_NO_ERROR, local_classes, n_rows, _DTYPE_CODES[dtype], int(label_smoothing * _LAM_SCALE), ignore_index,
-         REDUCTIONS.index(reduction)],
+        [
+            _NO_ERROR,
+            local_classes,
+            n_rows,
+            _DTYPE_CODES[dtype],
+            int(label_smoothing * _LAM_SCALE),
+            ignore_index,
+            REDUCTIONS.index(reduction),
+        ],
         device,
     )
     tail = _int64_row([call, dim, seen], device)
@@ -290,8 +314,9 @@ def _offsets_fake(table, rank, ignore_index):
     return table.new_empty(2)
 
 
-vp_offsets = define("vp_offsets(Tensor table, int rank, int ignore_index) -> Tensor", kernel=_offsets,
-                    fake=_offsets_fake)
+vp_offsets = define(
+    "vp_offsets(Tensor table, int rank, int ignore_index) -> Tensor", kernel=_offsets, fake=_offsets_fake
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +356,8 @@ def _stats_fake(logits, target, offsets, label_smoothing, ignore_index):
 
 vp_stats = define(
     "vp_stats(Tensor logits, Tensor target, Tensor offsets, float label_smoothing, int ignore_index) -> Tensor",
-    kernel=_stats, fake=_stats_fake,
+    kernel=_stats,
+    fake=_stats_fake,
 )
 
 
@@ -427,8 +453,19 @@ def _loss_grad(
     return loss, grad, factor
 
 
-def _loss_grad_fake(logits, target, offsets, row_max, excess, partial, denominator, label_smoothing, ignore_index,
-                    reduction, compute_grad):
+def _loss_grad_fake(
+    logits,
+    target,
+    offsets,
+    row_max,
+    excess,
+    partial,
+    denominator,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    compute_grad,
+):
     # Shapes and dtypes only: loss (N,) or 0-d and the 0-d factor in the accumulation dtype; grad like logits.
     acc = loss_dtype(logits.dtype)
     loss = logits.new_empty(logits.shape[0] if reduction == "none" else (), dtype=acc)
@@ -440,7 +477,8 @@ vp_loss_grad = define(
     "vp_loss_grad(Tensor logits, Tensor target, Tensor offsets, Tensor row_max, Tensor excess, Tensor partial, "
     "Tensor denominator, float label_smoothing, int ignore_index, str reduction, bool compute_grad) "
     "-> (Tensor, Tensor, Tensor)",
-    kernel=_loss_grad, fake=_loss_grad_fake,
+    kernel=_loss_grad,
+    fake=_loss_grad_fake,
 )
 # The one kept-gradient autograd, shared with smoothce.cross_entropy (in place in eager).
 register_kept_gradient_autograd(vp_loss_grad, _NAME, reduction_arg=9, compute_grad_arg=10)
@@ -509,13 +547,21 @@ def vocab_parallel_cross_entropy(
     """
     group, rank, world = _resolve_group(group, _NAME)
     return vocab_parallel_loss(
-        logits_shard, target, group=group, position=rank, world=world, label_smoothing=label_smoothing,
-        ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+        logits_shard,
+        target,
+        group=group,
+        position=rank,
+        world=world,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        normalizer=normalizer,
     )
 
 
-def vocab_parallel_loss(logits_shard, target, *, group, position, world, label_smoothing, ignore_index, reduction,
-                        normalizer):
+def vocab_parallel_loss(
+    logits_shard, target, *, group, position, world, label_smoothing, ignore_index, reduction, normalizer
+):
     """``vocab_parallel_cross_entropy`` with this rank's slice at ``position`` of ``world`` (a mesh coordinate)."""
     if not isinstance(logits_shard, torch.Tensor):
         raise TypeError(f"logits_shard must be a tensor, got {type(logits_shard).__name__}")
@@ -532,9 +578,15 @@ def vocab_parallel_loss(logits_shard, target, *, group, position, world, label_s
     else:
         code = _NO_ERROR
     row = local_row(
-        device=logits_shard.device, local_classes=logits_shard.shape[-1] if logits_shard.dim() else 0,
-        n_rows=target.numel() if code == _NO_ERROR else 0, dtype=logits_shard.dtype, target=target,
-        label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction, error_code=code,
+        device=logits_shard.device,
+        local_classes=logits_shard.shape[-1] if logits_shard.dim() else 0,
+        n_rows=target.numel() if code == _NO_ERROR else 0,
+        dtype=logits_shard.dtype,
+        target=target,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        error_code=code,
     )
     table = exchange_table(row, position, world, group)
     if error is not None:
@@ -556,8 +608,17 @@ def vocab_parallel_loss(logits_shard, target, *, group, position, world, label_s
     denominator = denominator_for(reduction, normalizer, t, ignore_index, acc, z.device)
     compute_grad = torch.is_grad_enabled() and logits_shard.requires_grad
     loss, _, _ = vp_loss_grad(
-        z, t, offsets, global_max, excess, partial, denominator,
-        float(label_smoothing), ignore_index, reduction, compute_grad,
+        z,
+        t,
+        offsets,
+        global_max,
+        excess,
+        partial,
+        denominator,
+        float(label_smoothing),
+        ignore_index,
+        reduction,
+        compute_grad,
     )
     if reduction == "none":
         return loss.reshape(target.shape)

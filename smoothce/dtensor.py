@@ -90,8 +90,13 @@ def cross_entropy(logits, target, *, label_smoothing=0.0, ignore_index=-100, red
     options = {"label_smoothing": label_smoothing, "ignore_index": ignore_index, "reduction": reduction}
     if kind == "shard" and detail == logits.ndim - 1:
         loss = vocab_parallel_loss(
-            logits.to_local(), target, group=mesh.get_group(), position=mesh.get_local_rank(), world=mesh.size(),
-            normalizer=normalizer, **options,
+            logits.to_local(),
+            target,
+            group=mesh.get_group(),
+            position=mesh.get_local_rank(),
+            world=mesh.size(),
+            normalizer=normalizer,
+            **options,
         )
     elif kind == "replicate":
         from smoothce.functional import cross_entropy as single
@@ -108,8 +113,9 @@ def cross_entropy(logits, target, *, label_smoothing=0.0, ignore_index=-100, red
     return _replicated(loss, mesh)
 
 
-def linear_cross_entropy(hidden, weight, target, *, bias=None, label_smoothing=0.0, ignore_index=-100,
-                         reduction="mean", normalizer=None):
+def linear_cross_entropy(
+    hidden, weight, target, *, bias=None, label_smoothing=0.0, ignore_index=-100, reduction="mean", normalizer=None
+):
     """``smoothce.linear_cross_entropy`` with a DTensor ``weight`` (V, D): the result is a replicated DTensor.
 
     ``Shard(0)`` on a 1-D mesh (a ColwiseParallel ``lm_head.weight``; ``bias`` then a ``Shard(0)``
@@ -147,8 +153,15 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, label_smoothing=0
     options = {"label_smoothing": label_smoothing, "ignore_index": ignore_index, "reduction": reduction}
     if kind == "shard" and detail == 0:
         loss = vocab_parallel_linear_loss(
-            hidden, weight.to_local(), target, group=mesh.get_group(), position=mesh.get_local_rank(),
-            world=mesh.size(), bias=bias, normalizer=normalizer, slice_sizes=_slice_sizes(weight.shape[0], mesh.size()),
+            hidden,
+            weight.to_local(),
+            target,
+            group=mesh.get_group(),
+            position=mesh.get_local_rank(),
+            world=mesh.size(),
+            bias=bias,
+            normalizer=normalizer,
+            slice_sizes=_slice_sizes(weight.shape[0], mesh.size()),
             **options,
         )
     elif kind == "replicate":

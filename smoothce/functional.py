@@ -38,7 +38,11 @@ def cross_entropy(
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
     if is_dtensor(logits):  # the classes sharded over a device mesh: the vocabulary-parallel loss
         return dtensor.cross_entropy(
-            logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction,
+            logits,
+            target,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
             normalizer=normalizer,
         )
     if torch._C._are_functorch_transforms_active():
@@ -48,6 +52,10 @@ def cross_entropy(
     if normalizer is not None and not isinstance(normalizer, torch.Tensor):
         normalizer = normalizer_tensor(normalizer, reduction, logits)  # the schema takes a tensor
     return torch.ops.smoothce.cross_entropy(
-        logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction,
+        logits,
+        target,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
         normalizer=normalizer,
     )

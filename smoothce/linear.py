@@ -41,7 +41,6 @@ DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20}
 DEFAULT_ACCELERATOR_CHUNK_BYTES = 256 << 20
 
 
-
 # ---------------------------------------------------------------------------------------
 # Settings: chunk budget and d weight accumulation
 # ---------------------------------------------------------------------------------------
@@ -126,8 +125,7 @@ def check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore
     num_classes, dim = weight.shape
     if hidden.shape[-1] != dim:
         raise ValueError(
-            f"hidden's last dimension is {hidden.shape[-1]} but weight of shape {tuple(weight.shape)} "
-            f"expects D = {dim}"
+            f"hidden's last dimension is {hidden.shape[-1]} but weight of shape {tuple(weight.shape)} expects D = {dim}"
         )
     if num_classes == 0:
         raise ValueError(f"weight must have at least one class (V >= 1), got shape {tuple(weight.shape)}")
@@ -152,8 +150,9 @@ def check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore
 # ---------------------------------------------------------------------------------------
 
 
-def _linear_cross_entropy(hidden, weight, target, *, bias=None, label_smoothing=0.0, ignore_index=-100,
-                          reduction="mean", normalizer=None):
+def _linear_cross_entropy(
+    hidden, weight, target, *, bias=None, label_smoothing=0.0, ignore_index=-100, reduction="mean", normalizer=None
+):
     # Composite: autograd and torch.compile trace through this into linear_cross_entropy_fwd.
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
     target = check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index, reduction)
@@ -211,14 +210,26 @@ def linear_cross_entropy(
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
     if is_dtensor(weight) or is_dtensor(hidden):  # a ColwiseParallel lm_head: the vocabulary-parallel loss
         return dtensor.linear_cross_entropy(
-            hidden, weight, target, bias=bias, label_smoothing=label_smoothing, ignore_index=ignore_index,
-            reduction=reduction, normalizer=normalizer,
+            hidden,
+            weight,
+            target,
+            bias=bias,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            normalizer=normalizer,
         )
     if normalizer is not None and not isinstance(normalizer, torch.Tensor):
         normalizer = normalizer_tensor(normalizer, reduction, hidden)  # the schema takes a tensor
     return torch.ops.smoothce.linear_cross_entropy(
-        hidden, weight, target, bias=bias, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        reduction=reduction, normalizer=normalizer,
+        hidden,
+        weight,
+        target,
+        bias=bias,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        normalizer=normalizer,
     )
 
 
@@ -261,8 +272,24 @@ def _accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused: boo
 
 
 @torch.no_grad()
-def _run_chunks(hidden, weight, bias, target, label_smoothing, ignore_index, *, scale, post_scale, row_scale,
-                chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias, keep_rows):
+def _run_chunks(
+    hidden,
+    weight,
+    bias,
+    target,
+    label_smoothing,
+    ignore_index,
+    *,
+    scale,
+    post_scale,
+    row_scale,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    keep_rows,
+):
     """The chunk loop shared by the forward ("mean"/"sum"/"none") and the "none" backward.
 
     scale: 0-d tensor multiplying each chunk's gradient inside the backend.
@@ -297,8 +324,12 @@ def _run_chunks(hidden, weight, bias, target, label_smoothing, ignore_index, *, 
     losses = torch.empty(n_rows, dtype=acc_dtype, device=device) if keep_rows else None
     total = torch.zeros((), dtype=acc_dtype, device=device)
     if n_rows == 0:
-        return (losses if keep_rows else total), d_hidden, _finish(d_weight, dtype, post_scale), \
-            _finish(d_bias, dtype, post_scale)
+        return (
+            (losses if keep_rows else total),
+            d_hidden,
+            _finish(d_weight, dtype, post_scale),
+            _finish(d_bias, dtype, post_scale),
+        )
 
     target = target.contiguous()
     weight_t = weight.t()
@@ -312,8 +343,7 @@ def _run_chunks(hidden, weight, bias, target, label_smoothing, ignore_index, *, 
         else:
             torch.addmm(bias, h, weight_t, out=z)
         # The backend writes the chunk's gradient over its logits (in place).
-        rows = backend.forward(z, target[start:stop], label_smoothing, ignore_index,
-                               z if compute_grad else None, scale)
+        rows = backend.forward(z, target[start:stop], label_smoothing, ignore_index, z if compute_grad else None, scale)
         if keep_rows:
             losses[start:stop] = rows
         else:
@@ -333,8 +363,12 @@ def _run_chunks(hidden, weight, bias, target, label_smoothing, ignore_index, *, 
             _accumulate_(d_weight, z.t(), h, fused)
         if grad_bias:
             d_bias += torch.sum(z, 0, dtype=d_bias.dtype)
-    return (losses if keep_rows else total), d_hidden, _finish(d_weight, dtype, post_scale), \
-        _finish(d_bias, dtype, post_scale)
+    return (
+        (losses if keep_rows else total),
+        d_hidden,
+        _finish(d_weight, dtype, post_scale),
+        _finish(d_bias, dtype, post_scale),
+    )
 
 
 def _finish(accumulated, dtype, post_scale):
@@ -364,8 +398,21 @@ def _scales(target, ignore_index, reduction, dtype, device, normalizer):
     return inverse, None, denominator
 
 
-def _forward(hidden, weight, bias, target, label_smoothing, ignore_index, reduction, chunk_bytes,
-             fp32_weight_grad, grad_hidden, grad_weight, grad_bias, normalizer=None):
+def _forward(
+    hidden,
+    weight,
+    bias,
+    target,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    normalizer=None,
+):
     """Loss of 2-D ``hidden`` (N, D) through ``weight`` (V, D) against ``target`` (N,), and its kept gradients.
 
     loss: (N,) for "none", 0-d for "sum"/"mean"; float32 (float64 for float64).
@@ -374,21 +421,44 @@ def _forward(hidden, weight, bias, target, label_smoothing, ignore_index, reduct
     computes them in backward).
     """
     keep = reduction != "none"
-    scale, post_scale, denominator = _scales(target, ignore_index, reduction, hidden.dtype, hidden.device,
-                                             normalizer)
+    scale, post_scale, denominator = _scales(target, ignore_index, reduction, hidden.dtype, hidden.device, normalizer)
     loss, d_hidden, d_weight, d_bias = _run_chunks(
-        hidden, weight, bias, target, label_smoothing, ignore_index,
-        scale=scale, post_scale=post_scale, row_scale=None, chunk_bytes=chunk_bytes,
-        fp32_weight_grad=fp32_weight_grad, grad_hidden=keep and grad_hidden, grad_weight=keep and grad_weight,
-        grad_bias=keep and grad_bias and bias is not None, keep_rows=not keep,
+        hidden,
+        weight,
+        bias,
+        target,
+        label_smoothing,
+        ignore_index,
+        scale=scale,
+        post_scale=post_scale,
+        row_scale=None,
+        chunk_bytes=chunk_bytes,
+        fp32_weight_grad=fp32_weight_grad,
+        grad_hidden=keep and grad_hidden,
+        grad_weight=keep and grad_weight,
+        grad_bias=keep and grad_bias and bias is not None,
+        keep_rows=not keep,
     )
     if denominator is not None:
         loss = torch.where(denominator > 0, loss / torch.where(denominator > 0, denominator, 1.0), 0.0)
     return loss, *(hidden.new_empty(0) if g is None else g for g in (d_hidden, d_weight, d_bias))
 
 
-def _forward_fake(hidden, weight, bias, target, label_smoothing, ignore_index, reduction, chunk_bytes,
-                  fp32_weight_grad, grad_hidden, grad_weight, grad_bias, normalizer=None):
+def _forward_fake(
+    hidden,
+    weight,
+    bias,
+    target,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    normalizer=None,
+):
     torch._check(hidden.dim() == 2, lambda: f"linear_cross_entropy_fwd expects 2-D hidden, got {hidden.dim()}-D")
     torch._check(target.dim() == 1, lambda: f"linear_cross_entropy_fwd expects 1-D target, got {target.dim()}-D")
     torch._check(target.shape[0] == hidden.shape[0], lambda: "target and hidden disagree on the rows")
@@ -415,24 +485,59 @@ linear_cross_entropy_fwd = define(
 )
 
 
-def _backward_none(grad_loss, hidden, weight, bias, target, label_smoothing, ignore_index, chunk_bytes,
-                   fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+def _backward_none(
+    grad_loss,
+    hidden,
+    weight,
+    bias,
+    target,
+    label_smoothing,
+    ignore_index,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     """Backward of "none": recompute each chunk's gradient, scale its rows by dO (N,), then the matmuls.
 
     Returns (d_hidden, d_weight, d_bias), an empty tensor for each not asked for.
     """
     one = torch.ones((), dtype=loss_dtype(hidden.dtype), device=hidden.device)
     _, d_hidden, d_weight, d_bias = _run_chunks(
-        hidden, weight, bias, target, label_smoothing, ignore_index,
-        scale=one, post_scale=None, row_scale=grad_loss.to(loss_dtype(hidden.dtype)), chunk_bytes=chunk_bytes,
-        fp32_weight_grad=fp32_weight_grad, grad_hidden=grad_hidden, grad_weight=grad_weight,
-        grad_bias=grad_bias and bias is not None, keep_rows=False,
+        hidden,
+        weight,
+        bias,
+        target,
+        label_smoothing,
+        ignore_index,
+        scale=one,
+        post_scale=None,
+        row_scale=grad_loss.to(loss_dtype(hidden.dtype)),
+        chunk_bytes=chunk_bytes,
+        fp32_weight_grad=fp32_weight_grad,
+        grad_hidden=grad_hidden,
+        grad_weight=grad_weight,
+        grad_bias=grad_bias and bias is not None,
+        keep_rows=False,
     )
     return tuple(hidden.new_empty(0) if g is None else g for g in (d_hidden, d_weight, d_bias))
 
 
-def _backward_none_fake(grad_loss, hidden, weight, bias, target, label_smoothing, ignore_index, chunk_bytes,
-                        fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+def _backward_none_fake(
+    grad_loss,
+    hidden,
+    weight,
+    bias,
+    target,
+    label_smoothing,
+    ignore_index,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     torch._check(grad_loss.shape[0] == hidden.shape[0], lambda: "grad_loss and hidden disagree on the rows")
     return _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
 
@@ -450,19 +555,33 @@ def _recompute(inputs, grad_loss, wanted):
     # "none": the per-row dO reaches the chunks' gradients before the matmuls, so they are made again.
     hidden, weight, bias, target, label_smoothing, ignore_index, _, chunk_bytes, fp32, *_ = inputs
     grads = linear_cross_entropy_bwd(
-        grad_loss.reshape(-1), hidden, weight, bias, target, label_smoothing, ignore_index, chunk_bytes, fp32,
-        wanted[0], wanted[1], wanted[2] and bias is not None,
+        grad_loss.reshape(-1),
+        hidden,
+        weight,
+        bias,
+        target,
+        label_smoothing,
+        ignore_index,
+        chunk_bytes,
+        fp32,
+        wanted[0],
+        wanted[1],
+        wanted[2] and bias is not None,
     )
     return tuple(g if w else None for g, w in zip(grads, wanted, strict=True))
 
 
 register_kept_gradient_autograd(
-    linear_cross_entropy_fwd, "smoothce.linear_cross_entropy", reduction_arg=6, compute_grad_arg=(9, 10, 11),
-    grad_inputs=(0, 1, 2), recompute=_recompute,
+    linear_cross_entropy_fwd,
+    "smoothce.linear_cross_entropy",
+    reduction_arg=6,
+    compute_grad_arg=(9, 10, 11),
+    grad_inputs=(0, 1, 2),
+    recompute=_recompute,
 )
 
 linear_cross_entropy_op = define(
-    'linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, *, Tensor? bias=None, '
+    "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, *, Tensor? bias=None, "
     'float label_smoothing=0.0, int ignore_index=-100, str reduction="mean", Tensor? normalizer=None) -> Tensor',
     composite=_linear_cross_entropy,
 )

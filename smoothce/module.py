@@ -25,10 +25,7 @@ class _LossOptions(torch.nn.Module):
         return {"label_smoothing": self.label_smoothing, "ignore_index": self.ignore_index, "reduction": self.reduction}
 
     def extra_repr(self) -> str:
-        return (
-            f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}"
-        )
+        return f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
 
 
 class CrossEntropyLoss(_LossOptions):

@@ -12,8 +12,8 @@ import torch
 def cross_entropy_reference(logits, target, *, label_smoothing=0.0, ignore_index=-100, reduction="mean"):
     """Returns (loss, grad) in float64; grad is d loss / d logits, logits-shaped.
 
-        r = log sum_j exp(z_j),  s = sum_j z_j,  o = r - (1 - lam) z_k - (lam / V) s
-        do/dz = softmax(z) - lam / V - (1 - lam) onehot(k)
+    r = log sum_j exp(z_j),  s = sum_j z_j,  o = r - (1 - lam) z_k - (lam / V) s
+    do/dz = softmax(z) - lam / V - (1 - lam) onehot(k)
     """
     z = logits.detach().to(torch.float64)
     num_classes = z.shape[-1]

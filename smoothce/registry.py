@@ -99,9 +99,7 @@ def select(device: str | torch.device) -> Backend:
         name = _default_for.get(device_type)
         if name is None:
             served = ", ".join(sorted(_default_for)) or "none"
-            raise ValueError(
-                f"smoothce has no backend for {device_type!r} tensors: backends serve {served}"
-            )
+            raise ValueError(f"smoothce has no backend for {device_type!r} tensors: backends serve {served}")
         backend = _by_name[name]
     reason = backend.unavailable_reason(device_type)
     if reason is not None:

@@ -26,8 +26,9 @@ def eager(hidden, weight, target, bias=None, label_smoothing=LABEL_SMOOTHING, re
     return F.cross_entropy(F.linear(hidden, weight, bias), target, label_smoothing=label_smoothing, reduction=reduction)
 
 
-def reference_grads(hidden, weight, target, bias=None, label_smoothing=LABEL_SMOOTHING, reduction="mean",
-                    round_logits=False):
+def reference_grads(
+    hidden, weight, target, bias=None, label_smoothing=LABEL_SMOOTHING, reduction="mean", round_logits=False
+):
     """float64 loss and gradients of linear then cross-entropy, on the given inputs. With ``round_logits`` the
     logits are F.linear's in the inputs' dtype (as every half-precision implementation has them), then float64."""
     h = hidden.detach().double().requires_grad_(True)
@@ -117,13 +118,17 @@ def _hard_cases(device: torch.device):
     logits = (-3e4 + torch.randn(16, 32000, generator=generator, dtype=torch.float64)).float()
     target = torch.randint(0, 32000, (16,), generator=generator)
     ref, _ = cross_entropy_reference(logits, target, label_smoothing=0.1, reduction="none")
-    errors = [((loss - ref).abs() / ref).max().item() for loss, _ in both(logits, target, label_smoothing=0.1,
-                                                                           reduction="none")]
+    errors = [
+        ((loss - ref).abs() / ref).max().item()
+        for loss, _ in both(logits, target, label_smoothing=0.1, reduction="none")
+    ]
     yield "fp32 -3e4 + randn, lam=0.1", "loss rel. err", 1e-6, *errors
 
     equal = torch.full((1, 70000), 30000.0)
-    errors = [abs(loss.item() - math.log(70000)) / math.log(70000)
-              for loss, _ in both(equal, torch.tensor([0]), label_smoothing=1.0)]
+    errors = [
+        abs(loss.item() - math.log(70000)) / math.log(70000)
+        for loss, _ in both(equal, torch.tensor([0]), label_smoothing=1.0)
+    ]
     yield "fp32 70000 logits all 3e4, lam=1", "loss rel. err", 1e-6, *errors
 
     # lam = 1: the target column is p_k - 1/V, about 1e-5; it must keep its relative precision.
@@ -132,8 +137,10 @@ def _hard_cases(device: torch.device):
     _, ref_grad = cross_entropy_reference(logits, target, label_smoothing=1.0, reduction="sum")
     rows = torch.arange(8)
     col = ref_grad[rows, target]
-    errors = [((grad[rows, target].double() - col).abs() / col.abs()).max().item()
-              for _, grad in both(logits, target, backward_scale=1.0, label_smoothing=1.0, reduction="sum")]
+    errors = [
+        ((grad[rows, target].double() - col).abs() / col.abs()).max().item()
+        for _, grad in both(logits, target, backward_scale=1.0, label_smoothing=1.0, reduction="sum")
+    ]
     yield "fp32 V=65536 randn, lam=1", "target col rel. err", 1e-5, *errors
 
     # A confident row: loss = log1p(69999 exp(-19.45)) = 2.5004e-4, far below fp32's ulp of 1.
@@ -150,8 +157,10 @@ def _hard_cases(device: torch.device):
     logits = (torch.randn(rows, num_classes, generator=generator) * 3).half()
     target = torch.randint(0, num_classes, (rows,), generator=generator)
     _, ref_grad = cross_entropy_reference(logits, target, label_smoothing=0.1)
-    errors = [_fp16_ulps(grad, ref_grad * 65536)
-              for _, grad in both(logits, target, backward_scale=65536.0, autocast=True, label_smoothing=0.1)]
+    errors = [
+        _fp16_ulps(grad, ref_grad * 65536)
+        for _, grad in both(logits, target, backward_scale=65536.0, autocast=True, label_smoothing=0.1)
+    ]
     yield f"fp16 {rows}x{num_classes} mean, loss x 65536", "grad err, fp16 ulps", 2.0, *errors
 
 
@@ -217,9 +226,18 @@ def linear_main_check(device) -> list[dict]:
             half = dtype in (torch.bfloat16, torch.float16)
             near = reference_grads(h, w, target, b, reduction=reduction, round_logits=True) if half else ref
             ok = relative_error(ours[0], near[0]) <= (1e-5 if half else CHECK_BOUND[name]) and all(
-                relative_error(g, r) <= CHECK_BOUND[name] for g, r in zip(ours[1:], near[1:], strict=True))
-            rows.append({"dtype": name, "reduction": reduction, "loss_err": loss_err, "grad_err": grad_err,
-                         "torch_grad_err": torch_err, "ok": ok})
+                relative_error(g, r) <= CHECK_BOUND[name] for g, r in zip(ours[1:], near[1:], strict=True)
+            )
+            rows.append(
+                {
+                    "dtype": name,
+                    "reduction": reduction,
+                    "loss_err": loss_err,
+                    "grad_err": grad_err,
+                    "torch_grad_err": torch_err,
+                    "ok": ok,
+                }
+            )
     return rows
 
 

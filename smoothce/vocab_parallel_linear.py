@@ -129,8 +129,25 @@ def _finish(acc, dtype, post_scale):
 
 
 @torch.no_grad()
-def _chunks(hidden, weight, bias, target, offsets, group, *, label_smoothing, ignore_index, rows_per_chunk,
-            fp32_weight_grad, grad_hidden, grad_weight, grad_bias, scale, post_scale=None, row_scale=None):
+def _chunks(
+    hidden,
+    weight,
+    bias,
+    target,
+    offsets,
+    group,
+    *,
+    label_smoothing,
+    ignore_index,
+    rows_per_chunk,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    scale,
+    post_scale=None,
+    row_scale=None,
+):
     """The chunk loop: each chunk's logits, their statistics' two all-reduces, loss rows, gradient, matmuls.
 
     ``scale``: 0-d, multiplies each chunk's gradient (c); ``post_scale``: 0-d or None, the exact power
@@ -148,8 +165,9 @@ def _chunks(hidden, weight, bias, target, offsets, group, *, label_smoothing, ig
     compute_grad = grad_hidden or grad_weight or grad_bias
     fp32_acc = dtype in linear.HALF_DTYPES and fp32_weight_grad
     d_hidden = torch.empty((n_rows, dim), dtype=dtype, device=device) if grad_hidden else None
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32 if fp32_acc else dtype, device=device) \
-        if grad_weight else None
+    d_weight = (
+        torch.zeros(weight.shape, dtype=torch.float32 if fp32_acc else dtype, device=device) if grad_weight else None
+    )
     d_bias = torch.zeros(local_classes, dtype=acc_dtype, device=device) if grad_bias else None
     losses = torch.empty(n_rows, dtype=acc_dtype, device=device)
     target = target.contiguous()
@@ -202,8 +220,24 @@ def _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes
     return offsets, _rows_per_chunk(hidden, weight, sizes, chunk_bytes, fp32_acc, grad_weight)
 
 
-def _forward(hidden, weight, bias, target, table, denominator, label_smoothing, ignore_index, reduction, group_name,
-             position, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+def _forward(
+    hidden,
+    weight,
+    bias,
+    target,
+    table,
+    denominator,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    group_name,
+    position,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     """(loss, d_hidden, d_weight, d_bias): the loss reduced as asked and, for "mean"/"sum", the kept gradients.
 
     ``table``: the exchanged (world, 13) table, checked here first. d hidden is already summed over
@@ -212,18 +246,30 @@ def _forward(hidden, weight, bias, target, table, denominator, label_smoothing, 
     keep = reduction != "none"
     acc = loss_dtype(hidden.dtype)
     fp32_acc = hidden.dtype in linear.HALF_DTYPES and fp32_weight_grad
-    offsets, rows = _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc,
-                          keep and grad_weight)
+    offsets, rows = _plan(
+        hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc, keep and grad_weight
+    )
     denominator = denominator.to(acc)
     grad_scale, factor = kept_factors(denominator, hidden.dtype)
     post_scale = None
     if hidden.dtype == torch.float16 and reduction == "mean":  # c = 2**e / D in the chunk, 2**-e after
         grad_scale, post_scale = grad_scale / 2.0**15, factor * 2.0**15
     losses, grads = _chunks(
-        hidden, weight, bias, target, offsets, _group(group_name), label_smoothing=label_smoothing,
-        ignore_index=ignore_index, rows_per_chunk=rows, fp32_weight_grad=fp32_weight_grad,
-        grad_hidden=keep and grad_hidden, grad_weight=keep and grad_weight,
-        grad_bias=keep and grad_bias and bias is not None, scale=grad_scale, post_scale=post_scale,
+        hidden,
+        weight,
+        bias,
+        target,
+        offsets,
+        _group(group_name),
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        rows_per_chunk=rows,
+        fp32_weight_grad=fp32_weight_grad,
+        grad_hidden=keep and grad_hidden,
+        grad_weight=keep and grad_weight,
+        grad_bias=keep and grad_bias and bias is not None,
+        scale=grad_scale,
+        post_scale=post_scale,
     )
     # (a new empty tensor for each gradient not computed: outputs must not alias one another)
     return reduce_rows(losses, denominator, reduction), *(hidden.new_empty(0) if g is None else g for g in grads)
@@ -237,8 +283,24 @@ def _grads_fake(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
     )
 
 
-def _forward_fake(hidden, weight, bias, target, table, denominator, label_smoothing, ignore_index, reduction,
-                  group_name, position, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+def _forward_fake(
+    hidden,
+    weight,
+    bias,
+    target,
+    table,
+    denominator,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    group_name,
+    position,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     torch._check(hidden.dim() == 2, lambda: f"{_NAME}: expects 2-D hidden, got {hidden.dim()}-D")
     keep = reduction != "none"
     loss = hidden.new_empty(() if keep else (hidden.shape[0],), dtype=loss_dtype(hidden.dtype))
@@ -255,26 +317,66 @@ vp_linear_cross_entropy_fwd = define(
 )
 
 
-def _backward_none(grad_loss, hidden, weight, bias, target, table, label_smoothing, ignore_index, group_name,
-                   position, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+def _backward_none(
+    grad_loss,
+    hidden,
+    weight,
+    bias,
+    target,
+    table,
+    label_smoothing,
+    ignore_index,
+    group_name,
+    position,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     """Backward of "none": the chunk loop again (the same collectives), each chunk's gradient rows scaled by
     dO (N,) before the matmuls. Returns (d_hidden summed over the ranks, d_weight, d_bias), empty where not
     asked for."""
     acc = loss_dtype(hidden.dtype)
     fp32_acc = hidden.dtype in linear.HALF_DTYPES and fp32_weight_grad
-    offsets, rows = _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc,
-                          grad_weight)
+    offsets, rows = _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc, grad_weight)
     _, grads = _chunks(
-        hidden, weight, bias, target, offsets, _group(group_name), label_smoothing=label_smoothing,
-        ignore_index=ignore_index, rows_per_chunk=rows, fp32_weight_grad=fp32_weight_grad, grad_hidden=grad_hidden,
-        grad_weight=grad_weight, grad_bias=grad_bias and bias is not None,
-        scale=torch.ones((), dtype=acc, device=hidden.device), row_scale=grad_loss.to(acc),
+        hidden,
+        weight,
+        bias,
+        target,
+        offsets,
+        _group(group_name),
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        rows_per_chunk=rows,
+        fp32_weight_grad=fp32_weight_grad,
+        grad_hidden=grad_hidden,
+        grad_weight=grad_weight,
+        grad_bias=grad_bias and bias is not None,
+        scale=torch.ones((), dtype=acc, device=hidden.device),
+        row_scale=grad_loss.to(acc),
     )
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
 
 
-def _backward_none_fake(grad_loss, hidden, weight, bias, target, table, label_smoothing, ignore_index, group_name,
-                        position, chunk_bytes, fp32_weight_grad, grad_hidden, grad_weight, grad_bias):
+def _backward_none_fake(
+    grad_loss,
+    hidden,
+    weight,
+    bias,
+    target,
+    table,
+    label_smoothing,
+    ignore_index,
+    group_name,
+    position,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     torch._check(grad_loss.shape[0] == hidden.shape[0], lambda: "grad_loss and hidden disagree on the rows")
     return _grads_fake(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
 
@@ -290,19 +392,50 @@ vp_linear_cross_entropy_bwd = define(
 
 def _recompute(inputs, grad_loss, wanted):
     # "none": dO per row reaches each chunk's gradient before the matmuls, so the chunks are made again.
-    (hidden, weight, bias, target, table, _denominator, label_smoothing, ignore_index, _reduction, group_name,
-     position, chunk_bytes, fp32, *_) = inputs
+    (
+        hidden,
+        weight,
+        bias,
+        target,
+        table,
+        _denominator,
+        label_smoothing,
+        ignore_index,
+        _reduction,
+        group_name,
+        position,
+        chunk_bytes,
+        fp32,
+        *_,
+    ) = inputs
     grads = vp_linear_cross_entropy_bwd(
-        grad_loss.reshape(-1), hidden, weight, bias, target, table, label_smoothing, ignore_index, group_name,
-        position, chunk_bytes, fp32, wanted[0], wanted[1], wanted[2] and bias is not None,
+        grad_loss.reshape(-1),
+        hidden,
+        weight,
+        bias,
+        target,
+        table,
+        label_smoothing,
+        ignore_index,
+        group_name,
+        position,
+        chunk_bytes,
+        fp32,
+        wanted[0],
+        wanted[1],
+        wanted[2] and bias is not None,
     )
     return tuple(g if w else None for g, w in zip(grads, wanted, strict=True))
 
 
 # The one kept-gradient autograd: backward scales d hidden (already summed), d weight, d bias by dO.
 register_kept_gradient_autograd(
-    vp_linear_cross_entropy_fwd, f"smoothce.{_NAME}", reduction_arg=8, compute_grad_arg=(13, 14, 15),
-    grad_inputs=(0, 1, 2), recompute=_recompute,
+    vp_linear_cross_entropy_fwd,
+    f"smoothce.{_NAME}",
+    reduction_arg=8,
+    compute_grad_arg=(13, 14, 15),
+    grad_inputs=(0, 1, 2),
+    recompute=_recompute,
 )
 
 
@@ -340,13 +473,35 @@ def vocab_parallel_linear_cross_entropy(
     """
     group, rank, world = _resolve_group(group, _NAME)
     return vocab_parallel_linear_loss(
-        hidden, weight, target, group=group, position=rank, world=world, bias=bias,
-        label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+        hidden,
+        weight,
+        target,
+        group=group,
+        position=rank,
+        world=world,
+        bias=bias,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        normalizer=normalizer,
     )
 
 
-def vocab_parallel_linear_loss(hidden, weight, target, *, group, position, world, bias, label_smoothing,
-                               ignore_index, reduction, normalizer, slice_sizes=None):
+def vocab_parallel_linear_loss(
+    hidden,
+    weight,
+    target,
+    *,
+    group,
+    position,
+    world,
+    bias,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    normalizer,
+    slice_sizes=None,
+):
     """The fused loss with this rank's rows at ``position`` of ``world``; ``slice_sizes`` where known (DTensor)."""
     for name, value in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(value, torch.Tensor):
@@ -354,8 +509,7 @@ def vocab_parallel_linear_loss(hidden, weight, target, *, group, position, world
     error = None
     try:
         label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
-        target = linear.check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index,
-                                               reduction)
+        target = linear.check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index, reduction)
         check_normalizer(normalizer, reduction)
         if not torch.compiler.is_compiling():  # (the op's kernel selects it again at run time)
             registry.select(hidden.device)  # a device without a backend: this rank's clear error, told to all
@@ -377,10 +531,18 @@ def vocab_parallel_linear_loss(hidden, weight, target, *, group, position, world
         remembered = _SLICE_SIZES.get((group_name, weight.shape[0]))
         seen = -1 if remembered is None else sizes_fingerprint(remembered)
     row = local_row(
-        device=device, local_classes=weight.shape[0] if weight.dim() else 0,
-        n_rows=target.numel() if code == _NO_ERROR else 0, dtype=hidden.dtype, target=target,
-        label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction, error_code=code,
-        call=1 + grad_hidden, dim=hidden.shape[-1] if hidden.dim() else 0, seen=seen,
+        device=device,
+        local_classes=weight.shape[0] if weight.dim() else 0,
+        n_rows=target.numel() if code == _NO_ERROR else 0,
+        dtype=hidden.dtype,
+        target=target,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        error_code=code,
+        call=1 + grad_hidden,
+        dim=hidden.shape[-1] if hidden.dim() else 0,
+        seen=seen,
     )
     table = exchange_table(row, position, world, group)
     if error is not None:
@@ -389,8 +551,21 @@ def vocab_parallel_linear_loss(hidden, weight, target, *, group, position, world
     flat_target = target.reshape(-1)
     denominator = denominator_for(reduction, normalizer, flat_target, ignore_index, acc, device)
     loss = vp_linear_cross_entropy_fwd(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_target, table, denominator, float(label_smoothing),
-        ignore_index, reduction, group_name, position, _chunk_bytes(device), _fp32_weight_grad(),
-        grad_hidden, grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad,
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        flat_target,
+        table,
+        denominator,
+        float(label_smoothing),
+        ignore_index,
+        reduction,
+        group_name,
+        position,
+        _chunk_bytes(device),
+        _fp32_weight_grad(),
+        grad_hidden,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
     )[0]
     return loss.reshape(target.shape) if reduction == "none" else loss

@@ -90,8 +90,12 @@ def _main(rank, world, port, backend, jobs, out_dir):
             torch.cuda.set_device(rank)
             kwargs["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S), **kwargs,
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+            **kwargs,
         )
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         for job in jobs:
@@ -167,9 +171,7 @@ def _check_case(name, rank, sizes, rows, dtype, device, lam, reduction, failures
     full, target = _case_data(sizes, rows, dtype, device, **data_kw)
     own = _slices(sizes)[rank]
     shard = full[..., own].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(
-        shard, target, group=group, label_smoothing=lam, reduction=reduction
-    )
+    loss = vocab_parallel_cross_entropy(shard, target, group=group, label_smoothing=lam, reduction=reduction)
     (loss.sum() if reduction == "none" else loss).backward()
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     if loss.dtype != expected_dtype or shard.grad.dtype != dtype:
@@ -214,8 +216,7 @@ def job_values(rank, world, device):
     # Leading shape (2, 3): the result of "none" keeps it.
     _check_case("3-D logits", rank, sizes, (2, 3), torch.float32, device, 0.1, "none", failures)
     # Every row ignored: "mean" is 0 with a zero gradient, not NaN.
-    _check_case("all ignored", rank, sizes, 4, torch.float32, device, 0.1, "mean", failures,
-                ignored=(0, 1, 2, 3))
+    _check_case("all ignored", rank, sizes, 4, torch.float32, device, 0.1, "mean", failures, ignored=(0, 1, 2, 3))
     # Large logits: the max shift must use the GLOBAL max (exp would overflow otherwise).
     _check_case("large logits", rank, sizes, 6, torch.float32, device, 0.1, "sum", failures, scale=200.0)
     # float64 logits: the statistics travel in float64.
@@ -287,8 +288,14 @@ def job_precision(rank, world, device):
     target = torch.tensor([0, last])
     for lam in (1.0, 0.1):
         loss, grad = _vp_case(rank, world, full, target, lam, "none", sizes, device)
-        _close(f"offset rows lam={lam} loss", loss, torch.full((2,), math.log(num_classes)), failures,
-               rtol=2**-23, atol=0.0)
+        _close(
+            f"offset rows lam={lam} loss",
+            loss,
+            torch.full((2,), math.log(num_classes)),
+            failures,
+            rtol=2**-23,
+            atol=0.0,
+        )
         _, ref_grad = cross_entropy_reference(full, target, label_smoothing=lam, reduction="none")
         _close(f"offset rows lam={lam} grad", grad, ref_grad[:, own], failures, rtol=1e-5, atol=1e-11)
 
@@ -324,8 +331,9 @@ def job_precision(rank, world, device):
     if not (loss[0] == float("inf") and loss[2] == float("inf") and torch.isfinite(loss[[1, 3]]).all()):
         failures.append(f"-inf target column: loss {loss.tolist()}, expected +inf in rows 0 and 2 only")
     _close("-inf target column loss", loss, ref_loss, failures, rtol=1e-5, atol=1e-5)
-    _close("-inf target column grad", grad, ref_grad[:, _slices(sizes_small)[rank]], failures,
-           **_tolerances(torch.float32))
+    _close(
+        "-inf target column grad", grad, ref_grad[:, _slices(sizes_small)[rank]], failures, **_tolerances(torch.float32)
+    )
 
     # float16, "mean" over many rows, loss scale 65536: the kept gradient holds 2**15 x the gradient
     # and the 1/count comes in backward, so entries near 1 / (V N) are not flushed to zero.
@@ -373,8 +381,7 @@ def job_triton_interpret(rank, world, device):
         loss, grad = _vp_case(rank, world, full, target, lam, "none", sizes, device)
         ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=lam, reduction="none")
         _close(f"edge rows lam={lam} loss", loss, ref_loss, failures, rtol=1e-6, atol=0.0)
-        _close(f"edge rows lam={lam} grad", grad, ref_grad[:, _slices(sizes)[rank]], failures, rtol=1e-5,
-               atol=1e-11)
+        _close(f"edge rows lam={lam} grad", grad, ref_grad[:, _slices(sizes)[rank]], failures, rtol=1e-5, atol=1e-11)
     return failures
 
 
@@ -428,34 +435,75 @@ def job_errors(rank, world, device):
     last = world - 1
     cases = [
         # Rank 0 holds one row fewer: a shape mismatch that would hang a naive all-reduce.
-        ("mismatched rows",
-         lambda: vp(shard[:5] if rank == 0 else shard, target[:5] if rank == 0 else target),
-         ValueError, "number of rows"),
+        (
+            "mismatched rows",
+            lambda: vp(shard[:5] if rank == 0 else shard, target[:5] if rank == 0 else target),
+            ValueError,
+            "number of rows",
+        ),
         # Target == V is in range on no rank; a local-V check would miss it on the last rank.
-        ("target == V", lambda: vp(shard, torch.where(target == -100, num_classes, target)),
-         ValueError, f"target value {num_classes} is out of range"),
-        ("negative target", lambda: vp(shard, torch.where(target == -100, -5, target)),
-         ValueError, "target value -5 is out of range"),
-        ("targets differ across ranks", lambda: vp(shard, (target + (rank == last)) % num_classes),
-         ValueError, "different targets"),
-        ("dtypes differ across ranks",
-         lambda: vp(shard.to(torch.bfloat16) if rank == last else shard, target),
-         ValueError, "logits dtype"),
-        ("label_smoothing differs", lambda: vp(shard, target, label_smoothing=0.1 * (rank == last)),
-         ValueError, "label_smoothing"),
-        ("empty slice on one rank", lambda: vp(shard[:, :0] if rank == last else shard, target),
-         ValueError, "at least one class" if rank == last else "rejected its arguments"),
+        (
+            "target == V",
+            lambda: vp(shard, torch.where(target == -100, num_classes, target)),
+            ValueError,
+            f"target value {num_classes} is out of range",
+        ),
+        (
+            "negative target",
+            lambda: vp(shard, torch.where(target == -100, -5, target)),
+            ValueError,
+            "target value -5 is out of range",
+        ),
+        (
+            "targets differ across ranks",
+            lambda: vp(shard, (target + (rank == last)) % num_classes),
+            ValueError,
+            "different targets",
+        ),
+        (
+            "dtypes differ across ranks",
+            lambda: vp(shard.to(torch.bfloat16) if rank == last else shard, target),
+            ValueError,
+            "logits dtype",
+        ),
+        (
+            "label_smoothing differs",
+            lambda: vp(shard, target, label_smoothing=0.1 * (rank == last)),
+            ValueError,
+            "label_smoothing",
+        ),
+        (
+            "empty slice on one rank",
+            lambda: vp(shard[:, :0] if rank == last else shard, target),
+            ValueError,
+            "at least one class" if rank == last else "rejected its arguments",
+        ),
         # A local argument error on one rank only: that rank's own message, the others are told.
-        ("integer logits on one rank", lambda: vp(shard.long() if rank == last else shard, target),
-         TypeError, "logits must be float" if rank == last else f"rank {last} of {world} rejected"),
-        ("bad label_smoothing on one rank",
-         lambda: vp(shard, target, label_smoothing=2.0 if rank == last else 0.0),
-         ValueError, "label_smoothing must be in [0, 1]" if rank == last else "rejected its arguments"),
-        ("normalizer with reduction='sum'", lambda: vp(shard, target, reduction="sum", normalizer=3),
-         ValueError, "normalizer is only used with reduction='mean'"),
+        (
+            "integer logits on one rank",
+            lambda: vp(shard.long() if rank == last else shard, target),
+            TypeError,
+            "logits must be float" if rank == last else f"rank {last} of {world} rejected",
+        ),
+        (
+            "bad label_smoothing on one rank",
+            lambda: vp(shard, target, label_smoothing=2.0 if rank == last else 0.0),
+            ValueError,
+            "label_smoothing must be in [0, 1]" if rank == last else "rejected its arguments",
+        ),
+        (
+            "normalizer with reduction='sum'",
+            lambda: vp(shard, target, reduction="sum", normalizer=3),
+            ValueError,
+            "normalizer is only used with reduction='mean'",
+        ),
     ]
-    needs_two = ("mismatched rows", "targets differ across ranks", "dtypes differ across ranks",
-                 "label_smoothing differs")
+    needs_two = (
+        "mismatched rows",
+        "targets differ across ranks",
+        "dtypes differ across ranks",
+        "label_smoothing differs",
+    )
     for name, call, exc_type, fragment in cases:
         if world == 1 and name in needs_two:
             continue  # needs two ranks to disagree
@@ -510,12 +558,18 @@ def job_normalizer(rank, world, device):
     local_sum = torch.zeros((), dtype=torch.float32, device=device)
     for m, (full, target) in enumerate(window):
         shard = full[:, own].clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(shard, target, group=tp_groups[dp], label_smoothing=0.1,
-                                            normalizer=n_tokens)
+        loss = vocab_parallel_cross_entropy(
+            shard, target, group=tp_groups[dp], label_smoothing=0.1, normalizer=n_tokens
+        )
         loss.backward()
         local_sum += loss.detach()
-        _close(f"micro-batch {m} grad", shard.grad, everything.grad[offsets[(dp, m)], own], failures,
-               **_tolerances(torch.float32))
+        _close(
+            f"micro-batch {m} grad",
+            shard.grad,
+            everything.grad[offsets[(dp, m)], own],
+            failures,
+            **_tolerances(torch.float32),
+        )
     # The window's loss summed over the data-parallel group is the single-process mean.
     dist.all_reduce(local_sum, group=dp_groups[tp])
     _close("window loss", local_sum, expected, failures, rtol=1e-5, atol=1e-6)
@@ -553,15 +607,18 @@ def _compile_job(backend):
             shard = full[:, own].clone().requires_grad_()
             loss = compiled(shard, target, label_smoothing=0.1, reduction=reduction)
             (loss.sum() if reduction == "none" else loss).backward()
-            ref_loss, ref_grad = cross_entropy_reference(
-                full, target, label_smoothing=0.1, reduction=reduction
-            )
+            ref_loss, ref_grad = cross_entropy_reference(full, target, label_smoothing=0.1, reduction=reduction)
             _close(f"{reduction} loss", loss, ref_loss, failures, rtol=1e-5, atol=1e-5)
             _close(f"{reduction} grad", shard.grad, ref_grad[:, own], failures, **_tolerances(torch.float32))
         # The checks run inside the compiled graph too: every rank raises.
         bad = torch.where(target == -100, sum(sizes), target)
-        _expect_error("bad target", lambda: compiled(full[:, own].contiguous(), bad, label_smoothing=0.1),
-                      ValueError, "out of range", failures)
+        _expect_error(
+            "bad target",
+            lambda: compiled(full[:, own].contiguous(), bad, label_smoothing=0.1),
+            ValueError,
+            "out of range",
+            failures,
+        )
         failures += _compile_fused(rank, world, backend)
         return failures
 
@@ -639,16 +696,31 @@ def _check_rel(name, actual, expected, tol, failures):
         failures.append(f"{name}: relative error {err:.3g} > {tol:.3g}")
 
 
-def _lm_head_case(name, rank, world, sizes, dtype, lam, reduction, failures, *, rows=(3, 5), dim=16, bias=True,
-                  use_dtensor=False, chunk_rows=4):
+def _lm_head_case(
+    name,
+    rank,
+    world,
+    sizes,
+    dtype,
+    lam,
+    reduction,
+    failures,
+    *,
+    rows=(3, 5),
+    dim=16,
+    bias=True,
+    use_dtensor=False,
+    chunk_rows=4,
+):
     import smoothce
     from smoothce.vocab_parallel_linear import vocab_parallel_linear_cross_entropy
 
     num_classes = sum(sizes)
     hidden, weight, b, target = _lm_head_data(num_classes, rows, dim, dtype, bias=bias)
     own = _slices(sizes)[rank]
-    grad_out = torch.rand(rows, generator=torch.Generator().manual_seed(7)) + 0.5 if reduction == "none" \
-        else torch.tensor(1.0)
+    grad_out = (
+        torch.rand(rows, generator=torch.Generator().manual_seed(7)) + 0.5 if reduction == "none" else torch.tensor(1.0)
+    )
     h = hidden.clone().requires_grad_()
     budget = chunk_rows * (max(sizes) * dtype.itemsize + 4 * dim) * (1 + 4 // dtype.itemsize)
     with smoothce.linear.settings(chunk_bytes=budget):  # several chunks (each a collective) per call
@@ -659,8 +731,9 @@ def _lm_head_case(name, rank, world, sizes, dtype, lam, reduction, failures, *, 
             mesh = init_device_mesh("cpu", (world,))
             w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
             bb = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_() if bias else None
-            loss = smoothce.dtensor.linear_cross_entropy(h, w, target, bias=bb, label_smoothing=lam,
-                                                         reduction=reduction)
+            loss = smoothce.dtensor.linear_cross_entropy(
+                h, w, target, bias=bb, label_smoothing=lam, reduction=reduction
+            )
             if tuple(loss.placements) != (Replicate(),):
                 failures.append(f"{name}: loss placements {loss.placements}")
             loss.backward(torch.distributed.tensor.distribute_tensor(grad_out, mesh, [Replicate()]))
@@ -674,8 +747,7 @@ def _lm_head_case(name, rank, world, sizes, dtype, lam, reduction, failures, *, 
         else:
             w = weight[own].clone().requires_grad_()
             bb = b[own].clone().requires_grad_() if bias else None
-            loss = vocab_parallel_linear_cross_entropy(h, w, target, bias=bb, label_smoothing=lam,
-                                                       reduction=reduction)
+            loss = vocab_parallel_linear_cross_entropy(h, w, target, bias=bb, label_smoothing=lam, reduction=reduction)
             loss.backward(grad_out)
             grads = [h.grad, w.grad, bb.grad if bias else None]
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -696,8 +768,9 @@ def _lm_head_case(name, rank, world, sizes, dtype, lam, reduction, failures, *, 
     b1 = b.clone().requires_grad_() if bias else None
     single = smoothce.linear_cross_entropy(h1, w1, target, bias=b1, label_smoothing=lam, reduction=reduction)
     single.backward(grad_out)
-    _check_rel(f"{name} loss vs linear_cross_entropy", loss, single, 1e-6 if dtype == torch.float32 else 2**-8,
-               failures)
+    _check_rel(
+        f"{name} loss vs linear_cross_entropy", loss, single, 1e-6 if dtype == torch.float32 else 2**-8, failures
+    )
     _check_rel(f"{name} dhidden vs linear_cross_entropy", grads[0], h1.grad, tol, failures)
     _check_rel(f"{name} dweight vs linear_cross_entropy", grads[1], w1.grad[own], tol, failures)
 
@@ -722,10 +795,18 @@ def job_dtensor_linear(rank, world, device):
     sizes = _slice_sizes(1003, world)
     for dtype in (torch.float32, torch.bfloat16):
         for lam, reduction in ((0.0, "mean"), (0.1, "none"), (0.1, "sum")):
-            _lm_head_case(f"DTensor {dtype} lam={lam} {reduction}", rank, world, sizes, dtype, lam, reduction,
-                          failures, use_dtensor=True)
+            _lm_head_case(
+                f"DTensor {dtype} lam={lam} {reduction}",
+                rank,
+                world,
+                sizes,
+                dtype,
+                lam,
+                reduction,
+                failures,
+                use_dtensor=True,
+            )
     return failures
-
 
 
 def job_dtensor(rank, world, device):
@@ -773,16 +854,26 @@ def job_dtensor(rank, world, device):
     _close("normalizer", loss.to_local(), ref, failures, rtol=1e-5, atol=1e-6)
     # Other placements: a clear error naming them, on every rank, before any collective.
     for placement, fragment in ((Shard(0), "Shard(dim=0)"), (Partial(), "Partial")):
-        bad = DTensor.from_local(full[:, _slices(sizes)[rank]] if placement == Shard(0) else full, mesh,
-                                 [placement], run_check=False)
-        _expect_error(f"{placement} logits", lambda bad=bad: smoothce.dtensor.cross_entropy(bad, target),
-                      ValueError, fragment, failures)
+        bad = DTensor.from_local(
+            full[:, _slices(sizes)[rank]] if placement == Shard(0) else full, mesh, [placement], run_check=False
+        )
+        _expect_error(
+            f"{placement} logits",
+            lambda bad=bad: smoothce.dtensor.cross_entropy(bad, target),
+            ValueError,
+            fragment,
+            failures,
+        )
     sharded_target = distribute_tensor(target, mesh, [Shard(0)]) if target.shape[0] % world == 0 else None
     if sharded_target is not None:
-        _expect_error("sharded target", lambda: smoothce.dtensor.cross_entropy(
-            distribute_tensor(full, mesh, [Shard(1)]), sharded_target), ValueError, "Replicate()", failures)
+        _expect_error(
+            "sharded target",
+            lambda: smoothce.dtensor.cross_entropy(distribute_tensor(full, mesh, [Shard(1)]), sharded_target),
+            ValueError,
+            "Replicate()",
+            failures,
+        )
     return failures
-
 
 
 def job_vp_linear_errors(rank, world, device):
@@ -797,21 +888,48 @@ def job_vp_linear_errors(rank, world, device):
     w = weight[own].contiguous()
     last = world - 1
     cases = [
-        ("mismatched rows", lambda: vpl(hidden[:5] if rank == 0 else hidden, w, target[:5] if rank == 0 else target),
-         ValueError, "number of rows"),
-        ("target == V", lambda: vpl(hidden, w, torch.where(target == -100, 40, target)),
-         ValueError, "target value 40 is out of range"),
-        ("hidden size differs", lambda: vpl(hidden[:, :4] if rank == last else hidden,
-                                            w[:, :4] if rank == last else w, target), ValueError, "hidden size D"),
-        ("hidden grad on one rank only", lambda: vpl(hidden.requires_grad_(rank == last), w, target),
-         ValueError, "which loss is called"),
-        ("fused on one rank, plain on the others",
-         lambda: (vpl(hidden, w, target) if rank == last else vocab_parallel_cross_entropy(hidden @ w.t(), target)),
-         ValueError, "which loss is called"),
-        ("weight of the wrong width on one rank", lambda: vpl(hidden, w[:, :5] if rank == last else w, target),
-         ValueError, "expects D = 5" if rank == last else "rejected its arguments"),
-        ("normalizer with reduction='none'", lambda: vpl(hidden, w, target, reduction="none", normalizer=2),
-         ValueError, "normalizer is only used with reduction='mean'"),
+        (
+            "mismatched rows",
+            lambda: vpl(hidden[:5] if rank == 0 else hidden, w, target[:5] if rank == 0 else target),
+            ValueError,
+            "number of rows",
+        ),
+        (
+            "target == V",
+            lambda: vpl(hidden, w, torch.where(target == -100, 40, target)),
+            ValueError,
+            "target value 40 is out of range",
+        ),
+        (
+            "hidden size differs",
+            lambda: vpl(hidden[:, :4] if rank == last else hidden, w[:, :4] if rank == last else w, target),
+            ValueError,
+            "hidden size D",
+        ),
+        (
+            "hidden grad on one rank only",
+            lambda: vpl(hidden.requires_grad_(rank == last), w, target),
+            ValueError,
+            "which loss is called",
+        ),
+        (
+            "fused on one rank, plain on the others",
+            lambda: vpl(hidden, w, target) if rank == last else vocab_parallel_cross_entropy(hidden @ w.t(), target),
+            ValueError,
+            "which loss is called",
+        ),
+        (
+            "weight of the wrong width on one rank",
+            lambda: vpl(hidden, w[:, :5] if rank == last else w, target),
+            ValueError,
+            "expects D = 5" if rank == last else "rejected its arguments",
+        ),
+        (
+            "normalizer with reduction='none'",
+            lambda: vpl(hidden, w, target, reduction="none", normalizer=2),
+            ValueError,
+            "normalizer is only used with reduction='mean'",
+        ),
     ]
     for name, call, exc_type, fragment in cases:
         if world == 1 and name not in ("target == V", "normalizer with reduction='none'"):
@@ -823,7 +941,6 @@ def job_vp_linear_errors(rank, world, device):
         except Exception as exc:
             failures.append(f"{name}: the next good call failed: {type(exc).__name__}: {exc}")
     return failures
-
 
 
 def job_example(rank, world, device):
@@ -842,7 +959,6 @@ def job_example(rank, world, device):
     return []
 
 
-
 def job_sync_free(rank, world, device):
     """Accelerators: no host sync per call (after a first call), and the plain loss captured in a CUDA graph."""
     from smoothce.distributed import vocab_parallel_cross_entropy
@@ -853,8 +969,9 @@ def job_sync_free(rank, world, device):
     sizes = _split(1003, world)
     own = _slices(sizes)[rank]
     full, target = _case_data(sizes, 64, torch.float32, device)
-    hidden, weight, _, lm_target = (x.to(device) if x is not None else None
-                                   for x in _lm_head_data(1003, (64,), 32, torch.float32))
+    hidden, weight, _, lm_target = (
+        x.to(device) if x is not None else None for x in _lm_head_data(1003, (64,), 32, torch.float32)
+    )
 
     def plain():
         shard = full[:, own].clone().requires_grad_()

@@ -56,8 +56,9 @@ def test_compile_fullgraph_dynamic_no_recompile(reduction):
 
 @pytest.mark.compile
 def test_compile_module_bf16_no_grad_and_backward():
-    module = torch.compile(smoothce.CrossEntropyLoss(label_smoothing=0.1), fullgraph=True, dynamic=True,
-                           backend="aot_eager")
+    module = torch.compile(
+        smoothce.CrossEntropyLoss(label_smoothing=0.1), fullgraph=True, dynamic=True, backend="aot_eager"
+    )
     logits = make_logits((2, 9, 50), torch.bfloat16)
     target = make_target((2, 9), 50)
     with torch.no_grad():

@@ -135,8 +135,19 @@ def test_local_ops_opcheck(dtype, reduction, compute_grad):
     # Shapes and dtypes of the real inputs; the partial loss -(lam / V) t >= 0 as in a real call, since opcheck
     # backpropagates |loss.sum()|, and the eager backward's dO = -1 would scale its output in place.
     m, excess, c = stats[0].clone(), stats[1].clone(), -0.1 / 12 * stats[2]
-    args = (z.requires_grad_(compute_grad), target, offsets, m, excess, c, torch.tensor(3.0), 0.1, -100,
-            reduction, compute_grad)
+    args = (
+        z.requires_grad_(compute_grad),
+        target,
+        offsets,
+        m,
+        excess,
+        c,
+        torch.tensor(3.0),
+        0.1,
+        -100,
+        reduction,
+        compute_grad,
+    )
     torch.library.opcheck(torch.ops.smoothce.vp_loss_grad.default, args)
 
 

@@ -68,8 +68,9 @@ def reference(hidden, weight, bias, target, upstream, *, round_logits=False, **o
 
 def run(fn, hidden, weight, bias, target, upstream, **options):
     """Loss and gradients of fn on leaf copies on DEVICE, backward with ``upstream``."""
-    leaves = [None if t is None else t.detach().to(DEVICE, copy=True).requires_grad_(True)
-              for t in (hidden, weight, bias)]
+    leaves = [
+        None if t is None else t.detach().to(DEVICE, copy=True).requires_grad_(True) for t in (hidden, weight, bias)
+    ]
     loss = fn(leaves[0], leaves[1], target.to(DEVICE), bias=leaves[2], **options)
     loss.backward(upstream.to(DEVICE, loss.dtype))
     grads = [None if leaf is None else leaf.grad.cpu() for leaf in leaves]
@@ -78,7 +79,8 @@ def run(fn, hidden, weight, bias, target, upstream, **options):
 
 def torch_path(hidden, weight, target, *, bias=None, **options):
     return F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, -2), target.flatten(), **options).reshape(
-        target.shape if options.get("reduction") == "none" else ())
+        target.shape if options.get("reduction") == "none" else ()
+    )
 
 
 def rel_err(value, ref):
@@ -148,8 +150,11 @@ def test_half_precision_no_worse_than_pytorch(dtype, bias):
     factor = 1.25
     for name, got, torch_got, want in zip(("loss", "hidden", "weight", "bias"), ours, theirs, ref, strict=True):
         if want is not None:
-            assert rel_err(got, want) <= factor * rel_err(torch_got, want), (name, rel_err(got, want),
-                                                                              rel_err(torch_got, want))
+            assert rel_err(got, want) <= factor * rel_err(torch_got, want), (
+                name,
+                rel_err(got, want),
+                rel_err(torch_got, want),
+            )
 
 
 @pytest.mark.parametrize(
@@ -204,8 +209,9 @@ def test_all_ignored(reduction):
     hidden, weight, b, target = make_problem((6,), 8, 11, torch.float32, bias=True)
     target = torch.full_like(target, -100)
     upstream = upstream_for(target.shape, reduction)
-    loss, dh, dw, db = run(smoothce.linear_cross_entropy, hidden, weight, b, target, upstream,
-                           reduction=reduction, label_smoothing=0.1)
+    loss, dh, dw, db = run(
+        smoothce.linear_cross_entropy, hidden, weight, b, target, upstream, reduction=reduction, label_smoothing=0.1
+    )
     assert torch.equal(loss, torch.zeros_like(loss))  # "mean" over no counted target is 0, not NaN
     for grad in (dh, dw, db):
         assert torch.equal(grad, torch.zeros_like(grad))
@@ -215,8 +221,7 @@ def test_all_ignored(reduction):
 def test_empty_batch(reduction):
     hidden, weight, b, target = make_problem((0,), 8, 11, torch.float32, bias=True)
     upstream = upstream_for(target.shape, reduction)
-    loss, dh, dw, db = run(smoothce.linear_cross_entropy, hidden, weight, b, target, upstream,
-                           reduction=reduction)
+    loss, dh, dw, db = run(smoothce.linear_cross_entropy, hidden, weight, b, target, upstream, reduction=reduction)
     assert loss.shape == ((0,) if reduction == "none" else ())
     assert loss.sum() == 0
     assert dh.shape == (0, 8)
@@ -330,8 +335,9 @@ def test_no_gradient_work_without_grad(monkeypatch):
     with torch.no_grad():
         smoothce.linear_cross_entropy(hidden.to(DEVICE).requires_grad_(True), weight.to(DEVICE), target.to(DEVICE))
     assert calls == [False, False]
-    out = torch.ops.smoothce.linear_cross_entropy_fwd(hidden, weight, None, target, 0.0, -100, "mean", 1 << 20,
-                                                      True, False, False, False)
+    out = torch.ops.smoothce.linear_cross_entropy_fwd(
+        hidden, weight, None, target, 0.0, -100, "mean", 1 << 20, True, False, False, False
+    )
     assert [t.numel() for t in out[1:]] == [0, 0, 0]
 
 
@@ -377,8 +383,9 @@ def test_float64_gradcheck(reduction, label_smoothing):
 
     def fn(h, w, bias):
         with smoothce.inplace_backward(False), smoothce.linear.settings(chunk_bytes=chunk_of(2, 4, 3, h.dtype)):
-            return smoothce.linear_cross_entropy(h, w, target, bias=bias, label_smoothing=label_smoothing,
-                                                 reduction=reduction)
+            return smoothce.linear_cross_entropy(
+                h, w, target, bias=bias, label_smoothing=label_smoothing, reduction=reduction
+            )
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
@@ -386,6 +393,7 @@ def test_float64_gradcheck(reduction, label_smoothing):
 # ---------------------------------------------------------------------------------------
 # The backend's gradient written over its own input (what the chunk loop relies on)
 # ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -444,11 +452,17 @@ def test_rare_rows_with_gradient_in_place(case):
         hidden, weight, _, target = make_problem((300,), 4, 1000, torch.float32)
         bias, label_smoothing = torch.full((1000,), 1000.0), 0.5
     leaf = hidden.to(DEVICE).requires_grad_(True)
-    loss = smoothce.linear_cross_entropy(leaf, weight.to(DEVICE), target.to(DEVICE),
-                                         bias=None if bias is None else bias.to(DEVICE),
-                                         label_smoothing=label_smoothing, reduction="sum")
-    ref, _, _, _ = reference(hidden, weight, bias, target, torch.tensor(1.0), reduction="sum",
-                             label_smoothing=label_smoothing)
+    loss = smoothce.linear_cross_entropy(
+        leaf,
+        weight.to(DEVICE),
+        target.to(DEVICE),
+        bias=None if bias is None else bias.to(DEVICE),
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )
+    ref, _, _, _ = reference(
+        hidden, weight, bias, target, torch.tensor(1.0), reduction="sum", label_smoothing=label_smoothing
+    )
     torch.testing.assert_close(loss.cpu().double(), ref, rtol=1e-5, atol=1e-4)
 
 
@@ -464,8 +478,12 @@ def _good():
 
 # The Python-type errors (a str for a tensor, a bool for a float) the registered op's schema
 # rejects before any check runs; the public function names them.
-_SCHEMA_REJECTS = {"weight must be a tensor", "bias must be a tensor or None", "label_smoothing must be a float",
-                   "ignore_index must be an int"}
+_SCHEMA_REJECTS = {
+    "weight must be a tensor",
+    "bias must be a tensor or None",
+    "label_smoothing must be a float",
+    "ignore_index must be an int",
+}
 
 
 @pytest.mark.parametrize(
@@ -476,8 +494,11 @@ _SCHEMA_REJECTS = {"weight must be a tensor", "bias must be a tensor or None", "
         ({"bias": torch.zeros(1, 11)}, ValueError, "bias must have shape"),
         ({"weight": torch.zeros(11, 8, dtype=torch.float64)}, TypeError, "share one dtype"),
         ({"bias": torch.zeros(11, dtype=torch.bfloat16)}, TypeError, "bias must have the dtype"),
-        ({"hidden": torch.zeros(2, 3, 8, dtype=torch.int64), "weight": torch.zeros(11, 8, dtype=torch.int64)},
-         TypeError, "hidden must be float32"),
+        (
+            {"hidden": torch.zeros(2, 3, 8, dtype=torch.int64), "weight": torch.zeros(11, 8, dtype=torch.int64)},
+            TypeError,
+            "hidden must be float32",
+        ),
         ({"target": torch.zeros(2, 3)}, TypeError, "target must be int64 or int32"),
         ({"target": torch.zeros(3, 2, dtype=torch.int64)}, ValueError, "target shape \\(3, 2\\) does not match"),
         ({"weight": torch.zeros(8)}, ValueError, "weight must be 2-D"),
@@ -512,8 +533,9 @@ def test_bad_input(change, error, match):
 def test_options_as_pytorch_takes_them(label_smoothing, ignore_index):
     # numpy scalars and 0-d tensors are converted, as F.cross_entropy converts them.
     hidden, weight, b, target = make_problem((2, 3), 8, 11, torch.float32, bias=True)
-    got = smoothce.linear_cross_entropy(hidden, weight, target, bias=b, label_smoothing=label_smoothing,
-                                        ignore_index=ignore_index)
+    got = smoothce.linear_cross_entropy(
+        hidden, weight, target, bias=b, label_smoothing=label_smoothing, ignore_index=ignore_index
+    )
     want = smoothce.linear_cross_entropy(hidden, weight, target, bias=b, label_smoothing=0.25)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     module = smoothce.LinearCrossEntropyLoss(label_smoothing=label_smoothing, ignore_index=ignore_index)
@@ -567,8 +589,20 @@ def test_opcheck(reduction, requires_grad):
     )
     torch.library.opcheck(
         torch.ops.smoothce.linear_cross_entropy_bwd.default,
-        (torch.rand(6), hidden.detach(), weight.detach(), b.detach(), target, 0.1, -100, budget, True, True, True,
-         True),
+        (
+            torch.rand(6),
+            hidden.detach(),
+            weight.detach(),
+            b.detach(),
+            target,
+            0.1,
+            -100,
+            budget,
+            True,
+            True,
+            True,
+            True,
+        ),
     )
 
 

@@ -66,8 +66,9 @@ def test_normalizer_through_the_module_the_op_and_the_fused_loss(dtype):
     h64, w64 = hidden.detach().double().cpu().requires_grad_(True), weight.detach().double().cpu().requires_grad_(True)
     ref = torch.nn.functional.cross_entropy(h64 @ w64.T, target, label_smoothing=0.1, reduction="sum") / 4.0
     ref.backward()
-    torch.testing.assert_close(fused.double().cpu(), ref.detach(), rtol=2e-3 if dtype != torch.float32 else 2e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        fused.double().cpu(), ref.detach(), rtol=2e-3 if dtype != torch.float32 else 2e-5, atol=1e-5
+    )
     # bf16 logits are rounded from the matmul before the loss sees them: a few bf16 ulps of the largest entry.
     error = (hidden.grad.double().cpu() - h64.grad).abs().max() / h64.grad.abs().max()
     assert error < (1e-5 if dtype == torch.float32 else 2.0**-6), error
@@ -179,6 +180,7 @@ def test_compiled_backward_under_inductor_hands_on_the_kept_buffer(monkeypatch):
     # Inductor keeps the scaling op as it is: the gradient is right, and the logits' gradient IS the
     # kept buffer scaled in place, so forward+backward holds no more than one gradient-sized buffer.
     spy = ScaleSpy(monkeypatch)
+
     @torch.compile(fullgraph=True, dynamic=False)
     def step(logits, target):
         return smoothce.cross_entropy(logits, target, label_smoothing=0.1) / 3.0

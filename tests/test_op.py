@@ -89,7 +89,7 @@ def test_half_precision_error_no_worse_than_pytorch(dtype):
     theirs = (leaf.grad.double() - ref_grad).abs().max().item()
     assert ours <= theirs, f"smoothce max |error| {ours:.3g} vs PyTorch {theirs:.3g}"
     # Rounded once: at most half an ulp of the largest gradient (the target column, p - 1).
-    assert ours <= 2.0 ** -8 * ref_grad.abs().max().item()
+    assert ours <= 2.0**-8 * ref_grad.abs().max().item()
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -20,7 +20,11 @@ pytestmark = pytest.mark.skipif(
 def _pip(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600, check=True,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
 
 
@@ -48,12 +52,17 @@ def test_editable_install_imports_backends(tmp_path):
             (parent / entry.name).symlink_to(entry)
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout.strip()
     Path(site, "zz_parent_env.pth").write_text(f"{parent}\n")
     subprocess.run(
         [str(python), "-m", "pip", "--disable-pip-version-check", "install", "--quiet", "--no-deps", "-e", str(ROOT)],
-        check=True, timeout=600, capture_output=True,
+        check=True,
+        timeout=600,
+        capture_output=True,
     )
     script = (
         "import importlib.util, smoothce, smoothce.backends.cpu as cpu\n"

@@ -194,7 +194,10 @@ def test_retain_graph_three_backward_passes(reduction, upstream):
     for passes in (1, 2, 3):
         loss.backward(retain_graph=True)
         torch.testing.assert_close(
-            leaf.grad.cpu().double(), passes * factor * ref_grad, rtol=1e-5, atol=1e-7,
+            leaf.grad.cpu().double(),
+            passes * factor * ref_grad,
+            rtol=1e-5,
+            atol=1e-7,
             msg=lambda message, passes=passes: f"after backward pass {passes}: {message}",
         )
 
@@ -285,9 +288,7 @@ def test_func_vmap(reduction):
     logits = make_logits((3, 6, 29), torch.float32)
     target = make_target((3, 6), 29)
     options = dict(label_smoothing=0.1, reduction=reduction)
-    losses = torch.func.vmap(lambda z, t: smoothce.cross_entropy(z, t, **options))(
-        logits.to(DEVICE), target.to(DEVICE)
-    )
+    losses = torch.func.vmap(lambda z, t: smoothce.cross_entropy(z, t, **options))(logits.to(DEVICE), target.to(DEVICE))
     expected = torch.stack([cross_entropy_reference(z, t, **options)[0] for z, t in zip(logits, target, strict=True)])
     assert losses.shape == expected.shape
     torch.testing.assert_close(losses.cpu().double(), expected, rtol=2e-6, atol=1e-6)

@@ -32,8 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
 BATCH, SEQ = 2, 12
 
-_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64)
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 # One of each family the issue names. Gemma 2 soft-caps its logits (final_logit_softcapping) and ties
 # its head to the embeddings; GPT-2 ties too (dropout off, so training mode is deterministic).
 CONFIGS = {
@@ -41,8 +48,16 @@ CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(**_DECODER),
     "mistral": lambda: transformers.MistralConfig(**_DECODER),
     "gemma2": lambda: transformers.Gemma2Config(**_DECODER, head_dim=8, final_logit_softcapping=30.0),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    ),
 }
 # (architecture, fused_linear): Gemma 2 only unfused, its soft-cap has no fused form yet (tested below).
 CASES = [(arch, fused) for arch in CONFIGS for fused in (True, False) if not (arch == "gemma2" and fused)]
@@ -69,14 +84,20 @@ def batch(seed: int = 0, ignore_all: bool = False) -> dict:
 def smoothed_stock_loss(label_smoothing: float):
     """transformers' ForCausalLMLoss with F.cross_entropy's label smoothing: the reference for λ > 0."""
 
-    def loss_function(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
-                      **kwargs):
+    def loss_function(
+        logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+    ):
         logits = logits.float()
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = F.cross_entropy(logits.view(-1, vocab_size), shift_labels.reshape(-1), ignore_index=ignore_index,
-                               reduction=reduction, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(
+            logits.view(-1, vocab_size),
+            shift_labels.reshape(-1),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
         return loss if num_items_in_batch is None else loss / num_items_in_batch
 
     return loss_function
@@ -107,11 +128,15 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_parity(patched_output, patched_grads, stock_output, stock_grads, rtol):
     assert relative(patched_output.loss.detach(), stock_output.loss.detach()) <= rtol, (
-        patched_output.loss, stock_output.loss)
+        patched_output.loss,
+        stock_output.loss,
+    )
     assert patched_grads.keys() == stock_grads.keys()
     worst = max(patched_grads, key=lambda name: relative(patched_grads[name], stock_grads[name]))
-    assert relative(patched_grads[worst], stock_grads[worst]) <= rtol, (worst, relative(patched_grads[worst],
-                                                                                        stock_grads[worst]))
+    assert relative(patched_grads[worst], stock_grads[worst]) <= rtol, (
+        worst,
+        relative(patched_grads[worst], stock_grads[worst]),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,8 +367,11 @@ def test_unsupported_models():
     base = transformers.LlamaModel(CONFIGS["llama"]())
     with pytest.raises(ValueError, match="no output layer"):
         patch(base)
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+    )
     with pytest.raises(ValueError, match="ForCausalLMLoss"):
         patch(bert)
     scaled = build("llama")
@@ -421,9 +449,19 @@ class _TokenData(torch.utils.data.Dataset):
 
 def train(model, tmp_path, steps=20, **overrides):
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
-        disable_tqdm=True, dataloader_num_workers=0, **overrides,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **overrides,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_TokenData())
     trainer.train()
@@ -467,8 +505,12 @@ def test_memory_one_step_vocab_128k(tmp_path):
     if not script.exists():
         pytest.skip("needs the source tree's examples/ folder")
     out = tmp_path / "step.json"
-    done = subprocess.run([sys.executable, str(script), "--reps", "0", "--variants", "stock,fused", "--json", str(out)],
-                          timeout=600, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(script), "--reps", "0", "--variants", "stock,fused", "--json", str(out)],
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     stock, fused = results["runs"]["stock"], results["runs"]["fused"]

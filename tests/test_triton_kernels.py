@@ -46,8 +46,7 @@ elif registry.default_device().type != "cpu":
     DEVICE = registry.default_device().type
 else:
     pytest.skip(
-        "the Triton kernels need TRITON_INTERPRET=1 (CPU tensors in Triton's interpreter) "
-        "or a CUDA/XPU device",
+        "the Triton kernels need TRITON_INTERPRET=1 (CPU tensors in Triton's interpreter) or a CUDA/XPU device",
         allow_module_level=True,
     )
 
@@ -78,9 +77,7 @@ def tolerances(dtype: torch.dtype) -> tuple[dict, dict]:
 
 # Each backend with its own launch table's kernel (CUDA: rows split over programs; XPU: the
 # loop kernel for rows longer than one program), and CUDA's loop kernel forced as well.
-BACKEND_KERNELS = [(name, None) for name in BACKENDS] + [
-    (name, "loop") for name in BACKENDS if name == "cuda-triton"
-]
+BACKEND_KERNELS = [(name, None) for name in BACKENDS] + [(name, "loop") for name in BACKENDS if name == "cuda-triton"]
 
 
 @pytest.fixture(params=BACKEND_KERNELS, ids=lambda p: f"{p[0]}-{p[1] or 'table'}")
@@ -162,9 +159,7 @@ def _every_other_row(n_rows, num_classes, dtype):
     return logits[::2], target[::2].contiguous()
 
 
-@pytest.mark.parametrize(
-    "layout", [_transposed, _column_slice, _every_other_row], ids=lambda f: f.__name__[1:]
-)
+@pytest.mark.parametrize("layout", [_transposed, _column_slice, _every_other_row], ids=lambda f: f.__name__[1:])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_contiguous_logits(backend, dtype, layout):
     logits, target = layout(7, 40, dtype)
@@ -270,9 +265,7 @@ def test_out_of_range_target_gpu_assert():
         """
     )
     env = {k: v for k, v in os.environ.items() if k not in ("SMOOTHCE_BACKEND", "TRITON_INTERPRET")}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
-    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0
     assert "out of range" in done.stderr or "device-side assert" in done.stderr, done.stderr[-2000:]
 
@@ -315,9 +308,7 @@ def test_no_gradient_work_without_grad(backend, monkeypatch):
     recorder = LaunchRecorder(monkeypatch)
     logits, target = make_inputs(7, 40, torch.float32)
     before = logits.clone()
-    loss = backend.forward(
-        logits, target, 0.1, -100, None, torch.ones((), dtype=torch.float32, device=DEVICE)
-    )
+    loss = backend.forward(logits, target, 0.1, -100, None, torch.ones((), dtype=torch.float32, device=DEVICE))
     assert [kwargs["COMPUTE_GRAD"] for _, kwargs in recorder.launches] == [False]
     assert torch.equal(logits, before)
     ref_loss, _ = cross_entropy_reference(logits.cpu(), target.cpu(), label_smoothing=0.1, reduction="none")
@@ -333,7 +324,7 @@ def test_no_gradient_work_without_grad(backend, monkeypatch):
 @pytest.mark.parametrize("normalizer", [1.0, 3.0, 0.5, 7.25, 0.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_normalizer(backend, monkeypatch, dtype, normalizer):
-    """"mean" over a normalizer: the sum of the rows divided by it, read on the device by the prologue
+    """ "mean" over a normalizer: the sum of the rows divided by it, read on the device by the prologue
     (no fallback to torch), with the kept gradient's factors of numerics.kept_factors; <= 0: zeros."""
     recorder = LaunchRecorder(monkeypatch)
     logits, target = make_inputs(7, 40, dtype)
@@ -369,7 +360,7 @@ def test_loop_kernel_load_hints(backend, monkeypatch, compute_grad):
     logits, target = make_inputs(7, 40, torch.float32)
     grad = torch.empty_like(logits) if compute_grad else None
     backend.forward(logits, target, 0.1, -100, grad, torch.ones((), dtype=torch.float32, device=DEVICE))
-    (name, kwargs), = recorder.launches
+    ((name, kwargs),) = recorder.launches
     keep, drop = backend.EVICTION
     assert name == "loop_kernel"
     assert (kwargs["KEEP"], kwargs["DROP"]) == ((keep if compute_grad else drop), drop)
@@ -583,9 +574,7 @@ def test_import_without_triton():
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "SMOOTHCE_BACKEND"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
-    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -649,9 +638,7 @@ def test_torch_compile_fullgraph_dynamic(backend):
         torch.testing.assert_close(logits.grad.cpu().double(), ref_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(
-    not ON_GPU, reason="16384 x 262144 bf16 (8 GiB of logits) is far too big for the interpreter"
-)
+@pytest.mark.skipif(not ON_GPU, reason="16384 x 262144 bf16 (8 GiB of logits) is far too big for the interpreter")
 def test_64bit_offsets_large_problem():
     """N * V = 2**32 elements: rows past 2**31 elements only work with 64-bit row offsets."""
     gpu = getattr(torch, DEVICE)

@@ -193,8 +193,18 @@ def test_strided_inputs_and_outputs(backend, layout):
     # Strided M and e (columns of a (N, 2) tensor) and a transposed gradient buffer.
     both = torch.stack([row_max, excess], 1).float().to(DEVICE)
     grad = _transposed(torch.empty_like(logits))
-    backend.shard_grad(logits, target.to(DEVICE), own.start, full.shape[1], both[:, 0], both[:, 1], 0.1, -100,
-                       torch.tensor(1.0, device=DEVICE), grad)
+    backend.shard_grad(
+        logits,
+        target.to(DEVICE),
+        own.start,
+        full.shape[1],
+        both[:, 0],
+        both[:, 1],
+        0.1,
+        -100,
+        torch.tensor(1.0, device=DEVICE),
+        grad,
+    )
     _, ref = cross_entropy_reference(full, target, label_smoothing=0.1, reduction="sum")
     torch.testing.assert_close(grad.cpu().double(), ref[:, own], **grad_tolerance(torch.float32))
 
@@ -210,8 +220,9 @@ def test_int32_targets_and_an_ignore_index_that_is_a_class(backend):
     assert float(stats[3, 1]) == 0.0
     row_max, excess = (x.float().to(DEVICE) for x in global_stats(full))
     grad = torch.empty_like(logits)
-    backend.shard_grad(logits, t32, own.start, full.shape[1], row_max, excess, 0.1, 12,
-                       torch.tensor(1.0, device=DEVICE), grad)
+    backend.shard_grad(
+        logits, t32, own.start, full.shape[1], row_max, excess, 0.1, 12, torch.tensor(1.0, device=DEVICE), grad
+    )
     _, ref = cross_entropy_reference(full, target, label_smoothing=0.1, ignore_index=12, reduction="sum")
     torch.testing.assert_close(grad.cpu().double(), ref[:, own], **grad_tolerance(torch.float32))
     assert not grad[1].any()
@@ -250,8 +261,18 @@ def test_confident_target_column(backend):
     row_max, excess = global_stats(full)
     for lam in (0.0, 0.1, 1.0):
         grad = torch.empty(3, local, device=DEVICE)
-        backend.shard_grad(full.float().to(DEVICE), target.to(DEVICE), 0, local, row_max.float().to(DEVICE),
-                           excess.float().to(DEVICE), lam, -100, torch.tensor(1.0, device=DEVICE), grad)
+        backend.shard_grad(
+            full.float().to(DEVICE),
+            target.to(DEVICE),
+            0,
+            local,
+            row_max.float().to(DEVICE),
+            excess.float().to(DEVICE),
+            lam,
+            -100,
+            torch.tensor(1.0, device=DEVICE),
+            grad,
+        )
         _, ref = cross_entropy_reference(full, target, label_smoothing=lam, reduction="sum")
         torch.testing.assert_close(grad.cpu().double(), ref, rtol=1e-5, atol=1e-12)
 
@@ -357,8 +378,18 @@ def test_nan_logit_makes_its_row_nan(backend, dtype, lam):
     row_max = torch.cat([torch.zeros(5, dtype=row_max.dtype), row_max]).to(DEVICE, acc)
     excess = torch.cat([torch.full((5,), nan, dtype=excess.dtype), excess]).to(DEVICE, acc)
     grad = torch.full_like(logits, nan)
-    backend.shard_grad(logits, target.to(DEVICE), own.start, full.shape[1], row_max, excess, lam, -100,
-                       torch.tensor(1.0, dtype=acc, device=DEVICE), grad)
+    backend.shard_grad(
+        logits,
+        target.to(DEVICE),
+        own.start,
+        full.shape[1],
+        row_max,
+        excess,
+        lam,
+        -100,
+        torch.tensor(1.0, dtype=acc, device=DEVICE),
+        grad,
+    )
     assert not grad[4].any()
     assert grad[:4].isnan().all()
     _, ref = cross_entropy_reference(full[5:], target[5:], label_smoothing=lam, reduction="sum")
@@ -383,10 +414,10 @@ def test_wide_column_offsets(backend, monkeypatch):
         (_transposed(contiguous), torch.empty_like(contiguous), True, True),
     ]:
         stats = backend.shard_stats(logits, target.to(DEVICE), own.start, 0.1, -100)
-        torch.testing.assert_close(stats.cpu().double(), true_stats(full, target, own, 0.1),
-                                   **stats_tolerance(torch.float32))
-        backend.shard_grad(logits, target.to(DEVICE), own.start, full.shape[1], row_max, excess, 0.1, -100, one,
-                           grad)
+        torch.testing.assert_close(
+            stats.cpu().double(), true_stats(full, target, own, 0.1), **stats_tolerance(torch.float32)
+        )
+        backend.shard_grad(logits, target.to(DEVICE), own.start, full.shape[1], row_max, excess, 0.1, -100, one, grad)
         torch.testing.assert_close(grad.cpu().double(), ref[:, own], **grad_tolerance(torch.float32))
         assert spies["shard_stats_kernel"].launches[-1]["WIDE_COLS"] is wide_stats
         assert spies["shard_grad_kernel"].launches[-1]["WIDE_COLS"] is wide_grad
@@ -410,8 +441,19 @@ def test_fast_exp_only_in_float32_on_an_nvidia_gpu(monkeypatch, dtype):
     torch.testing.assert_close(stats.cpu().double(), true_stats(full, target, own, 0.1), **stats_tolerance(dtype))
     row_max, excess = (x.to(DEVICE, acc) for x in global_stats(full))
     grad = torch.empty_like(logits)
-    triton_shard_kernels.shard_grad(logits, target.to(DEVICE), own.start, full.shape[1], row_max, excess, 0.1, -100,
-                                    torch.tensor(1.0, dtype=acc, device=DEVICE), grad, config)
+    triton_shard_kernels.shard_grad(
+        logits,
+        target.to(DEVICE),
+        own.start,
+        full.shape[1],
+        row_max,
+        excess,
+        0.1,
+        -100,
+        torch.tensor(1.0, dtype=acc, device=DEVICE),
+        grad,
+        config,
+    )
     _, ref = cross_entropy_reference(full, target, label_smoothing=0.1, reduction="sum")
     torch.testing.assert_close(grad.cpu().double(), ref[:, own], **grad_tolerance(dtype))
     fast = DEVICE == "cuda" and torch.version.hip is None and dtype != torch.float64

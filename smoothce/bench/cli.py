@@ -42,8 +42,11 @@ def gpu_target_cases() -> list[cases.Case]:
         for dtype in ("bf16", "fp32"):
             out += [cases.Case(n, v, dtype, mode, 0.1) for mode in MODES]
             if (n, v) in TARGET_SHAPES:
-                out.append(cases.Case(n, v, dtype, FWD_BWD, 0.0, impls=("smoothce", "torch-eager", "liger",
-                                                                        "flash-attn", "quack")))  # fmt: skip
+                out.append(
+                    cases.Case(
+                        n, v, dtype, FWD_BWD, 0.0, impls=("smoothce", "torch-eager", "liger", "flash-attn", "quack")
+                    )
+                )
     return out
 
 
@@ -76,26 +79,48 @@ def _device(text: str | None, parser: argparse.ArgumentParser) -> torch.device:
 
 def build_parser(op: str = "cross_entropy") -> argparse.ArgumentParser:
     linear_op = op == "linear"
-    parser = argparse.ArgumentParser(prog="python -m smoothce.bench", description="Time and peak memory of smoothce's "
-                                     "cross-entropy (--op linear: its fused linear loss) against PyTorch and, on GPUs "
-                                     "where installed, other libraries' kernels.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m smoothce.bench",
+        description="Time and peak memory of smoothce's "
+        "cross-entropy (--op linear: its fused linear loss) against PyTorch and, on GPUs "
+        "where installed, other libraries' kernels.",
+    )
     parser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", const="quick", dest="preset", default="default",
-                      help="--preset quick (--op linear: 1024 rows, one round, no compile, no accuracy)")
+    size.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="preset",
+        default="default",
+        help="--preset quick (--op linear: 1024 rows, one round, no compile, no accuracy)",
+    )
     dims = "NxDxV" if linear_op else "NxV"
-    shape = _arg(lambda text: tuple(int(x) for x in text.lower().split("x")), f"{dims} shape",
-                 lambda d: len(d) == len(dims.split("x")) and min(d) > 0, many=True)  # fmt: skip
+    shape = _arg(
+        lambda text: tuple(int(x) for x in text.lower().split("x")),
+        f"{dims} shape",
+        lambda d: len(d) == len(dims.split("x")) and min(d) > 0,
+        many=True,
+    )
     parser.add_argument("--shapes", type=shape, action="extend", help=f"exact shapes {dims}, comma separated")
     choices = linear.BUILDERS if linear_op else IMPLEMENTATIONS
-    parser.add_argument("--impls", type=_arg(str, "implementation", choices.__contains__, many=True),
-                        help=f"of {', '.join(choices)} (default: all that can run here)")  # fmt: skip
+    parser.add_argument(
+        "--impls",
+        type=_arg(str, "implementation", choices.__contains__, many=True),
+        help=f"of {', '.join(choices)} (default: all that can run here)",
+    )
     dtypes = linear.DTYPES if linear_op else cases.DTYPES
-    parser.add_argument("--dtypes", type=_arg(str, "dtype", dtypes.__contains__, many=True),
-                        help=f"of {', '.join(dtypes)} (default: " + ("fp32 on CPU, else bf16)" if linear_op else
-                                                                    "fp32,bf16)"))  # fmt: skip
-    parser.add_argument("--label-smoothing", type=_arg(float, "label smoothing in [0, 1]", lambda x: 0 <= x <= 1),
-                        default=0.1, help="λ (default 0.1)")  # fmt: skip
+    parser.add_argument(
+        "--dtypes",
+        type=_arg(str, "dtype", dtypes.__contains__, many=True),
+        help=f"of {', '.join(dtypes)} (default: " + ("fp32 on CPU, else bf16)" if linear_op else "fp32,bf16)"),
+    )
+    parser.add_argument(
+        "--label-smoothing",
+        type=_arg(float, "label smoothing in [0, 1]", lambda x: 0 <= x <= 1),
+        default=0.1,
+        help="λ (default 0.1)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda, else xpu, else cpu)")
     positive_int, positive_float = _arg(int, "positive int", _positive), _arg(float, "positive float", _positive)
     parser.add_argument("--threads", type=positive_int, help="torch threads on CPU (default: torch's choice)")
@@ -105,8 +130,11 @@ def build_parser(op: str = "cross_entropy") -> argparse.ArgumentParser:
         parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd PyTorch")
         parser.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference")
         parser.add_argument("--chunk-mib", type=positive_int, help="smoothce's chunk budget (default: its own)")
-        parser.add_argument("--half-weight-grad", action="store_true",
-                            help="smoothce's d weight summed in the weight's dtype, chunk by chunk (default: fp32)")
+        parser.add_argument(
+            "--half-weight-grad",
+            action="store_true",
+            help="smoothce's d weight summed in the weight's dtype, chunk by chunk (default: fp32)",
+        )
         return parser
     size.add_argument("--preset", choices=[*PRESETS, "gpu-targets"], default="default")
     size.add_argument("--full", action="store_const", const="full", dest="preset", help="--preset full")
@@ -114,12 +142,16 @@ def build_parser(op: str = "cross_entropy") -> argparse.ArgumentParser:
     counts = _arg(int, "positive int", _positive, many=True)
     parser.add_argument("--tokens", type=counts, help="token counts N, comma separated")
     parser.add_argument("--vocab", type=counts, help="vocabulary sizes V, comma separated")
-    parser.add_argument("--modes", type=_arg(str, "mode", MODES.__contains__, many=True), default=list(MODES),
-                        help="of fwd+bwd, fwd")  # fmt: skip
+    parser.add_argument(
+        "--modes", type=_arg(str, "mode", MODES.__contains__, many=True), default=list(MODES), help="of fwd+bwd, fwd"
+    )
     parser.add_argument("--ignore-every", type=int, default=0, help="ignore every k-th target (default: none)")
     parser.add_argument("--warmup-ms", type=positive_float, default=25.0, help="do_bench warm-up per round")
-    parser.add_argument("--rep-ms", type=float, help="ms of timed runs per round (default: 100 on GPUs, 0 = one "
-                        "run after a warm-up run on CPU)")  # fmt: skip
+    parser.add_argument(
+        "--rep-ms",
+        type=float,
+        help="ms of timed runs per round (default: 100 on GPUs, 0 = one run after a warm-up run on CPU)",
+    )
     parser.add_argument("--time-limit", type=positive_float, help="start no case after this many seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -134,13 +166,20 @@ def run_linear(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             parser.error(f"implementation {name!r} cannot run here: {why}")
     quick = args.preset == "quick"
     shapes = args.shapes or ([(1024, *linear.CPU_SHAPES[0][1:])] if quick and device.type == "cpu" else None)
-    record = linear.run_linear_sweep(device, args.out or _results_folder(device) / "linear", shapes=shapes,
-                                     dtypes=args.dtypes, reps=args.rounds or (1 if quick else None),
-                                     compile_=not (args.no_compile or quick), impls=args.impls,
-                                     accuracy=not (args.no_accuracy or quick), threads=args.threads,
-                                     chunk_bytes=args.chunk_mib and args.chunk_mib << 20,
-                                     fp32_weight_grad=False if args.half_weight_grad else None,
-                                     label_smoothing=args.label_smoothing)  # fmt: skip
+    record = linear.run_linear_sweep(
+        device,
+        args.out or _results_folder(device) / "linear",
+        shapes=shapes,
+        dtypes=args.dtypes,
+        reps=args.rounds or (1 if quick else None),
+        compile_=not (args.no_compile or quick),
+        impls=args.impls,
+        accuracy=not (args.no_accuracy or quick),
+        threads=args.threads,
+        chunk_bytes=args.chunk_mib and args.chunk_mib << 20,
+        fp32_weight_grad=False if args.half_weight_grad else None,
+        label_smoothing=args.label_smoothing,
+    )
     print(linear.markdown(record))
     return 0
 
@@ -170,22 +209,34 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     if args.tiny:
         case_list = [dataclasses.replace(c, n=max(2, c.n // 256), v=max(2, c.v // 256)) for c in case_list]
     least_lam = min(case.label_smoothing for case in case_list)
-    why_not = {name: IMPLEMENTATIONS[name].unavailable_reason(device.type, least_lam)
-               for name in args.impls or IMPLEMENTATIONS}  # fmt: skip
+    why_not = {
+        name: IMPLEMENTATIONS[name].unavailable_reason(device.type, least_lam) for name in args.impls or IMPLEMENTATIONS
+    }
     for name in args.impls or []:
         if why_not[name] is not None:
             parser.error(f"implementation {name!r} cannot run here: {why_not[name]}")
     settings = runner.Settings(
-        device=device, cases=case_list, impls=[name for name, why in why_not.items() if why is None],
-        rounds=args.rounds or (3 if targets else preset[3 if on_cpu else 4]), warmup_ms=args.warmup_ms,
+        device=device,
+        cases=case_list,
+        impls=[name for name, why in why_not.items() if why is None],
+        rounds=args.rounds or (3 if targets else preset[3 if on_cpu else 4]),
+        warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms if args.rep_ms is not None else (0.0 if on_cpu else 100.0),
-        ignore_every=10 if targets else args.ignore_every, memory=not args.no_memory, seed=args.seed,
-        threads=args.threads or torch.get_num_threads(), time_limit_s=args.time_limit or (165.0 if targets else None),
+        ignore_every=10 if targets else args.ignore_every,
+        memory=not args.no_memory,
+        seed=args.seed,
+        threads=args.threads or torch.get_num_threads(),
+        time_limit_s=args.time_limit or (165.0 if targets else None),
         preset=("custom" if custom else args.preset) + (" (tiny)" if args.tiny else ""),
         # a line in the report for an optional library only where it could have run
-        skipped_impls={name: why for name, why in why_not.items() if why is not None and IMPLEMENTATIONS[name].module
-                       and device.type in (IMPLEMENTATIONS[name].device_types or (device.type,))},
-    )  # fmt: skip
+        skipped_impls={
+            name: why
+            for name, why in why_not.items()
+            if why is not None
+            and IMPLEMENTATIONS[name].module
+            and device.type in (IMPLEMENTATIONS[name].device_types or (device.type,))
+        },
+    )
     folder = "" if settings.preset == "default" else settings.preset.replace(" (tiny)", "-tiny")
     return settings, args.out or _results_folder(device) / folder
 

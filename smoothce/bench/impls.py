@@ -69,8 +69,9 @@ def _build_compile(label_smoothing: float, ignore_index: int) -> LossFn:
 def _build_liger(label_smoothing: float, ignore_index: int) -> LossFn:
     from liger_kernel.transformers.functional import liger_cross_entropy
 
-    return lambda z, t: liger_cross_entropy(z, t, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                            reduction="mean")  # fmt: skip
+    return lambda z, t: liger_cross_entropy(
+        z, t, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="mean"
+    )
 
 
 def _build_flash_attn(label_smoothing: float, ignore_index: int) -> LossFn:
@@ -100,19 +101,42 @@ def _build_quack(label_smoothing: float, ignore_index: int) -> LossFn:
 IMPLEMENTATIONS: dict[str, Implementation] = {
     impl.name: impl
     for impl in (
-        Implementation("smoothce", "smoothce.cross_entropy",
-                       functools.partial(_build_eager, loss=smoothce.cross_entropy)),
+        Implementation(
+            "smoothce", "smoothce.cross_entropy", functools.partial(_build_eager, loss=smoothce.cross_entropy)
+        ),
         Implementation("torch-eager", "torch.nn.functional.cross_entropy", _build_eager),
-        Implementation("torch-compile", "torch.compile(F.cross_entropy, dynamic=False), rows marked dynamic: compiled "
-                       "per V, dtype and mode, compilation not timed", _build_compile, dynamic_rows=True),
-        Implementation("liger", "liger_kernel.transformers.functional.liger_cross_entropy (Triton)", _build_liger,
-                       ("cuda", "xpu"), "liger_kernel.transformers.functional", mutates_input=True),
-        Implementation("flash-attn", "flash_attn.ops.triton.cross_entropy.cross_entropy_loss (Triton)",
-                       _build_flash_attn, ("cuda",), "flash_attn.ops.triton.cross_entropy"),
-        Implementation("quack", "quack.cross_entropy.cross_entropy (CuTe DSL)", _build_quack, ("cuda",),
-                       "quack.cross_entropy", supports_label_smoothing=False),
+        Implementation(
+            "torch-compile",
+            "torch.compile(F.cross_entropy, dynamic=False), rows marked dynamic: compiled "
+            "per V, dtype and mode, compilation not timed",
+            _build_compile,
+            dynamic_rows=True,
+        ),
+        Implementation(
+            "liger",
+            "liger_kernel.transformers.functional.liger_cross_entropy (Triton)",
+            _build_liger,
+            ("cuda", "xpu"),
+            "liger_kernel.transformers.functional",
+            mutates_input=True,
+        ),
+        Implementation(
+            "flash-attn",
+            "flash_attn.ops.triton.cross_entropy.cross_entropy_loss (Triton)",
+            _build_flash_attn,
+            ("cuda",),
+            "flash_attn.ops.triton.cross_entropy",
+        ),
+        Implementation(
+            "quack",
+            "quack.cross_entropy.cross_entropy (CuTe DSL)",
+            _build_quack,
+            ("cuda",),
+            "quack.cross_entropy",
+            supports_label_smoothing=False,
+        ),
     )
-}  # fmt: skip
+}
 BASELINE_FOR_RATIOS = "smoothce"  # every other implementation is a baseline it is compared with
 
 

@@ -145,16 +145,21 @@ def run_case(device, shape, dtype_name, *, reps, impls, accuracy, label_smoothin
     results = {}
     for name, step in steps.items():
         median = statistics.median(times[name])
-        entry = results[name] = {"ms": median * 1e3, "ms_min": min(times[name]) * 1e3,
-                                 "tflops": 6 * n * d * v / median / 1e12}  # fmt: skip
+        entry = results[name] = {
+            "ms": median * 1e3,
+            "ms_min": min(times[name]) * 1e3,
+            "tflops": 6 * n * d * v / median / 1e12,
+        }
         try:
             entry["peak_extra_bytes"] = peak_extra(step, device)
         except Exception as error:  # e.g. out of memory: recorded for this implementation
             entry["error"] = describe_error(error)
         if accuracy and name != "matmuls":
             step.run()
-            entry["d_hidden"], entry["d_weight"] = (relative_error(step.hidden.grad, ref_h),
-                                                    relative_error(step.weight.grad, ref_w))
+            entry["d_hidden"], entry["d_weight"] = (
+                relative_error(step.hidden.grad, ref_h),
+                relative_error(step.weight.grad, ref_w),
+            )
     return {"n": n, "d": d, "v": v, "dtype": dtype_name, "logits_bytes": n * v * dtype.itemsize, "results": results}
 
 
@@ -202,9 +207,21 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def run_linear_sweep(device, out=None, *, shapes=None, dtypes=None, reps=None, compile_=True, accuracy=True,
-                     impls=None, threads=None, chunk_bytes=None, fp32_weight_grad=None,
-                     label_smoothing=LABEL_SMOOTHING) -> dict:
+def run_linear_sweep(
+    device,
+    out=None,
+    *,
+    shapes=None,
+    dtypes=None,
+    reps=None,
+    compile_=True,
+    accuracy=True,
+    impls=None,
+    threads=None,
+    chunk_bytes=None,
+    fp32_weight_grad=None,
+    label_smoothing=LABEL_SMOOTHING,
+) -> dict:
     """The sweep on ``device``, written to ``out``/linear.md and linear.json if given; ``chunk_bytes`` and
     ``fp32_weight_grad``: ``smoothce.linear.settings`` for smoothce's runs (None: its defaults)."""
     device = torch.device(device)
@@ -214,22 +231,34 @@ def run_linear_sweep(device, out=None, *, shapes=None, dtypes=None, reps=None, c
     environment = machine.describe(device)
     record = {
         "device": str(device),
-        "device_name": f"CPU {environment['device_name']}, {torch.get_num_threads()} threads" if cpu
+        "device_name": f"CPU {environment['device_name']}, {torch.get_num_threads()} threads"
+        if cpu
         else environment["device_name"],
-        "date": environment["date"], "commit": environment["commit"], "torch": torch.__version__,
-        "versions": environment["versions"], "load_average": environment["load_average_at_start"],
-        "label_smoothing": label_smoothing, "reps": reps or (3 if cpu else 10),
+        "date": environment["date"],
+        "commit": environment["commit"],
+        "torch": torch.__version__,
+        "versions": environment["versions"],
+        "load_average": environment["load_average_at_start"],
+        "label_smoothing": label_smoothing,
+        "reps": reps or (3 if cpu else 10),
         "chunk_bytes": chunk_bytes or smoothce.linear.chunk_bytes_for(device),
         "fp32_weight_grad": fp32_weight_grad is not False,
         "not_run": {n: why for n in BUILDERS if (why := unavailable_reason(n, device, label_smoothing))},
-    }  # fmt: skip
+    }
     with smoothce.linear.settings(chunk_bytes=chunk_bytes, fp32_weight_grad=fp32_weight_grad):
         record["cases"] = [
-            run_case(device, shape, dtype_name, reps=record["reps"], accuracy=accuracy, label_smoothing=label_smoothing,
-                     impls=impls or available_impls(device, compile_, label_smoothing))
+            run_case(
+                device,
+                shape,
+                dtype_name,
+                reps=record["reps"],
+                accuracy=accuracy,
+                label_smoothing=label_smoothing,
+                impls=impls or available_impls(device, compile_, label_smoothing),
+            )
             for shape in shapes or (CPU_SHAPES if cpu else ACCELERATOR_SHAPES)
             for dtype_name in dtypes or (["fp32"] if cpu else ["bf16"])
-        ]  # fmt: skip
+        ]
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, "linear.md").write_text(markdown(record) + "\n")

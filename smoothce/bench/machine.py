@@ -43,9 +43,22 @@ def _commit() -> str | None:
     """The smoothce checkout's commit, with "+dirty" when tracked files have changes (None outside a checkout)."""
     try:
         # --no-optional-locks: read only, must not refresh the index; --exclude='*': the hash, never a tag.
-        return subprocess.run(["git", "--no-optional-locks", "-C", str(Path(__file__).parent), "describe", "--always",
-                               "--dirty=+dirty", "--exclude=*"], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()  # fmt: skip
+        return subprocess.run(
+            [
+                "git",
+                "--no-optional-locks",
+                "-C",
+                str(Path(__file__).parent),
+                "describe",
+                "--always",
+                "--dirty=+dirty",
+                "--exclude=*",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -19,7 +19,7 @@ from torch.utils import benchmark
 
 
 def describe_error(error: BaseException) -> str:
-    """"Type: first line of the message", at most 300 characters, for tables and JSON."""
+    """ "Type: first line of the message", at most 300 characters, for tables and JSON."""
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:300]
 
 
@@ -40,8 +40,16 @@ class Timer:
 
             leaf = getattr(step, "logits", None)
             with self.module.device(self.device):
-                seconds = do_bench(step.run, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median",
-                                   grad_to_none=[leaf] if leaf is not None and leaf.requires_grad else None) / 1e3
+                seconds = (
+                    do_bench(
+                        step.run,
+                        warmup=self.warmup_ms,
+                        rep=self.rep_ms,
+                        return_mode="median",
+                        grad_to_none=[leaf] if leaf is not None and leaf.requires_grad else None,
+                    )
+                    / 1e3
+                )
         step.release()
         return seconds
 

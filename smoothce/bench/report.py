@@ -139,8 +139,12 @@ def _header(record: dict) -> list[str]:
         f"Measured {env['date']} on **{machine}**.",
         "",
         f"Versions: {versions}; smoothce commit {env.get('commit')}. smoothce backend: `{backend}`."
-        + ("" if load is None else f" Load average (1 minute): {load:.2f} at the start, "
-           f"{env.get('load_average_at_end') or 0:.2f} at the end (above the core count: other work competed)."),
+        + (
+            ""
+            if load is None
+            else f" Load average (1 minute): {load:.2f} at the start, "
+            f"{env.get('load_average_at_end') or 0:.2f} at the end (above the core count: other work competed)."
+        ),
         "",
         f'Loss: reduction="mean", int64 targets, {ignored}, logits ~ N(0, 1) (seed {settings["seed"]}); λ per '
         f"table. Each implementation runs once untimed (compilation happens there, and its loss is checked), then "
@@ -198,12 +202,16 @@ def _notes(record: dict) -> list[str]:
         "dtype's tolerance (fp32 1e-4, bf16 2e-2, fp16 5e-3, relative).",
     ]
     if settings["memory_measured"]:
-        notes.append(f"- Peak memory beyond the logits: {settings['memory_method']}. For fwd+bwd it includes the "
-                     "gradient (N·V·b, 1.00× the logits), which every implementation returns.")  # fmt: skip
+        notes.append(
+            f"- Peak memory beyond the logits: {settings['memory_method']}. For fwd+bwd it includes the "
+            "gradient (N·V·b, 1.00× the logits), which every implementation returns."
+        )
     host = [_label(c) for c in record["cases"] if _host_bound(record, c)]
     if host:
-        notes.append(f"- Host-bound rows ({'; '.join(host)}): the limit takes under {HOST_BOUND_S * 1e6:.0f} µs, so "
-                     "these times are each implementation's launch overhead per call.")  # fmt: skip
+        notes.append(
+            f"- Host-bound rows ({'; '.join(host)}): the limit takes under {HOST_BOUND_S * 1e6:.0f} µs, so "
+            "these times are each implementation's launch overhead per call."
+        )
     problems = []
     for case in record["cases"]:
         for name, entry in case["results"].items():
@@ -242,15 +250,19 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
     written = []
     for (mode, dtype, lam), cases in groups(record).items():
         tokens = sorted({c["n"] for c in cases})
-        fig, axes = plt.subplots(len(metrics), len(tokens), figsize=(4.2 * len(tokens) + 0.8, 3.4 * len(metrics)),
-                                 squeeze=False)  # fmt: skip
+        fig, axes = plt.subplots(
+            len(metrics), len(tokens), figsize=(4.2 * len(tokens) + 0.8, 3.4 * len(metrics)), squeeze=False
+        )
         for col, n in enumerate(tokens):
             row_cases = sorted((c for c in cases if c["n"] == n), key=lambda c: c["v"])
             vocab = sorted({c["v"] for c in row_cases})
             for ax, (key, scale, ylabel) in zip(axes[:, col], metrics, strict=True):
                 for name in record["implementations"]:
-                    points = [(c["v"], c["results"][name][key] * scale) for c in row_cases
-                              if key in c["results"].get(name, {})]  # fmt: skip
+                    points = [
+                        (c["v"], c["results"][name][key] * scale)
+                        for c in row_cases
+                        if key in c["results"].get(name, {})
+                    ]
                     if points:
                         ax.plot(*zip(*points, strict=False), marker="o", label=name)
                 ax.set(xlabel="vocabulary size V", ylabel=ylabel, ylim=(0, None), xscale="log")

@@ -89,11 +89,18 @@ def _record(settings: Settings, environment: dict, cases: list[dict]) -> dict:
         "schema": SCHEMA,
         "environment": environment,
         "settings": dict(
-            preset=settings.preset, reduction="mean", ignore_index=IGNORE_INDEX, ignore_every=settings.ignore_every,
+            preset=settings.preset,
+            reduction="mean",
+            ignore_index=IGNORE_INDEX,
+            ignore_every=settings.ignore_every,
             target_dtype="int64",
             timer="torch.utils.benchmark blocked_autorange" if on_cpu else "triton.testing.do_bench, median",
-            rounds=settings.rounds, warmup_ms=None if on_cpu else settings.warmup_ms, rep_ms=settings.rep_ms,
-            seed=settings.seed, threads=settings.threads, time_limit_s=settings.time_limit_s,
+            rounds=settings.rounds,
+            warmup_ms=None if on_cpu else settings.warmup_ms,
+            rep_ms=settings.rep_ms,
+            seed=settings.seed,
+            threads=settings.threads,
+            time_limit_s=settings.time_limit_s,
             memory_measured=settings.memory,
             memory_method=(measure.CPU_METHOD if on_cpu else measure.ACCELERATOR_METHOD) if settings.memory else None,
             bytes_model=BYTES_MODEL,
@@ -101,7 +108,7 @@ def _record(settings: Settings, environment: dict, cases: list[dict]) -> dict:
         "implementations": {name: IMPLEMENTATIONS[name].description for name in settings.impls},
         "not_run": dict(settings.skipped_impls),
         "cases": cases,
-    }  # fmt: skip
+    }
 
 
 def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: None) -> dict:
@@ -132,11 +139,19 @@ def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: 
                 reference = references[case.label_smoothing]
                 record.update(reference_loss=reference, ignored_rows=int((target == IGNORE_INDEX).sum()))
                 record.update(_time_case(settings, case, logits, target, reference, timer, limits[case.mode]))
-                cells = [f"{name} {e['median_s'] * 1e3:.3g} ms ({e['of_limit'] or 0:.2f})" if "median_s" in e
-                         else f"{name} ✗" for name, e in record["results"].items()]  # fmt: skip
+                cells = [
+                    f"{name} {e['median_s'] * 1e3:.3g} ms ({e['of_limit'] or 0:.2f})"
+                    if "median_s" in e
+                    else f"{name} ✗"
+                    for name, e in record["results"].items()
+                ]
                 label = f"{case.mode} {dtype} {n}x{v} λ={case.label_smoothing:g}"
-                print(f"[{len(done) + i}/{len(settings.cases)} {time.perf_counter() - started:.0f} s] {label}: "
-                      + ", ".join(cells), file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"[{len(done) + i}/{len(settings.cases)} {time.perf_counter() - started:.0f} s] {label}: "
+                    + ", ".join(cells),
+                    file=sys.stderr,
+                    flush=True,
+                )
             del logits, target, limits
             gc.collect()
             if device.type != "cpu":

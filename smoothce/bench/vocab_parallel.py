@@ -21,8 +21,16 @@ from torch.utils.benchmark import Timer
 
 from smoothce.bench import machine
 
-COLLECTIVES = {"all_reduce", "all_reduce_", "all_reduce_coalesced", "all_gather_into_tensor", "broadcast",
-               "all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "all_to_all_single"}  # fmt: skip
+COLLECTIVES = {
+    "all_reduce",
+    "all_reduce_",
+    "all_reduce_coalesced",
+    "all_gather_into_tensor",
+    "broadcast",
+    "all_gather_into_tensor_coalesced",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+}
 LABEL_SMOOTHING = 0.1
 
 
@@ -54,8 +62,14 @@ def _rank_main(rank, fn, world, port, backend, args, results):
     if backend == "nccl":
         device = extra["device_id"] = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120), **extra)  # fmt: skip
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+        **extra,
+    )
     try:
         results.put((rank, fn(rank, world, device, *args)))
     finally:
@@ -133,19 +147,26 @@ def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_n
             dist.barrier()
             t_single = _seconds_per_step(single, repeat) if rank == 0 else float("nan")
             dist.barrier()
-            out.append({
-                "V": num_classes, "rows": rows, "collectives": len(recorders[rows].calls), "stats_per_row": per_row,
-                "fixed": recorders[rows].total_bytes - per_row * rows,
-                "gather_per_row": (num_classes - shard.shape[1]) * full.element_size(),
-                "full_mib": full.numel() * full.element_size() / 2**20, "t_ours": t_ours * 1e3,
-                "t_single": t_single * 1e3,
-            })  # fmt: skip
+            out.append(
+                {
+                    "V": num_classes,
+                    "rows": rows,
+                    "collectives": len(recorders[rows].calls),
+                    "stats_per_row": per_row,
+                    "fixed": recorders[rows].total_bytes - per_row * rows,
+                    "gather_per_row": (num_classes - shard.shape[1]) * full.element_size(),
+                    "full_mib": full.numel() * full.element_size() / 2**20,
+                    "t_ours": t_ours * 1e3,
+                    "t_single": t_single * 1e3,
+                }
+            )
     return out
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m smoothce.bench.vocab_parallel",
-                                     description=__doc__.splitlines()[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m smoothce.bench.vocab_parallel", description=__doc__.splitlines()[0]
+    )
     for name, default in (("vocab", [32000, 128256, 262144]), ("rows", [64, 256]), ("world", 2), ("repeat", 3)):
         parser.add_argument(f"--{name}", type=int, nargs="+" if isinstance(default, list) else None, default=default)
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
@@ -158,28 +179,34 @@ def main(argv=None) -> str:
     if args.backend == "nccl" and args.world > torch.cuda.device_count():
         parser.error(f"--backend nccl --world {args.world} needs {args.world} GPUs, {torch.cuda.device_count()} here")
     env = machine.describe(torch.device("cpu" if args.backend == "gloo" else "cuda"))
-    per_rank = launch(_rank, args.world, args.vocab, args.rows, args.dtype, args.repeat, backend=args.backend,
-                      timeout_s=args.timeout)  # fmt: skip
-    text = "\n".join([
-        f"Vocabulary-parallel cross-entropy, {args.world} {args.backend} rank(s) on "
-        f"{'CPU' if args.backend == 'gloo' else 'GPUs'}, {args.dtype} logits, label_smoothing={LABEL_SMOOTHING}, "
-        f"forward + backward. Measured {env['date']} on {env['device_name']} ({env['logical_cores']} logical cores, "
-        f"load average {env['load_average_at_start']:.1f}); torch {torch.__version__}, commit {env['commit']}.",
-        "",
-        "| V | rows | all-reduces | stats B/row | fixed B/call | gather B/row | full logits MiB/rank "
-        "| vocab-parallel ms | full logits, one process, ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *(f"| {r['V']} | {r['rows']} | {r['collectives']} | {r['stats_per_row']:.0f} | {r['fixed']:.0f} "
-          f"| {r['gather_per_row']} | {r['full_mib']:.1f} | {r['t_ours']:.3g} | {r['t_single']:.3g} |"
-          for r in per_rank[0]),
-        "",
-        "stats B/row and fixed B/call: the bytes all-reduced by one forward + backward, recorded at 1 row and at "
-        "`rows`, as fixed + per row x rows (fixed: the per-call shard-size and consistency checks). "
-        "gather B/row: bytes each rank would receive per row to all-gather the logits instead; full logits: "
-        "the buffer that gathering would materialise on every rank, which the vocabulary-parallel path never "
-        "allocates. Times: rank 0, forward + backward steps back to back; the last column is "
-        "smoothce.cross_entropy on the full logits in rank 0 alone.",
-    ])  # fmt: skip
+    per_rank = launch(
+        _rank, args.world, args.vocab, args.rows, args.dtype, args.repeat, backend=args.backend, timeout_s=args.timeout
+    )
+    text = "\n".join(
+        [
+            f"Vocabulary-parallel cross-entropy, {args.world} {args.backend} rank(s) on "
+            f"{'CPU' if args.backend == 'gloo' else 'GPUs'}, {args.dtype} logits, label_smoothing={LABEL_SMOOTHING}, "
+            f"forward + backward. Measured {env['date']} on {env['device_name']} "
+            f"({env['logical_cores']} logical cores, "
+            f"load average {env['load_average_at_start']:.1f}); torch {torch.__version__}, commit {env['commit']}.",
+            "",
+            "| V | rows | all-reduces | stats B/row | fixed B/call | gather B/row | full logits MiB/rank "
+            "| vocab-parallel ms | full logits, one process, ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *(
+                f"| {r['V']} | {r['rows']} | {r['collectives']} | {r['stats_per_row']:.0f} | {r['fixed']:.0f} "
+                f"| {r['gather_per_row']} | {r['full_mib']:.1f} | {r['t_ours']:.3g} | {r['t_single']:.3g} |"
+                for r in per_rank[0]
+            ),
+            "",
+            "stats B/row and fixed B/call: the bytes all-reduced by one forward + backward, recorded at 1 row and at "
+            "`rows`, as fixed + per row x rows (fixed: the per-call shard-size and consistency checks). "
+            "gather B/row: bytes each rank would receive per row to all-gather the logits instead; full logits: "
+            "the buffer that gathering would materialise on every rank, which the vocabulary-parallel path never "
+            "allocates. Times: rank 0, forward + backward steps back to back; the last column is "
+            "smoothce.cross_entropy on the full logits in rank 0 alone.",
+        ]
+    )
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

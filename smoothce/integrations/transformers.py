@@ -125,8 +125,10 @@ def _check_model(model) -> None:
             "smoothce cannot compute its logits"
         )
     if head.weight.dim() != 2 or not head.weight.is_floating_point():
-        raise ValueError(f"{name}'s output layer has a {head.weight.dtype} weight of shape {tuple(head.weight.shape)}, "
-                         "not a floating (V, D) matrix")
+        raise ValueError(
+            f"{name}'s output layer has a {head.weight.dtype} weight of shape {tuple(head.weight.shape)}, "
+            "not a floating (V, D) matrix"
+        )
     loss_function = getattr(model, "loss_function", None)
     if loss_function is not stock_loss:
         raise ValueError(
@@ -229,8 +231,7 @@ def _make_forward(signature: inspect.Signature):
 
     forward._smoothce_forward = True
     forward.__signature__ = signature.replace(
-        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-                    *signature.parameters.values()]
+        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *signature.parameters.values()]
     )
     return forward
 
@@ -257,8 +258,7 @@ def _autocast_inputs(*tensors):
     if not torch.is_autocast_enabled(device_type):
         return device_type, tensors
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in tensors]
+    cast = [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
     return device_type, cast
 
 
@@ -268,8 +268,16 @@ class _CausalLMLoss:
     def __init__(self, state: _PatchState):
         self.state = state
 
-    def __call__(self, logits, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
-                 shift_labels=None, **kwargs):
+    def __call__(
+        self,
+        logits,
+        labels=None,
+        vocab_size=None,
+        num_items_in_batch=None,
+        ignore_index=-100,
+        shift_labels=None,
+        **kwargs,
+    ):
         target = _shifted_targets(labels, shift_labels, ignore_index)
         options = self.state.options
         # The sum over targets divided by num_items_in_batch when given (gradient accumulation), else the mean;
@@ -291,8 +299,13 @@ class _CausalLMLoss:
             device_type, (hidden, weight, bias) = _autocast_inputs(hidden, capture.head.weight, capture.head.bias)
             with torch.autocast(device_type, enabled=False):
                 loss = smoothce.linear_cross_entropy(
-                    hidden, weight, target.to(hidden.device), bias=bias, label_smoothing=options["label_smoothing"],
-                    ignore_index=ignore_index, **reduce,
+                    hidden,
+                    weight,
+                    target.to(hidden.device),
+                    bias=bias,
+                    label_smoothing=options["label_smoothing"],
+                    ignore_index=ignore_index,
+                    **reduce,
                 )
         else:
             if vocab_size is not None and logits.shape[-1] != vocab_size:
@@ -302,7 +315,10 @@ class _CausalLMLoss:
                 raise ValueError(f"{rows.shape[0]} rows of logits but {target.numel()} targets")
             with torch.autocast(rows.device.type, enabled=False):
                 loss = smoothce.cross_entropy(
-                    rows, target.to(rows.device), label_smoothing=options["label_smoothing"],
-                    ignore_index=ignore_index, **reduce,
+                    rows,
+                    target.to(rows.device),
+                    label_smoothing=options["label_smoothing"],
+                    ignore_index=ignore_index,
+                    **reduce,
                 )
         return loss
