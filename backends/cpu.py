@@ -225,6 +225,7 @@ class CpuBackend(Backend):
 
     def _run_blocks(self, block, n_rows, num_classes, acc):
         """``block(start, stop, scratch)`` over the rows in blocks of ``block_elements``; True where any is.
+        ``acc`` is the scratch's dtype, or None to work in place (no scratch).
 
         With several torch threads and blocks enough, each of that many Python threads takes every
         so-many-th block with its own scratch (``block_elements`` shared between them) and runs its
@@ -237,11 +238,11 @@ class CpuBackend(Backend):
         starts = range(0, n_rows, rows_per_block)
 
         def run(worker):
-            scratch = torch.empty((rows_per_block, num_classes), dtype=acc)
+            scratch = None if acc is None else torch.empty((rows_per_block, num_classes), dtype=acc)
             confident = False
             for start in starts[worker::workers]:
                 stop = min(start + rows_per_block, n_rows)
-                confident |= block(start, stop, scratch[: stop - start])
+                confident |= block(start, stop, None if scratch is None else scratch[: stop - start])
             return confident
 
         if workers == 1:
@@ -279,11 +280,6 @@ class CpuBackend(Backend):
         # fp32/fp64 gradients are worked on in place, all rows at once (three passes, three parallel
         # regions); the rest go through an fp32 scratch block by block.
         in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
-        # fp32/fp64 logits: s for all rows in one pass; half ones per block, from the upcast block
-        # (a sum of half logits with dtype=float32 first copies them all to float32).
-        sum_first = lam != 0.0 and not aliased and logits.dtype == acc
-        if sum_first:
-            torch.sum(logits, 1, keepdim=True, dtype=sum_dtype, out=row_sum)
         offset = torch.tensor(-scale * lam / num_classes, dtype=acc)
         affine = scale != 1.0 or lam != 0.0
         def block(start, stop, p):
@@ -304,7 +300,7 @@ class CpuBackend(Backend):
                 row_max = torch.amax(x, 1, keepdim=True)
                 if lam != 0.0:
                     _offset_exact_sum(x, row_max, sum_block, exact_sums)
-            elif lam != 0.0 and not sum_first:
+            elif lam != 0.0:  # (half logits: from the upcast block; sum(dtype=float32) would copy them all)
                 torch.sum(x, 1, keepdim=True, dtype=sum_block.dtype, out=sum_block)
             if log_space:  # no gradient: log p, and p only in a block with a confident row
                 p = _log_softmax_(p, x)
@@ -332,7 +328,7 @@ class CpuBackend(Backend):
                 grad_block.copy_(p)  # rounded to the gradient's dtype once
             return confident
 
-        any_confident = block(0, n_rows, None) if in_place else self._run_blocks(block, n_rows, num_classes, acc)
+        any_confident = self._run_blocks(block, n_rows, num_classes, None if in_place else acc)
 
         p_k, rest = p_k.squeeze(1), rest.squeeze(1)
         any_tiny = False
