@@ -1,14 +1,15 @@
-"""The "cpu" backend: vectorized torch code in a few fused passes, each row's work in fp32 (fp64 for fp64).
+"""The "cpu" backend: vectorized torch code on blocks of rows that stay in cache, work in fp32 (fp64 for fp64).
 
-A contiguous fp32/fp64 gradient is written in place for all rows at once: a sum for the smoothing
-term, one fused softmax (one exp per element) straight into the gradient, and one pass that
-finishes it; three parallel regions per call, which a loaded machine delays far less than many
-small ones. Half-precision gradients, strided ones and the loss without a gradient go through one
-4 MiB fp32 scratch block, reused block by block while it is in cache, and round each element to
-the logits' dtype once; without a gradient a fused log-softmax (one pass fewer) gives the loss.
-Per-row work (targets, the loss, the target column) is done once for all rows, after the blocks.
-A large gradient is allocated in transparent huge pages (Linux): faulting a fresh buffer in 4 KiB
-at a time costs more than the whole computation on it.
+Each block (4 MiB of fp32 work in all) is read from memory once: a sum for the smoothing term, one
+fused softmax (one exp per element) and one pass that finishes the gradient, rounding each element
+to the logits' dtype once. A contiguous fp32/fp64 gradient is worked in place; other gradients, and
+the loss alone, go through a reused fp32 scratch block; without a gradient a fused log-softmax (one
+pass fewer) gives the loss. With several torch threads, as many Python threads each take every
+so-many-th block and run its ops single-threaded: no parallel region per op call, whose end waits
+for every thread (a scheduler slice each on a loaded machine). Per-row work (targets, the loss, the
+target column) is done once for all rows, after the blocks. A large gradient is allocated in
+transparent huge pages (Linux): faulting a fresh buffer in 4 KiB at a time costs more than the
+whole computation on it.
 
 Precision: the loss and the target column are built from terms that carry relative
 rounding errors only, so no cancellation is left in them:
