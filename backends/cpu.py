@@ -283,6 +283,7 @@ class CpuBackend(Backend):
         in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
         offset = torch.tensor(-scale * lam / num_classes, dtype=acc)
         affine = scale != 1.0 or lam != 0.0
+
         def block(start, stop, p):
             """The rows [start, stop), in ``p`` (scratch; None in place); True where one is confident."""
             confident = False
