@@ -210,3 +210,22 @@ def test_compiled_second_backward_is_an_error(upstream):
     match = "second backward" if upstream == 1.0 else "modified by an inplace operation"
     with pytest.raises(RuntimeError, match=match):
         loss.backward()
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs: the cuda nox session (SMOOTHCE_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+def test_compiled_reduce_overhead_replays_the_in_place_backward(upstream):
+    # mode="reduce-overhead" captures forward and backward in CUDA graphs: every replay must scale
+    # (or, at dO x factor == 1, leave) a fresh kept gradient and hand it on, step after step.
+    @torch.compile(mode="reduce-overhead", fullgraph=True)
+    def step(logits, target):
+        return smoothce.cross_entropy(logits, target, label_smoothing=0.1) * upstream
+
+    for seed in range(4):  # capture, then replays on new values
+        logits = make_logits((64, 1000), torch.bfloat16, seed=seed)
+        target = make_target((64,), 1000, seed=seed)
+        leaf = logits.to(DEVICE).requires_grad_(True)
+        step(leaf, target.to(DEVICE)).backward()
+        _, ref_grad = cross_entropy_reference(logits, target, label_smoothing=0.1)
+        torch.testing.assert_close(leaf.grad.double().cpu(), upstream * ref_grad, rtol=2.0**-7, atol=1e-6)
