@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from smoothce.numerics import kept_factors, loss_dtype
+from smoothce.numerics import kept_factors, loss_denominator, loss_dtype, reduce_rows
 
 # Elements of one block of rows in the shard functions: 1M on CPU (4 MiB of fp32 scratch, which
 # stays in cache), 16M elsewhere (64 MiB).
@@ -30,23 +30,11 @@ def loss_and_grad(
     normalizer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``Backend.loss_and_grad`` from a backend's ``forward``: the factors, one ``forward`` call, a torch reduction."""
-    acc = loss_dtype(logits.dtype)
-    if reduction != "mean":
-        denominator = torch.ones((), dtype=acc, device=logits.device)
-    elif normalizer is not None:
-        denominator = normalizer
-    else:
-        denominator = (target != ignore_index).sum().clamp_min(1).to(acc)
+    denominator = loss_denominator(reduction, normalizer, target, ignore_index, loss_dtype(logits.dtype))
     grad_scale, factor = kept_factors(denominator, logits.dtype)
     grad = torch.empty_like(logits) if compute_grad else None
     rows = forward(logits, target, label_smoothing, ignore_index, grad, grad_scale)
-    if reduction == "none":
-        return rows, grad, factor
-    total = rows.sum()
-    if reduction == "sum":
-        return total, grad, factor
-    positive = denominator > 0
-    return torch.where(positive, total / torch.where(positive, denominator, 1.0), 0.0), grad, factor
+    return reduce_rows(rows, denominator, reduction), grad, factor
 
 
 def scale_grad(

@@ -96,9 +96,6 @@ def register_kept_gradient_autograd(
     transforms apply, batched by ``vmap(info, in_dims, *args)`` where given (also registered as the
     op's own vmap rule); the op's autograd uses the same pair through ``torch.library.register_autograd``.
     """
-    if isinstance(op, str):  # "namespace::name"
-        namespace, op_name = op.split("::")
-        op = getattr(getattr(torch.ops, namespace), op_name).default
     n_kept = len(grad_inputs)
     flags = (compute_grad_arg,) if isinstance(compute_grad_arg, int) else tuple(compute_grad_arg)
     n_inputs = len(op._schema.arguments)

@@ -12,14 +12,15 @@ import torch
 from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
-from smoothce.checks import check_arguments, normalizer_tensor
-from smoothce.numerics import kept_factors, loss_dtype
+from smoothce.checks import check_arguments, check_normalizer, normalizer_tensor
+from smoothce.numerics import kept_factors, loss_dtype, reduce_rows
 
 
 def cross_entropy_impl(logits, target, label_smoothing=0.0, ignore_index=-100, reduction="mean", normalizer=None):
     """The public op's body; ``smoothce.cross_entropy`` calls it directly under torch.func transforms."""
     target = check_arguments(logits, target, label_smoothing, ignore_index, reduction)  # every rule, once
-    normalizer = normalizer_tensor(normalizer, reduction, logits)
+    check_normalizer(normalizer, reduction)
+    normalizer = normalizer_tensor(normalizer, logits)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     # Under torch.func the autograd.Function is applied here, above the dispatcher, where the
     # transforms see it; elsewhere the op's registered autograd records the same pair.
@@ -107,12 +108,11 @@ def _vmap(info, in_dims, logits, target, label_smoothing, ignore_index, reductio
     loss = loss.reshape(batch, n_rows)
     grad = grad.reshape(batch, n_rows, num_classes) if compute_grad else grad
     factor = factor.expand(batch).clone()
-    if reduction != "none":
-        loss = loss.sum(1)
-    if reduction == "mean":
+    count = None
+    if reduction == "mean":  # per sample: its own count of non-ignored targets, or the normalizer
         count = (target != ignore_index).sum(1).clamp_min(1).to(loss.dtype) if normalizer is None else normalizer
-        loss = torch.where(count > 0, loss / torch.where(count > 0, count, 1.0), 0.0)
-        factor = factor * kept_factors(count, torch.float64 if loss.dtype == torch.float64 else torch.float32)[0]
+        factor = factor * kept_factors(count, loss.dtype)[0]  # 1 / count (0 for an empty normalizer)
+    loss = reduce_rows(loss, count, reduction)
     return (loss, grad, factor), (0, 0 if compute_grad else None, 0)
 
 

@@ -150,16 +150,19 @@ def check_normalizer(normalizer, reduction) -> None:
         raise ValueError(f"normalizer must be a finite number >= 0, got {normalizer}")
 
 
-def normalizer_tensor(normalizer, reduction, like: torch.Tensor) -> torch.Tensor | None:
-    """``normalizer`` checked and made a 0-d tensor of the loss dtype on ``like``'s device (or None).
+def normalizer_tensor(normalizer, like: torch.Tensor) -> torch.Tensor | None:
+    """A checked ``normalizer`` (``check_normalizer``) as a 0-d tensor of the loss dtype on ``like``'s device.
 
-    Nothing is read on the host: a number becomes a fill on the device, a tensor is copied there
-    without waiting.
+    No host sync: a number is written by a fill, and a CPU tensor meeting another device is read
+    as a scalar operand (its value is taken at call time, so under CUDA-graph capture pass a tensor
+    on the device instead).
     """
-    check_normalizer(normalizer, reduction)
     if normalizer is None:
         return None
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    if isinstance(normalizer, torch.Tensor):
-        return normalizer.detach().reshape(()).to(device=like.device, dtype=dtype, non_blocking=True)
-    return torch.full((), float(normalizer), dtype=dtype, device=like.device)
+    if not isinstance(normalizer, torch.Tensor):
+        return torch.full((), float(normalizer), dtype=dtype, device=like.device)
+    value = normalizer.detach().reshape(())
+    if value.device != like.device and value.device.type == "cpu":
+        return torch.zeros((), dtype=dtype, device=like.device).add_(value)
+    return value.to(device=like.device, dtype=dtype)

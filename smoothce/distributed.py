@@ -74,40 +74,40 @@ if dist.is_available():  # builds without torch.distributed can still import smo
 from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
-from smoothce.checks import REDUCTIONS, bad_target_message, check_arguments, check_normalizer
-from smoothce.numerics import kept_factors, loss_dtype
+from smoothce.checks import REDUCTIONS, bad_target_message, check_arguments, check_normalizer, normalizer_tensor
+from smoothce.numerics import kept_factors, loss_denominator, loss_dtype, reduce_rows
 
 __all__ = ["count_tokens", "vocab_parallel_cross_entropy"]
 
 _NAME = "vocab_parallel_cross_entropy"
 
-# Columns of the per-rank table exchanged by the first all-reduce. _CALL says which loss runs
+# Columns of the per-rank table exchanged by the first all-reduce. CALL says which loss runs
 # (0: this one; 1, 2: the fused linear loss without / with a gradient for hidden, whose
-# backward adds an all-reduce), _DIM its hidden size, _SEEN the slice sizes a rank remembers
+# backward adds an all-reduce), DIM its hidden size, SEEN the slice sizes a rank remembers
 # (smoothce.vocab_parallel_linear; -1 when it has none): each must fit the others' or the
 # collectives that follow would not match.
-(_ERROR, _VOCAB, _ROWS, _DTYPE, _LAM, _IGNORE, _REDUCTION, _FINGERPRINT, _TMIN, _TMAX, _CALL, _DIM, _SEEN) = range(13)
+(ERROR, VOCAB, ROWS, DTYPE, LAM, IGNORE, REDUCTION, FINGERPRINT, TMIN, TMAX, CALL, DIM, SEEN) = range(13)
 _TABLE_COLUMNS = 13
-_NO_ERROR, _TYPE_ERROR, _VALUE_ERROR = 0, 1, 2
+NO_ERROR, TYPE_ERROR, VALUE_ERROR = 0, 1, 2
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 _LAM_SCALE = 2**52  # lam in [0, 1] as an exact-enough int64 for the agreement check
 _CALL_NAMES = {0: _NAME, 1: "vocab_parallel_linear_cross_entropy", 2: "vocab_parallel_linear_cross_entropy"}
 # Columns every rank must agree on, and how the error names each.
 _AGREED = (
     (
-        _ROWS,
+        ROWS,
         "the number of rows (the leading shape must be the same on every rank; only the vocabulary dimension is split)",
     ),
-    (_DTYPE, "the logits dtype"),
-    (_LAM, "label_smoothing"),
-    (_IGNORE, "ignore_index"),
-    (_REDUCTION, "reduction"),
+    (DTYPE, "the logits dtype"),
+    (LAM, "label_smoothing"),
+    (IGNORE, "ignore_index"),
+    (REDUCTION, "reduction"),
     (
-        _CALL,
+        CALL,
         "which loss is called (vocab_parallel_cross_entropy, or the fused linear loss with or "
         "without a gradient for hidden)",
     ),
-    (_DIM, "the hidden size D"),
+    (DIM, "the hidden size D"),
 )
 
 
@@ -120,7 +120,7 @@ def _all_reduce(tensor: torch.Tensor, op: str, group) -> torch.Tensor:
     return out
 
 
-def _resolve_group(group, caller: str):
+def resolve_group(group, caller: str):
     """The process group and this process's rank and size in it; RuntimeError if none is set up."""
     if not dist.is_available():
         raise RuntimeError(f"{caller}: this PyTorch build has no torch.distributed support")
@@ -175,9 +175,9 @@ def local_row(
     The target fingerprint is sum_i (i + 1) * (t_i + 1) in wrapping int64 arithmetic: equal
     targets give equal fingerprints, and a differing target almost surely changes it.
     """
-    if error_code != _NO_ERROR:
+    if error_code != NO_ERROR:
         row = torch.zeros(_TABLE_COLUMNS, dtype=torch.int64, device=device)
-        row[_ERROR] = error_code
+        row[ERROR] = error_code
         return row
     t = target.reshape(-1).to(torch.int64)
     weights = torch.arange(1, n_rows + 1, dtype=torch.int64, device=device)
@@ -190,7 +190,7 @@ def local_row(
     t_max = torch.cat([torch.where(valid, t, -big), t.new_full((1,), -big)]).amax()
     fixed = _int64_row(
         [
-            _NO_ERROR,
+            NO_ERROR,
             local_classes,
             n_rows,
             _DTYPE_CODES[dtype],
@@ -212,7 +212,7 @@ def exchange_table(row: torch.Tensor, position: int, world: int, group) -> torch
 
 
 def sizes_fingerprint(sizes) -> int:
-    """sum_i (i + 1) * V_i of a list of slice sizes (the _SEEN column compares this)."""
+    """sum_i (i + 1) * V_i of a list of slice sizes (the SEEN column compares this)."""
     return sum((i + 1) * v for i, v in enumerate(sizes))
 
 
@@ -224,10 +224,10 @@ def check_table_on_host(table: torch.Tensor, position: int, ignore_index: int) -
     """
     rows = table.tolist()
     world = len(rows)
-    name = _CALL_NAMES.get(rows[0][_CALL], _NAME)
+    name = _CALL_NAMES.get(rows[0][CALL], _NAME)
     for r, row in enumerate(rows):
-        if row[_ERROR] != _NO_ERROR:
-            kind = TypeError if row[_ERROR] == _TYPE_ERROR else ValueError
+        if row[ERROR] != NO_ERROR:
+            kind = TypeError if row[ERROR] == TYPE_ERROR else ValueError
             raise kind(
                 f"{name}: rank {r} of {world} rejected its arguments (its own error says which); "
                 "no rank computed the loss"
@@ -236,28 +236,28 @@ def check_table_on_host(table: torch.Tensor, position: int, ignore_index: int) -
     for column, what in _AGREED:
         values = [row[column] for row in rows]
         if any(v != values[0] for v in values):
-            if column == _LAM:
+            if column == LAM:
                 shown = [v / _LAM_SCALE for v in values]
-            elif column == _DTYPE:
+            elif column == DTYPE:
                 names = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
                 shown = [names[v] for v in values]
-            elif column == _REDUCTION:
+            elif column == REDUCTION:
                 shown = [REDUCTIONS[v] for v in values]
             else:
                 shown = values
             per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
             raise ValueError(f"{name}: the ranks disagree on {what}: {per_rank}")
-    if any(row[_FINGERPRINT] != first[_FINGERPRINT] for row in rows):
+    if any(row[FINGERPRINT] != first[FINGERPRINT] for row in rows):
         raise ValueError(
             f"{name}: the ranks passed different targets; every rank must pass the same global "
             "target ids (only the logits are split)"
         )
-    sizes = [row[_VOCAB] for row in rows]
+    sizes = [row[VOCAB] for row in rows]
     num_classes = sum(sizes)
-    if first[_TMIN] < 0:
-        raise ValueError(bad_target_message(first[_TMIN], num_classes, ignore_index))
-    if first[_TMAX] >= num_classes:
-        raise ValueError(bad_target_message(first[_TMAX], num_classes, ignore_index))
+    if first[TMIN] < 0:
+        raise ValueError(bad_target_message(first[TMIN], num_classes, ignore_index))
+    if first[TMAX] >= num_classes:
+        raise ValueError(bad_target_message(first[TMAX], num_classes, ignore_index))
     return sum(sizes[:position]), num_classes, sizes
 
 
@@ -268,25 +268,25 @@ def check_table_on_device(table: torch.Tensor, position: int, ignore_index: int,
     (a device-side assert on accelerators: the process's device state is lost, as with any
     out-of-range index, and the next synchronising call raises) before any row-sized collective.
     """
-    sizes = table[:, _VOCAB]
+    sizes = table[:, VOCAB]
     num_classes = sizes.sum()
     first = table[0]
     torch._assert_async(
-        (table[:, _ERROR] == _NO_ERROR).all(),
+        (table[:, ERROR] == NO_ERROR).all(),
         f"{name}: a rank rejected its arguments (its own error says which); no rank computed the loss",
     )
     for column, what in _AGREED:
         torch._assert_async((table[:, column] == first[column]).all(), f"{name}: the ranks disagree on {what}")
     torch._assert_async(
-        (table[:, _FINGERPRINT] == first[_FINGERPRINT]).all(),
+        (table[:, FINGERPRINT] == first[FINGERPRINT]).all(),
         f"{name}: the ranks passed different targets; every rank must pass the same global target ids",
     )
     torch._assert_async(
-        (first[_TMIN] >= 0) & (first[_TMAX] < num_classes),
+        (first[TMIN] >= 0) & (first[TMAX] < num_classes),
         f"{name}: a target value is out of range: expected a class index in [0, V) (V the sum of the "
         f"ranks' slices) or ignore_index={ignore_index}",
     )
-    seen = table[:, _SEEN]
+    seen = table[:, SEEN]
     weights = torch.arange(1, table.shape[0] + 1, dtype=torch.int64, device=table.device)
     torch._assert_async(
         ((seen < 0) | (seen == (sizes * weights).sum())).all(),
@@ -400,16 +400,6 @@ def combine(packed: torch.Tensor):
 # 3. Loss and the kept gradient of this rank's slice, from the global statistics.
 
 
-def reduce_rows(rows: torch.Tensor, denominator: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The rows' loss reduced: as they are, their sum, or their sum / D ("mean"; 0 where D <= 0)."""
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    positive = denominator > 0
-    return torch.where(positive, rows.sum() / torch.where(positive, denominator, 1.0), 0.0)
-
-
 def _loss_grad(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -488,24 +478,6 @@ register_kept_gradient_autograd(vp_loss_grad, _NAME, reduction_arg=9, compute_gr
 # The public functions.
 
 
-def denominator_for(reduction, normalizer, target, ignore_index, dtype, device) -> torch.Tensor:
-    """0-d D in ``dtype`` on ``device``: 1 ("none"/"sum"), ``normalizer``, or the non-ignored count (>= 1).
-
-    No host sync: a number is written by a fill, a CPU tensor is read as a scalar operand (its
-    value is taken at call time, so under CUDA-graph capture pass a device tensor instead).
-    """
-    if reduction != "mean":
-        return torch.ones((), dtype=dtype, device=device)
-    if normalizer is None:
-        return (target != ignore_index).sum().clamp_min(1).to(dtype)
-    if not isinstance(normalizer, torch.Tensor):
-        return torch.full((), float(normalizer), dtype=dtype, device=device)
-    value = normalizer.detach().reshape(())
-    if value.device != device and value.device.type == "cpu":
-        return torch.zeros((), dtype=dtype, device=device).add_(value)
-    return value.to(device=device, dtype=dtype)
-
-
 def vocab_parallel_cross_entropy(
     logits_shard: torch.Tensor,
     target: torch.Tensor,
@@ -545,7 +517,7 @@ def vocab_parallel_cross_entropy(
     tensor at all is raised before the exchange, on that rank alone (the others then stop at
     the process group's timeout).
     """
-    group, rank, world = _resolve_group(group, _NAME)
+    group, rank, world = resolve_group(group, _NAME)
     return vocab_parallel_loss(
         logits_shard,
         target,
@@ -572,15 +544,15 @@ def vocab_parallel_loss(
         check_arguments(logits_shard, target, label_smoothing, ignore_index, reduction)
         check_normalizer(normalizer, reduction)  # check_arguments also rejects an empty slice
     except TypeError as exc:
-        error, code = exc, _TYPE_ERROR
+        error, code = exc, TYPE_ERROR
     except ValueError as exc:
-        error, code = exc, _VALUE_ERROR
+        error, code = exc, VALUE_ERROR
     else:
-        code = _NO_ERROR
+        code = NO_ERROR
     row = local_row(
         device=logits_shard.device,
         local_classes=logits_shard.shape[-1] if logits_shard.dim() else 0,
-        n_rows=target.numel() if code == _NO_ERROR else 0,
+        n_rows=target.numel() if code == NO_ERROR else 0,
         dtype=logits_shard.dtype,
         target=target,
         label_smoothing=label_smoothing,
@@ -605,7 +577,7 @@ def vocab_parallel_loss(
     if z.shape[0] > 0:
         packed = _all_reduce(packed, "sum", group)
     excess, partial = combine(packed)
-    denominator = denominator_for(reduction, normalizer, t, ignore_index, acc, z.device)
+    denominator = loss_denominator(reduction, normalizer_tensor(normalizer, z), t, ignore_index, acc)
     compute_grad = torch.is_grad_enabled() and logits_shard.requires_grad
     loss, _, _ = vp_loss_grad(
         z,
@@ -637,6 +609,6 @@ def count_tokens(target: torch.Tensor, *, ignore_index: int = -100, group=None) 
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must be int64 or int32 class indices, got {target.dtype}")
-    group, _, _ = _resolve_group(group, "count_tokens")
+    group, _, _ = resolve_group(group, "count_tokens")
     count = (target != ignore_index).sum().to(torch.int64)
     return _all_reduce(count, "sum", group)

@@ -6,7 +6,7 @@ import torch
 
 from smoothce import dtensor
 from smoothce._ops import cross_entropy_impl
-from smoothce.checks import check_tensors_given, normalizer_tensor, option_values
+from smoothce.checks import check_normalizer, check_tensors_given, normalizer_tensor, option_values
 from smoothce.dtensor import is_dtensor
 
 
@@ -50,7 +50,8 @@ def cross_entropy(
         # applied where the transforms see it; inside the dispatcher they cannot.
         return cross_entropy_impl(logits, target, label_smoothing, ignore_index, reduction, normalizer)
     if normalizer is not None and not isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer_tensor(normalizer, reduction, logits)  # the schema takes a tensor
+        check_normalizer(normalizer, reduction)  # a number's value: the schema takes a tensor
+        normalizer = normalizer_tensor(normalizer, logits)
     return torch.ops.smoothce.cross_entropy(
         logits,
         target,

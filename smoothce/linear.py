@@ -22,12 +22,13 @@ from smoothce.checks import (
     INDEX_DTYPES,
     INT32_MAX,
     INT32_MIN,
+    check_normalizer,
     check_option_values,
     normalizer_tensor,
     option_values,
 )
 from smoothce.dtensor import is_dtensor
-from smoothce.numerics import kept_factors, loss_dtype
+from smoothce.numerics import kept_factors, loss_denominator, loss_dtype, reduce_rows
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -156,7 +157,8 @@ def _linear_cross_entropy(
     # Composite: autograd and torch.compile trace through this into linear_cross_entropy_fwd.
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
     target = check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index, reduction)
-    normalizer = normalizer_tensor(normalizer, reduction, hidden)
+    check_normalizer(normalizer, reduction)
+    normalizer = normalizer_tensor(normalizer, hidden)
     grad_on = torch.is_grad_enabled()
     loss = linear_cross_entropy_fwd(
         hidden.reshape(-1, hidden.shape[-1]),
@@ -220,7 +222,8 @@ def linear_cross_entropy(
             normalizer=normalizer,
         )
     if normalizer is not None and not isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer_tensor(normalizer, reduction, hidden)  # the schema takes a tensor
+        check_normalizer(normalizer, reduction)  # a number's value: the schema takes a tensor
+        normalizer = normalizer_tensor(normalizer, hidden)
     return torch.ops.smoothce.linear_cross_entropy(
         hidden,
         weight,
@@ -390,8 +393,7 @@ def _scales(target, ignore_index, reduction, dtype, device, normalizer):
     one = torch.ones((), dtype=acc_dtype, device=device)
     if reduction != "mean":
         return one, None, None
-    # The normalizer, else the counted rows (none: loss 0, not NaN).
-    denominator = normalizer if normalizer is not None else (target != ignore_index).sum().clamp_min(1).to(acc_dtype)
+    denominator = loss_denominator(reduction, normalizer, target, ignore_index, acc_dtype)
     inverse = kept_factors(denominator, acc_dtype)[0]  # 1 / denominator, folded (0 for an empty normalizer)
     if dtype == torch.float16:
         return one, inverse, denominator
@@ -439,8 +441,8 @@ def _forward(
         grad_bias=keep and grad_bias and bias is not None,
         keep_rows=not keep,
     )
-    if denominator is not None:
-        loss = torch.where(denominator > 0, loss / torch.where(denominator > 0, denominator, 1.0), 0.0)
+    if denominator is not None:  # "mean": the sum over the chunks divided (a 0-d total sums to itself)
+        loss = reduce_rows(loss, denominator, reduction)
     return loss, *(hidden.new_empty(0) if g is None else g for g in (d_hidden, d_weight, d_bias))
 
 
@@ -464,10 +466,10 @@ def _forward_fake(
     torch._check(target.shape[0] == hidden.shape[0], lambda: "target and hidden disagree on the rows")
     keep = reduction != "none"
     loss = hidden.new_empty(() if keep else hidden.shape[:1], dtype=loss_dtype(hidden.dtype))
-    return loss, *_fake_grads(hidden, weight, bias, keep and grad_hidden, keep and grad_weight, keep and grad_bias)
+    return loss, *fake_grads(hidden, weight, bias, keep and grad_hidden, keep and grad_weight, keep and grad_bias)
 
 
-def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+def fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
     # d hidden, d weight, d bias as the kernels make them: dense, or empty where not asked for.
     return (
         torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else hidden.new_empty(0),
@@ -539,7 +541,7 @@ def _backward_none_fake(
     grad_bias,
 ):
     torch._check(grad_loss.shape[0] == hidden.shape[0], lambda: "grad_loss and hidden disagree on the rows")
-    return _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
+    return fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
 
 
 linear_cross_entropy_bwd = define(

@@ -53,3 +53,26 @@ def kept_factors(denominator, dtype: torch.dtype):
         return 1.0 / denominator, 1.0
     power = math.ldexp(scale, math.frexp(denominator)[1] - 1)
     return power / denominator, 1.0 / power
+
+
+def loss_denominator(reduction: str, normalizer, target: torch.Tensor, ignore_index: int, dtype: torch.dtype):
+    """What the summed loss is divided by, 0-d ``dtype`` on the target's device: 1 ("none", "sum"),
+    the ``normalizer`` (a 0-d tensor there) for "mean" where one is given, else the non-ignored
+    targets (at least 1: none counted gives loss 0, not NaN)."""
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=target.device)
+    if normalizer is not None:
+        return normalizer
+    return (target != ignore_index).sum().clamp_min(1).to(dtype)
+
+
+def reduce_rows(rows: torch.Tensor, denominator: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The rows' losses (last dimension) reduced: as they are, summed, or summed / ``denominator``
+    ("mean"; 0 where the denominator is <= 0, an empty normaliser)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum(-1)
+    if reduction == "sum":
+        return total
+    positive = denominator > 0
+    return torch.where(positive, total / torch.where(positive, denominator, 1.0), 0.0)

@@ -35,25 +35,23 @@ import torch.distributed as dist
 from smoothce import linear, registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
-from smoothce.checks import check_normalizer, option_values
+from smoothce.checks import check_normalizer, normalizer_tensor, option_values
 from smoothce.distributed import (
-    _NO_ERROR,
-    _TYPE_ERROR,
-    _VALUE_ERROR,
-    _VOCAB,
-    _resolve_group,
+    NO_ERROR,
+    TYPE_ERROR,
+    VALUE_ERROR,
+    VOCAB,
     check_table_on_device,
     check_table_on_host,
     combine,
     contributions,
-    denominator_for,
     exchange_table,
     local_row,
-    reduce_rows,
+    resolve_group,
     sizes_fingerprint,
     unpack_offsets,
 )
-from smoothce.numerics import kept_factors, loss_dtype
+from smoothce.numerics import kept_factors, loss_denominator, loss_dtype, reduce_rows
 
 __all__ = ["forget_slice_sizes", "vocab_parallel_linear_cross_entropy"]
 
@@ -216,7 +214,7 @@ def _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes
         key = (group_name, local_classes)
         sizes = _SLICE_SIZES.get(key)
         if sizes is None:  # this group's first call with this slice: one host read, remembered
-            sizes = _SLICE_SIZES[key] = table[:, _VOCAB].tolist()
+            sizes = _SLICE_SIZES[key] = table[:, VOCAB].tolist()
     return offsets, _rows_per_chunk(hidden, weight, sizes, chunk_bytes, fp32_acc, grad_weight)
 
 
@@ -275,14 +273,6 @@ def _forward(
     return reduce_rows(losses, denominator, reduction), *(hidden.new_empty(0) if g is None else g for g in grads)
 
 
-def _grads_fake(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
-    return (
-        hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0),
-        weight.new_empty(weight.shape) if grad_weight else hidden.new_empty(0),
-        bias.new_empty(bias.shape) if grad_bias and bias is not None else hidden.new_empty(0),
-    )
-
-
 def _forward_fake(
     hidden,
     weight,
@@ -304,7 +294,8 @@ def _forward_fake(
     torch._check(hidden.dim() == 2, lambda: f"{_NAME}: expects 2-D hidden, got {hidden.dim()}-D")
     keep = reduction != "none"
     loss = hidden.new_empty(() if keep else (hidden.shape[0],), dtype=loss_dtype(hidden.dtype))
-    return loss, *_grads_fake(hidden, weight, bias, keep and grad_hidden, keep and grad_weight, keep and grad_bias)
+    grads = linear.fake_grads(hidden, weight, bias, keep and grad_hidden, keep and grad_weight, keep and grad_bias)
+    return loss, *grads
 
 
 vp_linear_cross_entropy_fwd = define(
@@ -378,7 +369,7 @@ def _backward_none_fake(
     grad_bias,
 ):
     torch._check(grad_loss.shape[0] == hidden.shape[0], lambda: "grad_loss and hidden disagree on the rows")
-    return _grads_fake(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
+    return linear.fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
 
 
 vp_linear_cross_entropy_bwd = define(
@@ -471,7 +462,7 @@ def vocab_parallel_linear_cross_entropy(
     and every rank must pass backward the same dO, as for any replicated loss). Bad inputs raise on
     every rank as in ``vocab_parallel_cross_entropy``.
     """
-    group, rank, world = _resolve_group(group, _NAME)
+    group, rank, world = resolve_group(group, _NAME)
     return vocab_parallel_linear_loss(
         hidden,
         weight,
@@ -514,18 +505,18 @@ def vocab_parallel_linear_loss(
         if not torch.compiler.is_compiling():  # (the op's kernel selects it again at run time)
             registry.select(hidden.device)  # a device without a backend: this rank's clear error, told to all
     except TypeError as exc:
-        error, code = exc, _TYPE_ERROR
+        error, code = exc, TYPE_ERROR
     except ValueError as exc:
-        error, code = exc, _VALUE_ERROR
+        error, code = exc, VALUE_ERROR
     else:
-        code = _NO_ERROR
+        code = NO_ERROR
     group_name = group.group_name
     _GROUPS[group_name] = group
     grad_on = torch.is_grad_enabled()
     grad_hidden = grad_on and hidden.requires_grad
     device = hidden.device
     seen = -1
-    if code == _NO_ERROR and device.type != "cpu":
+    if code == NO_ERROR and device.type != "cpu":
         if slice_sizes is not None:
             _SLICE_SIZES[(group_name, weight.shape[0])] = list(slice_sizes)
         remembered = _SLICE_SIZES.get((group_name, weight.shape[0]))
@@ -533,7 +524,7 @@ def vocab_parallel_linear_loss(
     row = local_row(
         device=device,
         local_classes=weight.shape[0] if weight.dim() else 0,
-        n_rows=target.numel() if code == _NO_ERROR else 0,
+        n_rows=target.numel() if code == NO_ERROR else 0,
         dtype=hidden.dtype,
         target=target,
         label_smoothing=label_smoothing,
@@ -549,7 +540,7 @@ def vocab_parallel_linear_loss(
         raise error
     acc = loss_dtype(hidden.dtype)
     flat_target = target.reshape(-1)
-    denominator = denominator_for(reduction, normalizer, flat_target, ignore_index, acc, device)
+    denominator = loss_denominator(reduction, normalizer_tensor(normalizer, hidden), flat_target, ignore_index, acc)
     loss = vp_linear_cross_entropy_fwd(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
