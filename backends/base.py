@@ -7,9 +7,31 @@ torch ops, are in ``torch_defaults``.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 
 from smoothce.backends import torch_defaults
+
+
+class Recipe(NamedTuple):
+    """The options beyond label smoothing, as backends receive them; all off is the plain loss.
+
+    weight: (V,) class weights in the loss dtype (float32, float64 for float64 logits),
+        contiguous, on the logits' device; None for all ones.
+    z_loss: s >= 0, the weight of the z-loss s lse^2.
+    softcap: c > 0, the cap of the soft-capped logits c tanh(z / c); None for none.
+    """
+
+    weight: torch.Tensor | None = None
+    z_loss: float = 0.0
+    softcap: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        """True when every option is off: the plain loss, which ``Backend.forward`` computes."""
+        return self.weight is None and self.z_loss == 0.0 and self.softcap is None
 
 
 class Backend:
@@ -67,6 +89,47 @@ class Backend:
         """
         raise NotImplementedError
 
+    def forward_recipe(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        label_smoothing: float,
+        ignore_index: int,
+        grad: torch.Tensor | None,
+        grad_scale: torch.Tensor,
+        recipe: Recipe,
+        lse: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``forward`` with the ``recipe``'s options, and the row's log-sum-exp written into ``lse``.
+
+        For a row z with target k, smoothing lam, class weights w (ones without ``recipe.weight``),
+        W = sum_c w_c, z-loss s and cap c, with everything on the capped logits
+        z'_j = c tanh(z_j / c) (z' = z without a cap), lse = logsumexp(z') and p = softmax(z'):
+
+            loss = (1 - lam) w_k (lse - z'_k) + (lam / V) sum_j w_j (lse - z'_j) + s w_k lse^2
+            grad_j = grad_scale (A p_j - (lam / V) w_j - (1 - lam) w_k onehot_j(k)) (1 - (z'_j / c)^2)
+                     with A = (1 - lam) w_k + (lam / V) W + 2 s w_k lse
+
+        (PyTorch's ``weight`` semantics with label smoothing, plus the z-loss weighted by w_k; the
+        last factor is the cap's chain rule, 1 without a cap). With every option off this is
+        ``forward``'s loss and gradient. Ignored rows: loss 0 and a zero gradient.
+
+        Args:
+            logits, target, label_smoothing, ignore_index, grad, grad_scale: as in ``forward``
+                (``grad`` may be ``logits`` itself: each row's logits are read before it is written).
+            recipe: the options (``Recipe``).
+            lse: an (N,) buffer of the loss dtype, or None; when given it receives lse for every
+                row, ignored rows too.
+
+        Returns:
+            (N,) per-row loss, float32 (float64 for float64 logits), 0 on ignored rows.
+
+        The default works in plain torch ops on blocks of rows (``torch_defaults.forward_recipe``).
+        """
+        return torch_defaults.forward_recipe(
+            logits, target, label_smoothing, ignore_index, grad, grad_scale, recipe, lse
+        )
+
     def loss_and_grad(
         self,
         logits: torch.Tensor,
@@ -76,6 +139,8 @@ class Backend:
         reduction: str,
         compute_grad: bool,
         normalizer: torch.Tensor | None = None,
+        recipe: Recipe | None = None,
+        lse: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The op's forward: (loss, kept gradient, backward factor) for 2-D ``logits`` (N >= 1, V).
 
@@ -88,8 +153,11 @@ class Backend:
         the device). The default runs ``forward`` and reduces with torch; a backend may fuse the
         count and the reduction into its kernels.
         """
+        forward = self.forward
+        if (recipe is not None and not recipe.plain) or lse is not None:
+            forward = functools.partial(self.forward_recipe, recipe=recipe or Recipe(), lse=lse)
         return torch_defaults.loss_and_grad(
-            self.forward, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer
+            forward, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer
         )
 
     def scale_grad(

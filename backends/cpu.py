@@ -185,9 +185,25 @@ class CpuBackend(Backend):
     def __init__(self, block_elements: int = BLOCK_ELEMENTS):
         self.block_elements = block_elements
 
-    def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
+    def loss_and_grad(
+        self,
+        logits,
+        target,
+        label_smoothing,
+        ignore_index,
+        reduction,
+        compute_grad,
+        normalizer=None,
+        recipe=None,
+        lse=None,
+    ):
         """``Backend.loss_and_grad`` with the count, the gradient's factor and the reduction read on the
-        host (free on CPU), and the gradient from ``new_gradient``."""
+        host (free on CPU), and the gradient from ``new_gradient``; the recipe options through
+        ``forward_recipe`` (``Backend``'s default)."""
+        if (recipe is not None and not recipe.plain) or lse is not None:
+            return super().loss_and_grad(
+                logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer, recipe, lse
+            )
         num_classes = logits.shape[1]
         acc = loss_dtype(logits.dtype)
         k, valid, counted = _targets(target, num_classes, ignore_index)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from smoothce.checks import check_targets
 from smoothce.numerics import kept_factors, loss_denominator, loss_dtype, reduce_rows
 
 # Elements of one block of rows in the shard functions: 1M on CPU (4 MiB of fp32 scratch, which
@@ -35,6 +36,90 @@ def loss_and_grad(
     grad = torch.empty_like(logits) if compute_grad else None
     rows = forward(logits, target, label_smoothing, ignore_index, grad, grad_scale)
     return reduce_rows(rows, denominator, reduction), grad, factor
+
+
+def forward_recipe(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    label_smoothing: float,
+    ignore_index: int,
+    grad: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    recipe,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Backend.forward_recipe`` (whose docstring states the math) in torch ops, a block of rows at a time.
+
+    Everything relative to the capped row's max m (m~ = m where finite, else 0), with
+    S = sum_j exp(z'_j - m~) and L = log S, so lse = m~ + L and lse - z'_j = (m~ - z'_j) + L, two
+    terms >= 0 (nothing cancels, whatever offset the row shares):
+
+        loss = (1 - lam) w_k ((m~ - z'_k) + L) + (lam / V) (sum_j w_j (m~ - z'_j) + W L) + s w_k lse^2
+        grad_k / grad_scale = (lam / V) (W p_k - w_k) + 2 s w_k lse p_k - (1 - lam) w_k q / S   (uncapped)
+
+    q = sum_{j != k} exp(z'_j - m~) summed on its own, so 1 - p_k = q / S keeps a confident row's
+    digits. A term whose weight is exactly 0 is left out (no 0 x inf). Each gradient element is
+    rounded to ``grad``'s dtype once.
+    """
+    n_rows, num_classes = logits.shape
+    acc = loss_dtype(logits.dtype)
+    lam = float(label_smoothing)
+    smooth = lam / num_classes
+    cap, z_loss, weight = recipe.softcap, float(recipe.z_loss), recipe.weight
+    check_targets(target, num_classes, ignore_index)
+    logits = logits.detach()
+    valid = target != ignore_index
+    k = torch.where(valid, target.long(), 0).clamp_(0, num_classes - 1).unsqueeze(1)  # never out of bounds
+    w_k = weight.gather(0, k.squeeze(1)) if weight is not None else None
+    total_weight = weight.sum() if weight is not None else float(num_classes)
+    scale = grad_scale.to(acc)
+    rows = torch.empty(n_rows, dtype=acc, device=logits.device)
+    for lo, hi in row_blocks(n_rows, num_classes, logits.device):
+        x = logits[lo:hi].to(acc, copy=True)
+        if cap is not None:
+            t = x.div_(cap).tanh_()  # z' / c
+            x = t * cap
+        m = x.amax(1, keepdim=True)
+        shift = torch.where(torch.isfinite(m), m, 0.0)
+        x = x.sub_(shift)  # z' - m~ <= 0
+        e = x.exp()
+        k_block = k[lo:hi]
+        e_k = e.gather(1, k_block)
+        rest = e.scatter(1, k_block, 0.0).sum(1, keepdim=True)  # q
+        total = rest + e_k  # S
+        log_total = total.log()
+        row_lse = shift + log_total
+        if lse is not None:
+            lse[lo:hi] = row_lse.squeeze(1)
+        wk = 1.0 if w_k is None else w_k[lo:hi].unsqueeze(1)
+        loss = torch.zeros_like(log_total)
+        if lam != 1.0:
+            loss += (1.0 - lam) * wk * (log_total - x.gather(1, k_block))
+        if lam != 0.0:
+            spread = -(x @ weight.unsqueeze(1)) if weight is not None else -x.sum(1, keepdim=True)
+            loss += smooth * (spread + total_weight * log_total)
+        if z_loss != 0.0:
+            loss += z_loss * wk * row_lse.square()
+        rows[lo:hi] = torch.where(valid[lo:hi], loss.squeeze(1), 0.0)
+        if grad is None:
+            continue
+        p = e.div_(total)
+        coeff = (1.0 - lam) * wk + smooth * total_weight
+        if z_loss != 0.0:
+            coeff = coeff + 2.0 * z_loss * wk * row_lse
+        p_k = e_k / total
+        g = p.mul_(coeff)
+        if lam != 0.0:
+            g.sub_(smooth * weight if weight is not None else smooth)
+        g_k = smooth * (total_weight * p_k - wk) - (1.0 - lam) * wk * (rest / total)
+        if z_loss != 0.0:
+            g_k = g_k + 2.0 * z_loss * wk * row_lse * p_k
+        g.scatter_(1, k_block, g_k)
+        if cap is not None:
+            g.mul_(t.square_().neg_().add_(1.0))  # the cap's chain rule, 1 - (z' / c)^2
+        g.mul_(scale).masked_fill_(~valid[lo:hi].unsqueeze(1), 0.0)
+        grad[lo:hi] = g  # rounded to the gradient's dtype once
+    return rows
 
 
 def scale_grad(

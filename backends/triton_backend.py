@@ -155,8 +155,24 @@ class TritonBackend(Backend):
         config = self.launch_config(logits.shape[1], logits.dtype, logits.device)
         return triton_kernels.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale, config)
 
-    def loss_and_grad(self, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
+    def loss_and_grad(
+        self,
+        logits,
+        target,
+        label_smoothing,
+        ignore_index,
+        reduction,
+        compute_grad,
+        normalizer=None,
+        recipe=None,
+        lse=None,
+    ):
         from smoothce.backends import triton_kernels
+
+        if (recipe is not None and not recipe.plain) or lse is not None:
+            return super().loss_and_grad(
+                logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer, recipe, lse
+            )
 
         self.check_inputs(logits)
         config = self.launch_config(logits.shape[1], logits.dtype, logits.device)

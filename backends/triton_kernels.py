@@ -25,7 +25,7 @@ from smoothce.backends.triton_common import (
     to_acc,
     zero_row,
 )
-from smoothce.checks import check_targets_on_host
+from smoothce.checks import check_targets, check_targets_on_host
 from smoothce.numerics import kept_gradient_scale, loss_dtype
 
 # ------------------------------------------------------------------------------------------------
@@ -520,19 +520,6 @@ def _constants(label_smoothing: float, num_classes: int) -> dict:
     return constants
 
 
-def check_targets_async(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Queue a device-side assert that every target is ignore_index or in [0, V); no host sync."""
-    ok = ~((target != ignore_index) & ((target < 0) | (target >= num_classes))).any()
-    message = (
-        f"smoothce.cross_entropy: a target is out of range: expected class indices in "
-        f"[0, {num_classes}) or ignore_index={ignore_index}"
-    )
-    try:
-        torch._assert_async(ok, message)
-    except NotImplementedError:  # a device whose torch lacks the form with a message
-        torch._assert_async(ok)
-
-
 def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothing, ignore_index, reduce, config):
     """The loss kernel for ``config`` ({"kernel": "split"|"loop", "block", "num_warps", ...})."""
     n_rows, num_classes = logits.shape
@@ -653,10 +640,7 @@ def forward(logits, target, label_smoothing, ignore_index, grad, grad_scale, con
     n_rows, num_classes = logits.shape
     device = logits.device
     check_device(device)
-    if device.type == "cpu":
-        check_targets_on_host(target, num_classes, ignore_index)
-    else:
-        check_targets_async(target, num_classes, ignore_index)
+    check_targets(target, num_classes, ignore_index)
     rows = torch.empty(n_rows, dtype=loss_dtype(logits.dtype), device=device)
     sync = torch.zeros(n_rows + 1, dtype=torch.int32, device=device)
     scalars = grad_scale.reshape(1).to(rows.dtype)

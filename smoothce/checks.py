@@ -113,6 +113,53 @@ def check_arguments(logits, target, label_smoothing, ignore_index, reduction) ->
     return target
 
 
+def recipe_values(z_loss, softcap, return_lse=False) -> tuple[float, float | None]:
+    """``(float(z_loss), float(softcap) or None)``, or TypeError/ValueError naming the bad value.
+
+    z_loss: a finite real >= 0. softcap: None or a finite real > 0. return_lse: a bool. (A bool is
+    no number here either: ``z_loss=True`` is a mistake.)
+    """
+    if _is_bool(z_loss) or not _is_real(z_loss):
+        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
+    z_loss = float(z_loss)
+    if not 0.0 <= z_loss < float("inf"):  # False for NaN too
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None:
+        if _is_bool(softcap) or not _is_real(softcap):
+            raise TypeError(f"softcap must be None or a float, got {type(softcap).__name__}")
+        softcap = float(softcap)
+        if not 0.0 < softcap < float("inf"):
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    if not _is_bool(return_lse) or isinstance(return_lse, torch.Tensor):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return z_loss, softcap
+
+
+def check_weight(weight, logits) -> None:
+    """TypeError/ValueError/NotImplementedError naming a class ``weight`` that is not None or a
+    floating (V,) tensor on the logits' device that does not require grad (PyTorch has no gradient
+    for it either). Metadata only."""
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor of class weights or None, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    num_classes = logits.shape[-1] if logits.dim() else 0
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise ValueError(
+            f"weight must have shape ({num_classes},), one weight per class of the logits' last "
+            f"dimension, got shape {tuple(weight.shape)}"
+        )
+    if weight.device != logits.device:
+        raise ValueError(f"logits are on {logits.device} but weight is on {weight.device}")
+    if weight.requires_grad:
+        raise NotImplementedError(
+            "the gradient with respect to the class weights is not implemented (nor is it in PyTorch's "
+            "cross_entropy): pass weight.detach(), or a weight that does not require grad"
+        )
+
+
 def bad_target_message(value: int, num_classes: int, ignore_index: int) -> str:
     """The error text for a target outside [0, V) that is not ``ignore_index``."""
     return (
@@ -127,6 +174,23 @@ def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: 
     if bool(bad.any()):
         value = int(target[bad.nonzero()[0, 0]])
         raise ValueError(bad_target_message(value, num_classes, ignore_index))
+
+
+def check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every target ignore_index or in [0, V): ``check_targets_on_host`` for CPU tensors, elsewhere a
+    device-side assert queued without a host sync (what a backend does before it indexes with them)."""
+    if target.device.type == "cpu":
+        check_targets_on_host(target, num_classes, ignore_index)
+        return
+    ok = ~((target != ignore_index) & ((target < 0) | (target >= num_classes))).any()
+    message = (
+        f"smoothce.cross_entropy: a target is out of range: expected class indices in "
+        f"[0, {num_classes}) or ignore_index={ignore_index}"
+    )
+    try:
+        torch._assert_async(ok, message)
+    except NotImplementedError:  # a device whose torch lacks the form with a message
+        torch._assert_async(ok)
 
 
 def check_normalizer(normalizer, reduction) -> None:

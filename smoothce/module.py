@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from smoothce.checks import check_option_values, option_values
+from smoothce.checks import check_option_values, option_values, recipe_values
 from smoothce.functional import cross_entropy
 from smoothce.linear import linear_cross_entropy
 
@@ -31,14 +31,38 @@ class _LossOptions(torch.nn.Module):
 class CrossEntropyLoss(_LossOptions):
     """Label-smoothed cross-entropy, like ``torch.nn.CrossEntropyLoss`` with class-index targets.
 
-    Inputs: logits (..., V) with the class dimension last, target (...) of int64/int32, and
-    optionally ``normalizer`` ("mean" only: what the summed loss is divided by).
+    ``weight`` (V,), class weights, is kept as a buffer (it follows ``.to()`` and the state dict, as
+    in PyTorch); ``z_loss`` and ``softcap``: ``smoothce.cross_entropy``'s. Inputs: logits (..., V)
+    with the class dimension last, target (...) of int64/int32, and optionally ``normalizer``
+    ("mean" only: what the summed loss is divided by).
     """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ):
+        super().__init__(label_smoothing, ignore_index, reduction)
+        self.z_loss, self.softcap = recipe_values(z_loss, softcap)
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a tensor of class weights or None, got {type(weight).__name__}")
+        self.register_buffer("weight", weight)
+
+    def options(self) -> dict:
+        return {**super().options(), "z_loss": self.z_loss, "softcap": self.softcap}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, z_loss={self.z_loss}, softcap={self.softcap}"
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, normalizer: float | torch.Tensor | None = None
     ) -> torch.Tensor:
-        return cross_entropy(logits, target, normalizer=normalizer, **self.options())
+        return cross_entropy(logits, target, self.weight, normalizer=normalizer, **self.options())
 
 
 class LinearCrossEntropyLoss(_LossOptions):

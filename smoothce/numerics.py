@@ -66,6 +66,15 @@ def loss_denominator(reduction: str, normalizer, target: torch.Tensor, ignore_in
     return (target != ignore_index).sum().clamp_min(1).to(dtype)
 
 
+def weighted_count(weight: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """sum of w_k over the non-ignored targets k (the last dimension): "mean"'s denominator with class
+    weights (PyTorch's), in ``weight``'s dtype on its device, without a host sync. A target out of
+    range is read as class 0 here; the backends report it."""
+    valid = target != ignore_index
+    k = torch.where(valid, target.long(), 0).clamp_(0, weight.shape[0] - 1)
+    return torch.where(valid, weight[k], 0.0).sum(-1)
+
+
 def reduce_rows(rows: torch.Tensor, denominator: torch.Tensor, reduction: str) -> torch.Tensor:
     """The rows' losses (last dimension) reduced: as they are, summed, or summed / ``denominator``
     ("mean"; 0 where the denominator is <= 0, an empty normaliser)."""
