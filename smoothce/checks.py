@@ -72,6 +72,12 @@ def check_tensors_given(logits, target) -> None:
         raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and {type(target).__name__}")
 
 
+def check_weight_given(weight) -> None:
+    """TypeError unless ``weight`` is a tensor or None (the schema would say so with a RuntimeError)."""
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor of class weights or None, got {type(weight).__name__}")
+
+
 def check_option_values(label_smoothing: float, reduction) -> None:
     """The value rules of the options: label_smoothing in [0, 1], a known reduction."""
     if not 0.0 <= label_smoothing <= 1.0:  # False for NaN too
@@ -139,10 +145,9 @@ def check_weight(weight, logits) -> None:
     """TypeError/ValueError/NotImplementedError naming a class ``weight`` that is not None or a
     floating (V,) tensor on the logits' device that does not require grad (PyTorch has no gradient
     for it either). Metadata only."""
+    check_weight_given(weight)  # (direct Python callers; the schema takes a tensor)
     if weight is None:
         return
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a tensor of class weights or None, got {type(weight).__name__}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
     num_classes = logits.shape[-1] if logits.dim() else 0

@@ -6,7 +6,14 @@ import torch
 
 from smoothce import dtensor
 from smoothce._ops import cross_entropy_impl
-from smoothce.checks import check_normalizer, check_tensors_given, normalizer_tensor, option_values, recipe_values
+from smoothce.checks import (
+    check_normalizer,
+    check_tensors_given,
+    check_weight_given,
+    normalizer_tensor,
+    option_values,
+    recipe_values,
+)
 from smoothce.dtensor import is_dtensor
 
 
@@ -50,6 +57,7 @@ def cross_entropy(
     # What the op's schema would coerce unseen (bool, numpy scalars, ints beyond int64) or reject
     # with a RuntimeError; the op checks everything else, once (smoothce/checks.py).
     check_tensors_given(logits, target)
+    check_weight_given(weight)
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
     z_loss, softcap = recipe_values(z_loss, softcap, return_lse)
     options = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)

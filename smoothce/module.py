@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from smoothce.checks import check_option_values, option_values, recipe_values
+from smoothce.checks import check_option_values, check_weight_given, option_values, recipe_values
 from smoothce.functional import cross_entropy
 from smoothce.linear import linear_cross_entropy
 
@@ -49,8 +49,7 @@ class CrossEntropyLoss(_LossOptions):
     ):
         super().__init__(label_smoothing, ignore_index, reduction)
         self.z_loss, self.softcap = recipe_values(z_loss, softcap)
-        if weight is not None and not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a tensor of class weights or None, got {type(weight).__name__}")
+        check_weight_given(weight)
         self.register_buffer("weight", weight)
 
     def options(self) -> dict:
@@ -70,10 +69,36 @@ class LinearCrossEntropyLoss(_LossOptions):
 
     Called as ``loss_fn(hidden, weight, target, bias=None)``: hidden (..., D), weight (V, D)
     in nn.Linear's layout (pass ``lm_head.weight`` as it is), bias (V,) or None, target (...).
-    Same result as ``CrossEntropyLoss(...)(F.linear(hidden, weight, bias), target)``.
+    Same result as ``CrossEntropyLoss(class_weight, ...)(F.linear(hidden, weight, bias), target)``.
+    ``class_weight`` (V,), the class weights (``CrossEntropyLoss``'s ``weight``: here ``weight`` is
+    the LM head's), is kept as a buffer; ``z_loss`` and ``softcap``: ``smoothce.linear_cross_entropy``'s.
     """
+
+    def __init__(
+        self,
+        class_weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ):
+        super().__init__(label_smoothing, ignore_index, reduction)
+        self.z_loss, self.softcap = recipe_values(z_loss, softcap)
+        if class_weight is not None and not isinstance(class_weight, torch.Tensor):
+            raise TypeError(
+                f"class_weight must be a tensor of class weights or None, got {type(class_weight).__name__}"
+            )
+        self.register_buffer("class_weight", class_weight)
+
+    def options(self) -> dict:
+        return {**super().options(), "z_loss": self.z_loss, "softcap": self.softcap}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, z_loss={self.z_loss}, softcap={self.softcap}"
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return linear_cross_entropy(hidden, weight, target, bias=bias, **self.options())
+        return linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=self.class_weight, **self.options())
