@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in environment():
         print("  " + line)
     ok = selfcheck.check(device)
+    ok = selfcheck.check_options(device) and ok
     ok = selfcheck.check_linear(device) and ok
     if not args.no_bench:
         benchmark(device)

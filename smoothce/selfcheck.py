@@ -88,6 +88,68 @@ def check(device: torch.device) -> bool:
     return check_hard_cases(device) and ok
 
 
+# The recipe options checked by ``check_options``: each alone, then all together.
+OPTIONS = {
+    "weight": {"weight": True},
+    "z_loss=1e-3": {"z_loss": 1e-3},
+    "softcap=30": {"softcap": 30.0},
+    "all three": {"weight": True, "z_loss": 1e-3, "softcap": 30.0},
+}
+
+
+def composed(logits, target, weight=None, *, label_smoothing=0.1, z_loss=0.0, softcap=None, dtype=torch.float64):
+    """PyTorch composing the loss in ``dtype``: F.cross_entropy of c tanh(z / c) with ``weight``, plus
+    the z-loss s w_k lse^2 per counted row, weighted mean; (loss, d loss / d logits)."""
+    z = logits.detach().to(dtype).requires_grad_(True)
+    capped = softcap * torch.tanh(z / softcap) if softcap is not None else z
+    w = None if weight is None else weight.to(dtype)
+    rows = F.cross_entropy(capped, target, w, label_smoothing=label_smoothing, reduction="none")
+    valid = target != -100
+    w_k = torch.where(valid, torch.ones_like(rows) if w is None else w[target.clamp_min(0)], 0.0)
+    loss = (rows + z_loss * w_k * torch.logsumexp(capped, -1).square()).sum() / w_k.sum()
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def check_options(device: torch.device) -> bool:
+    """Class weights, z-loss and soft-capping against PyTorch composed in float64, beside PyTorch's own float32."""
+    generator = torch.Generator().manual_seed(2)
+    rows, num_classes = (16, 1001) if interpreted(device) else (64, 5003)
+    base = torch.randn(rows, num_classes, generator=generator, dtype=torch.float64) * 8  # some capped at 30
+    target = torch.randint(0, num_classes, (rows,), generator=generator)
+    target[::7] = -100
+    weight = 0.25 + 1.75 * torch.rand(num_classes, generator=generator)
+    print(f"\nrecipe options on {device} ({rows}x{num_classes}, label_smoothing=0.1, mean), max |error| against")
+    print("PyTorch composed in float64 (F.cross_entropy of softcap tanh(z / softcap), weight, + z-loss),")
+    print("smoothce and PyTorch composing in float32 (gradient errors relative to the largest entry):")
+    print(f"  {'options':12s} {'dtype':5s} {'loss err':>10s} {'torch':>10s} {'grad err':>10s} {'torch':>10s}  result")
+    ok = True
+    for label, options in OPTIONS.items():
+        options = {**options, "weight": weight if options.get("weight") else None}
+        for name, dtype in DTYPES.items():
+            logits = base.to(dtype)
+            exact_loss, exact_grad = composed(logits, target, **options)
+            leaf = logits.to(device, copy=True).requires_grad_(True)
+            w = None if options["weight"] is None else options["weight"].to(device)
+            loss = smoothce.cross_entropy(leaf, target.to(device), **{**options, "weight": w}, label_smoothing=0.1)
+            loss.backward()
+            fp32 = torch.float64 if dtype == torch.float64 else torch.float32
+            torch_loss, torch_grad = composed(logits, target, **options, dtype=fp32)
+            loss_err = abs(float(loss.detach()) - float(exact_loss))
+            torch_loss_err = abs(float(torch_loss) - float(exact_loss))
+            grad_err = relative_error(leaf.grad.cpu(), exact_grad)
+            torch_err = relative_error(torch_grad, exact_grad)
+            good = loss_err <= max(2 * torch_loss_err, 1e-6 * max(abs(float(exact_loss)), 1.0)) and grad_err <= max(
+                2 * torch_err, GRAD_BOUND[name]
+            )
+            ok &= good
+            print(
+                f"  {label:12s} {name:5s} {loss_err:10.2e} {torch_loss_err:10.2e} {grad_err:10.2e} "
+                f"{torch_err:10.2e}  {'ok' if good else 'FAIL'}"
+            )
+    return ok
+
+
 def _fp16_ulps(values: torch.Tensor, expected: torch.Tensor) -> float:
     """max |values - expected| in units of fp16's spacing at |expected| (subnormals: 2**-24)."""
     spacing = torch.exp2(torch.floor(torch.log2(expected.abs().clamp_min(2.0**-14))) - 10)
