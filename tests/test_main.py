@@ -23,8 +23,10 @@ def test_main_job_checks_pass(tmp_path):
     assert "backend cpu" in out
     assert "hard cases" in out
     assert "fused linear + cross-entropy" in out
-    # 4 dtypes x 3 reductions, the 5 hard cases for rounding, 4 x 3 of the fused linear loss.
-    assert out.count(" ok") == 12 + 5 + 12
+    assert "recipe options" in out
+    # 4 dtypes x 3 reductions, 4 recipe option sets x 4 dtypes, the 5 hard cases for rounding,
+    # 4 x 3 of the fused linear loss.
+    assert out.count(" ok") == 12 + 16 + 5 + 12
     assert "FAIL" not in out
     assert out.rstrip().endswith("all checks passed")
 
