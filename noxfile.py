@@ -59,8 +59,8 @@ def cpu(session: nox.Session) -> None:
 def triton_interpret(session: nox.Session) -> None:
     """The Triton kernels of both GPU backends on CPU tensors, under TRITON_INTERPRET=1.
 
-    The kernel tests, then the op's own value tests and the fused linear loss's tests routed
-    through each Triton backend.
+    The kernel tests, then the op's own value tests (plain and with the recipe options) and the
+    fused linear loss's tests routed through each Triton backend.
     """
     _install(session, "test,triton")
     session.install(TRITON)
@@ -73,7 +73,8 @@ def triton_interpret(session: nox.Session) -> None:
     )
     for backend in ("cuda-triton", "xpu-triton"):
         env = {"TRITON_INTERPRET": "1", "SMOOTHCE_BACKEND": backend}
-        session.run(*PYTEST, "tests/test_op.py", "tests/test_linear.py", *session.posargs, env=env)
+        tests = ("tests/test_op.py", "tests/test_options.py", "tests/test_linear.py")
+        session.run(*PYTEST, *tests, *session.posargs, env=env)
 
 
 @nox.session

@@ -1,19 +1,20 @@
-"""What one benchmark case is (N tokens, V classes, dtype, mode, λ), its inputs and its float64 loss."""
+"""What one benchmark case is (N tokens, V classes, dtype, mode, λ and the loss's options), its inputs and its
+float64 loss."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from smoothce.bench.impls import FWD_BWD
+from smoothce.bench.impls import FWD_BWD, composed_loss
 
 DTYPES, IGNORE_INDEX = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}, -100
 # Vocabulary sizes of real models: Llama-2 / Mistral, GPT-2, Llama-3, Qwen2, Gemma-3.
 VOCAB_SIZES = (32000, 50257, 128256, 151936, 262144)
 # The least traffic any implementation needs (b: bytes per logit): the yardstick for every bandwidth and limit.
 BYTES_MODEL = {"fwd": "N·V·b (read the logits once)", FWD_BWD: "2·N·V·b (read the logits, write the gradient)"}
+CLASS_WEIGHTS = "uniform in [0.5, 1.5) from the seed, rounded to bfloat16 (so the same in every dtype)"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class Case:
     mode: str  # "fwd" or "fwd+bwd"
     label_smoothing: float = 0.1
     impls: tuple[str, ...] | None = None  # only these of the run's implementations (None: all)
+    softcap: float | None = None  # c: the loss of c·tanh(z / c)
+    z_loss: float = 0.0  # s: plus s·lse² per counted row
+    class_weights: bool = False  # CLASS_WEIGHTS
 
     @property
     def logits_bytes(self) -> int:
@@ -34,10 +38,21 @@ class Case:
         """The least traffic of BYTES_MODEL."""
         return self.logits_bytes * (2 if self.mode == FWD_BWD else 1)
 
+    def options(self, weight=None) -> dict:
+        """The options this case turns on, as keywords of ``smoothce.cross_entropy`` (``weight``: the class weights)."""
+        on = {"softcap": self.softcap, "z_loss": self.z_loss or None, "weight": weight if self.class_weights else None}
+        return {name: value for name, value in on.items() if value is not None}
 
-def grid(shapes, dtypes, modes, label_smoothing: float = 0.1) -> list[Case]:
+    @property
+    def option_names(self) -> list[str]:
+        """The names (of ``impls.OPTIONS``) of the options on, label smoothing included."""
+        names = ["label_smoothing"] * (self.label_smoothing != 0) + [*self.options(weight=True)]
+        return names + ["weighted z_loss"] * (self.class_weights and self.z_loss != 0)
+
+
+def grid(shapes, dtypes, modes, label_smoothing: float = 0.1, **options) -> list[Case]:
     """Every (shape, dtype, mode), shape by shape, so each shape's logits are made once per dtype."""
-    return [Case(n, v, d, m, label_smoothing) for n, v in shapes for d in dtypes for m in modes]
+    return [Case(n, v, d, m, label_smoothing, **options) for n, v in shapes for d in dtypes for m in modes]
 
 
 def make_inputs(n: int, v: int, dtype: str, device: torch.device, seed: int, ignore_every: int = 0):
@@ -51,11 +66,19 @@ def make_inputs(n: int, v: int, dtype: str, device: torch.device, seed: int, ign
     return logits, target
 
 
-def reference_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> float:
-    """The mean loss over counted rows, in float64, a few rows at a time so it needs little memory."""
-    rows, total = max(1, (1 << 22) // logits.shape[1]), 0.0
+def class_weights(v: int, dtype: str, device: torch.device, seed: int) -> torch.Tensor:
+    """CLASS_WEIGHTS: (V,) in ``dtype`` on ``device``."""
+    weight = torch.rand(v, generator=torch.Generator().manual_seed(seed)) + 0.5
+    return weight.to(torch.bfloat16).to(device, DTYPES[dtype])
+
+
+def reference_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, **options) -> float:
+    """The mean loss (``impls.composed_loss`` with ``options``) in float64, a few rows at a time (little memory)."""
+    rows, total, denominator = max(1, (1 << 22) // logits.shape[1]), 0.0, 0.0
+    if options.get("weight") is not None:
+        options["weight"] = options["weight"].double()
     for start in range(0, logits.shape[0], rows):
         chunk, chunk_target = logits[start : start + rows].double(), target[start : start + rows]
-        total += float(F.cross_entropy(chunk, chunk_target, label_smoothing=label_smoothing, reduction="sum"))
-    counted = int((target != IGNORE_INDEX).sum())
-    return total / counted if counted else float("nan")
+        loss, weights = composed_loss(chunk, chunk_target, label_smoothing=label_smoothing, sum_=True, **options)
+        total, denominator = total + float(loss), denominator + float(weights)
+    return total / denominator if denominator else float("nan")

@@ -1,13 +1,6 @@
-"""The command line of ``python -m smoothce.bench``: presets, options, and where results go.
-
-    python -m smoothce.bench                        # default sweep on the device present
-    python -m smoothce.bench --quick                # a short sweep; nox -s bench -- --quick
-    python -m smoothce.bench --preset gpu-targets --out DIR   # the GPU targets (``gpu_target_cases``)
-    python -m smoothce.bench --shapes 2048x32000,512x128256 --dtypes fp32,bf16 --modes fwd+bwd,fwd
-    python -m smoothce.bench --op linear [--shapes 4096x1024x32000] [--dtypes fp32,bf16] --out DIR
-
-Results go to benchmarks/results/<device>/[<preset>/] (``--op linear``: <device>/linear/).
-"""
+"""The command line of ``python -m smoothce.bench`` (``--help`` lists the options): presets, the loss's options,
+and where results go: benchmarks/results/<device>/[<preset>][-tiny][-<the options>]/ (``--op linear``: .../linear/).
+Say ``--quick``, ``--preset gpu-targets``, ``--shapes 2048x32000 --dtypes bf16``, ``--softcap 30 --z-loss 1e-4``."""
 
 from __future__ import annotations
 
@@ -37,20 +30,16 @@ def gpu_target_cases() -> list[cases.Case]:
     HOST_SHAPE (the host's launch overhead); plus fwd+bwd at λ = 0 on TARGET_SHAPES for quack (which has no label
     smoothing; without torch.compile, to keep within the time limit). Grouped by V so each V compiles once."""
     shapes = [*TARGET_SHAPES, *((1024, v) for v in cases.VOCAB_SIZES), HOST_SHAPE]
+    unsmoothed = ("smoothce", "torch-eager", "liger", "flash-attn", "quack")
     out = []
     for n, v in sorted(shapes, key=lambda s: [v for _, v in shapes].index(s[1])):  # V in order of first appearance
         for dtype in ("bf16", "fp32"):
             out += [cases.Case(n, v, dtype, mode, 0.1) for mode in MODES]
-            if (n, v) in TARGET_SHAPES:
-                out.append(
-                    cases.Case(
-                        n, v, dtype, FWD_BWD, 0.0, impls=("smoothce", "torch-eager", "liger", "flash-attn", "quack")
-                    )
-                )
+            out += [cases.Case(n, v, dtype, FWD_BWD, 0.0, impls=unsmoothed)] if (n, v) in TARGET_SHAPES else []
     return out
 
 
-def _arg(kind, name: str, ok=lambda value: True, many: bool = False):
+def _arg(kind, name: str, ok=lambda value: 0 < value < float("inf"), many: bool = False):
     """An argparse type: ``kind`` of the text (of each comma-separated item with ``many``) where ``ok``, else a
     ValueError, which argparse reports as "invalid <name> value: '<text>'"."""
 
@@ -64,8 +53,58 @@ def _arg(kind, name: str, ok=lambda value: True, many: bool = False):
     return parse
 
 
-def _positive(value) -> bool:
-    return value > 0
+def build_parser(op: str = "cross_entropy") -> argparse.ArgumentParser:
+    linear_op = op == "linear"
+    parser = argparse.ArgumentParser(
+        prog="python -m smoothce.bench",
+        description="Time and peak memory of smoothce's cross-entropy (--op linear: its fused linear loss) against "
+        "PyTorch and, on GPUs where installed, other libraries' kernels.",
+    )
+    add = parser.add_argument
+    add("--op", choices=["cross_entropy", "linear"], default="cross_entropy")
+    size = parser.add_mutually_exclusive_group()
+    quick = "--preset quick (--op linear: 1024 rows, one round, no compile, no accuracy)"
+    size.add_argument("--quick", action="store_const", const="quick", dest="preset", default="default", help=quick)
+    dims = "NxDxV" if linear_op else "NxV"
+    ok = lambda d: len(d) == len(dims.split("x")) and min(d) > 0
+    shape = _arg(lambda text: tuple(int(x) for x in text.lower().split("x")), f"{dims} shape", ok, many=True)
+    add("--shapes", type=shape, action="extend", help=f"exact shapes {dims}, comma separated")
+    choices, dtypes = (linear.IMPLEMENTATIONS, linear.DTYPES) if linear_op else (IMPLEMENTATIONS, cases.DTYPES)
+    impls = _arg(str, "implementation", choices.__contains__, many=True)
+    add("--impls", type=impls, help=f"of {', '.join(choices)} (default: all that can run here)")
+    default = "fp32 on CPU, else bf16" if linear_op else "fp32,bf16"
+    add("--dtypes", type=_arg(str, "dtype", dtypes.__contains__, many=True), help=f"of {', '.join(dtypes)} ({default})")
+    lam = _arg(float, "label smoothing in [0, 1]", lambda x: 0 <= x <= 1)
+    add("--label-smoothing", type=lam, default=0.1, help="λ (default 0.1)")
+    add("--device", help="torch device (default: cuda, else xpu, else cpu)")
+    positive_int, positive_float = _arg(int, "positive int"), _arg(float, "positive float")
+    add("--threads", type=positive_int, help="torch threads on CPU (default: torch's choice)")
+    add("--rounds", "--reps", type=positive_int, help="interleaved rounds per case")
+    add("--out", type=Path, help="results folder (default: benchmarks/results/<device>/...)")
+    if linear_op:
+        add("--no-compile", action="store_true", help="skip torch.compile'd PyTorch")
+        add("--no-accuracy", action="store_true", help="skip the float64 reference")
+        add("--chunk-mib", type=positive_int, help="smoothce's chunk budget (default: its own)")
+        add("--half-weight-grad", action="store_true", help="smoothce's d weight summed in its dtype (default fp32)")
+        return parser
+    size.add_argument("--preset", choices=[*PRESETS, "gpu-targets"], default="default")
+    size.add_argument("--full", action="store_const", const="full", dest="preset", help="--preset full")
+    add("--tiny", action="store_true", help="every shape divided by 256 both ways (a quick try)")
+    add("--tokens", type=_arg(int, "positive int", many=True), help="token counts N, comma separated")
+    add("--vocab", type=_arg(int, "positive int", many=True), help="vocabulary sizes V, comma separated")
+    add("--modes", type=_arg(str, "mode", MODES.__contains__, many=True), default=list(MODES), help="of fwd+bwd, fwd")
+    add("--softcap", type=positive_float, help="c: the loss of c·tanh(z / c), as Gemma 2's (default: none)")
+    scale = _arg(float, "number >= 0", lambda s: 0 <= s < float("inf"))
+    add("--z-loss", type=scale, default=0.0, help="s: plus s·logsumexp(z)² per token (default 0)")
+    add("--class-weights", action="store_true", help="random class weights: " + cases.CLASS_WEIGHTS)
+    add("--ignore-every", type=int, default=0, help="ignore every k-th target (default: none)")
+    add("--warmup-ms", type=positive_float, default=25.0, help="do_bench warm-up per round")
+    add("--rep-ms", type=float, help="ms of timed runs per round (default: 100 on GPUs, 0 on CPU: one run)")
+    add("--time-limit", type=positive_float, help="start no case after this many seconds")
+    add("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    add("--no-plots", action="store_true", help="skip the PNG plots")
+    add("--seed", type=int, default=0)
+    return parser
 
 
 def _device(text: str | None, parser: argparse.ArgumentParser) -> torch.device:
@@ -77,117 +116,16 @@ def _device(text: str | None, parser: argparse.ArgumentParser) -> torch.device:
     return device
 
 
-def build_parser(op: str = "cross_entropy") -> argparse.ArgumentParser:
-    linear_op = op == "linear"
-    parser = argparse.ArgumentParser(
-        prog="python -m smoothce.bench",
-        description="Time and peak memory of smoothce's "
-        "cross-entropy (--op linear: its fused linear loss) against PyTorch and, on GPUs "
-        "where installed, other libraries' kernels.",
-    )
-    parser.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument(
-        "--quick",
-        action="store_const",
-        const="quick",
-        dest="preset",
-        default="default",
-        help="--preset quick (--op linear: 1024 rows, one round, no compile, no accuracy)",
-    )
-    dims = "NxDxV" if linear_op else "NxV"
-    shape = _arg(
-        lambda text: tuple(int(x) for x in text.lower().split("x")),
-        f"{dims} shape",
-        lambda d: len(d) == len(dims.split("x")) and min(d) > 0,
-        many=True,
-    )
-    parser.add_argument("--shapes", type=shape, action="extend", help=f"exact shapes {dims}, comma separated")
-    choices = linear.BUILDERS if linear_op else IMPLEMENTATIONS
-    parser.add_argument(
-        "--impls",
-        type=_arg(str, "implementation", choices.__contains__, many=True),
-        help=f"of {', '.join(choices)} (default: all that can run here)",
-    )
-    dtypes = linear.DTYPES if linear_op else cases.DTYPES
-    parser.add_argument(
-        "--dtypes",
-        type=_arg(str, "dtype", dtypes.__contains__, many=True),
-        help=f"of {', '.join(dtypes)} (default: " + ("fp32 on CPU, else bf16)" if linear_op else "fp32,bf16)"),
-    )
-    parser.add_argument(
-        "--label-smoothing",
-        type=_arg(float, "label smoothing in [0, 1]", lambda x: 0 <= x <= 1),
-        default=0.1,
-        help="λ (default 0.1)",
-    )
-    parser.add_argument("--device", help="torch device (default: cuda, else xpu, else cpu)")
-    positive_int, positive_float = _arg(int, "positive int", _positive), _arg(float, "positive float", _positive)
-    parser.add_argument("--threads", type=positive_int, help="torch threads on CPU (default: torch's choice)")
-    parser.add_argument("--rounds", "--reps", type=positive_int, help="interleaved rounds per case")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>/...)")
-    if linear_op:
-        parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd PyTorch")
-        parser.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference")
-        parser.add_argument("--chunk-mib", type=positive_int, help="smoothce's chunk budget (default: its own)")
-        parser.add_argument(
-            "--half-weight-grad",
-            action="store_true",
-            help="smoothce's d weight summed in the weight's dtype, chunk by chunk (default: fp32)",
-        )
-        return parser
-    size.add_argument("--preset", choices=[*PRESETS, "gpu-targets"], default="default")
-    size.add_argument("--full", action="store_const", const="full", dest="preset", help="--preset full")
-    parser.add_argument("--tiny", action="store_true", help="every shape divided by 256 both ways (a quick try)")
-    counts = _arg(int, "positive int", _positive, many=True)
-    parser.add_argument("--tokens", type=counts, help="token counts N, comma separated")
-    parser.add_argument("--vocab", type=counts, help="vocabulary sizes V, comma separated")
-    parser.add_argument(
-        "--modes", type=_arg(str, "mode", MODES.__contains__, many=True), default=list(MODES), help="of fwd+bwd, fwd"
-    )
-    parser.add_argument("--ignore-every", type=int, default=0, help="ignore every k-th target (default: none)")
-    parser.add_argument("--warmup-ms", type=positive_float, default=25.0, help="do_bench warm-up per round")
-    parser.add_argument(
-        "--rep-ms",
-        type=float,
-        help="ms of timed runs per round (default: 100 on GPUs, 0 = one run after a warm-up run on CPU)",
-    )
-    parser.add_argument("--time-limit", type=positive_float, help="start no case after this many seconds")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def run_linear(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    device = _device(args.device, parser)
-    for name in args.impls or []:
-        if (why := linear.unavailable_reason(name, device, args.label_smoothing)) is not None:
-            parser.error(f"implementation {name!r} cannot run here: {why}")
-    quick = args.preset == "quick"
-    shapes = args.shapes or ([(1024, *linear.CPU_SHAPES[0][1:])] if quick and device.type == "cpu" else None)
-    record = linear.run_linear_sweep(
-        device,
-        args.out or _results_folder(device) / "linear",
-        shapes=shapes,
-        dtypes=args.dtypes,
-        reps=args.rounds or (1 if quick else None),
-        compile_=not (args.no_compile or quick),
-        impls=args.impls,
-        accuracy=not (args.no_accuracy or quick),
-        threads=args.threads,
-        chunk_bytes=args.chunk_mib and args.chunk_mib << 20,
-        fp32_weight_grad=False if args.half_weight_grad else None,
-        label_smoothing=args.label_smoothing,
-    )
-    print(linear.markdown(record))
-    return 0
-
-
 def _results_folder(device: torch.device) -> Path:
     """benchmarks/results/ "cpu", or the type and card name, e.g. "cuda-NVIDIA-H100-80GB-HBM3"."""
     card = re.sub(r"[^A-Za-z0-9.]+", "-", machine.device_name(device)).strip("-")
     return Path("benchmarks", "results", "cpu" if device.type == "cpu" else f"{device.type}-{card}")
+
+
+def _check_impls(parser, names, why_not) -> None:
+    for name in names or []:
+        if (why := why_not(name)) is not None:
+            parser.error(f"implementation {name!r} cannot run here: {why}")
 
 
 def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[runner.Settings, Path]:
@@ -199,27 +137,32 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error("give either --shapes or --tokens/--vocab, not both")
     if targets and custom:
         parser.error("--preset gpu-targets runs fixed shapes: leave out --shapes/--tokens/--vocab")
-    preset = PRESETS.get(args.preset, PRESETS["default"])
+    sizes = PRESETS.get(args.preset, PRESETS["default"])
     if targets:
         case_list = gpu_target_cases()
     else:
-        tokens = args.tokens or preset[0 if on_cpu else 1]
-        shapes = args.shapes or [(n, v) for n in tokens for v in (args.vocab or preset[2])]
+        shapes = args.shapes or [(n, v) for n in args.tokens or sizes[not on_cpu] for v in args.vocab or sizes[2]]
         case_list = cases.grid(shapes, args.dtypes or ["fp32", "bf16"], args.modes, args.label_smoothing)
     if args.tiny:
         case_list = [dataclasses.replace(c, n=max(2, c.n // 256), v=max(2, c.v // 256)) for c in case_list]
-    least_lam = min(case.label_smoothing for case in case_list)
-    why_not = {
-        name: IMPLEMENTATIONS[name].unavailable_reason(device.type, least_lam) for name in args.impls or IMPLEMENTATIONS
-    }
-    for name in args.impls or []:
-        if why_not[name] is not None:
-            parser.error(f"implementation {name!r} cannot run here: {why_not[name]}")
+    options = {"softcap": args.softcap, "z_loss": args.z_loss, "class_weights": args.class_weights}
+    case_list = [dataclasses.replace(c, **options) for c in case_list]
+    why_not = {}  # per implementation: None where it can run one of the cases, else why not
+    for name in args.impls or IMPLEMENTATIONS:
+        reasons = [IMPLEMENTATIONS[name].unavailable_reason(device.type, case.option_names) for case in case_list]
+        why_not[name] = None if None in reasons else reasons[0]
+    _check_impls(parser, args.impls, why_not.get)
+    # The results folder: the preset's ("" for the default), "-tiny", then the loss's options, if any.
+    preset = ("custom" if custom else args.preset) + (" (tiny)" if args.tiny else "")
+    slug = re.sub(r"[^\w.]+", "-", report.options_text(options))
+    folder = "-".join(filter(None, ("" if preset == "default" else preset.replace(" (tiny)", "-tiny"), slug)))
+    # a line in the report for an optional library only where it could have run
+    optional = {n for n, i in IMPLEMENTATIONS.items() if i.module and device.type in (i.device_types or (device.type,))}
     settings = runner.Settings(
         device=device,
         cases=case_list,
         impls=[name for name, why in why_not.items() if why is None],
-        rounds=args.rounds or (3 if targets else preset[3 if on_cpu else 4]),
+        rounds=args.rounds or (3 if targets else sizes[3 if on_cpu else 4]),
         warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms if args.rep_ms is not None else (0.0 if on_cpu else 100.0),
         ignore_every=10 if targets else args.ignore_every,
@@ -227,17 +170,9 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         seed=args.seed,
         threads=args.threads or torch.get_num_threads(),
         time_limit_s=args.time_limit or (165.0 if targets else None),
-        preset=("custom" if custom else args.preset) + (" (tiny)" if args.tiny else ""),
-        # a line in the report for an optional library only where it could have run
-        skipped_impls={
-            name: why
-            for name, why in why_not.items()
-            if why is not None
-            and IMPLEMENTATIONS[name].module
-            and device.type in (IMPLEMENTATIONS[name].device_types or (device.type,))
-        },
+        preset=preset + (f" ({slug})" if slug else ""),
+        skipped_impls={name: why for name, why in why_not.items() if why is not None and name in optional},
     )
-    folder = "" if settings.preset == "default" else settings.preset.replace(" (tiny)", "-tiny")
     return settings, args.out or _results_folder(device) / folder
 
 
@@ -247,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(chooser.parse_known_args(argv)[0].op)
     args = parser.parse_args(argv)
     if args.op == "linear":
-        return run_linear(args, parser)
+        device = _device(args.device, parser)
+        _check_impls(parser, args.impls, lambda name: linear.unavailable_reason(name, device, args.label_smoothing))
+        print(linear.markdown(linear.main(args, device, args.out or _results_folder(device) / "linear")))
+        return 0
     settings, out = settings_from_args(args, parser)
     out.mkdir(parents=True, exist_ok=True)
     record = runner.run(settings, checkpoint=lambda partial: report.write(partial, out, []))

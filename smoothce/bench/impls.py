@@ -1,14 +1,13 @@
-"""The cross-entropy implementations the benchmark compares (the same mean label-smoothed loss of logits (N, V)),
-and ``Step``: one run of one of them. liger, flash-attn and quack are imported only where installed, on their GPUs.
+"""The cross-entropy implementations the benchmark compares (the same mean loss of logits (N, V), with the case's
+options), and ``Step``: one run of one of them. liger, flash-attn and quack are imported only where installed.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,76 +15,95 @@ import torch.nn.functional as F
 
 import smoothce
 
-FWD = "fwd"
-FWD_BWD = "fwd+bwd"
+FWD, FWD_BWD = "fwd", "fwd+bwd"
 MODES = (FWD_BWD, FWD)
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Implementation:
-    """A named way to compute the loss; ``build`` returns a fresh loss function for one case."""
-
-    name: str
-    description: str
-    build: Callable[[float, int], LossFn]  # (label_smoothing, ignore_index) -> loss_fn
-    device_types: tuple[str, ...] | None = None  # None: any device
-    module: str | None = None  # the module that must be importable, for optional libraries
-    supports_label_smoothing: bool = True
-    mutates_input: bool = False  # writes into the logits (restored before every run)
-    dynamic_rows: bool = False  # mark dim 0 of the inputs dynamic for torch.compile
-
-    def unavailable_reason(self, device_type: str, label_smoothing: float) -> str | None:
-        """None when this implementation can run here; otherwise a short reason."""
-        if self.device_types is not None and device_type not in self.device_types:
-            return f"runs only on {', '.join(self.device_types)} devices"
-        if self.module is not None:
-            package = self.module.split(".")[0]
-            if importlib.util.find_spec(package) is None:
-                return f"not installed (no module {package!r})"
-            try:
-                importlib.import_module(self.module)
-            except Exception as error:  # a broken optional install must not stop the benchmark
-                return f"import of {self.module} failed: {type(error).__name__}: {error}"
-        if label_smoothing != 0.0 and not self.supports_label_smoothing:
-            return "has no label smoothing (runs only with --label-smoothing 0)"
-        return None
-
-
-def _build_eager(label_smoothing: float, ignore_index: int, loss=F.cross_entropy) -> LossFn:
-    return lambda z, t: loss(z, t, label_smoothing=label_smoothing, ignore_index=ignore_index)
-
-
+# The loss options a case may turn on (``cases.Case.option_names``); "weighted z_loss": both weight and z_loss.
+OPTIONS = frozenset({"label_smoothing", "softcap", "z_loss", "weight", "weighted z_loss"})
+BASELINE_FOR_RATIOS = "smoothce"  # every other implementation is a baseline it is compared with
 # torch.compile's backend for the torch-compile baseline; tests of the sweep's logic set "aot_eager".
 COMPILE_BACKEND = "inductor"
 
 
-def _build_compile(label_smoothing: float, ignore_index: int) -> LossFn:
-    # dynamic=False keeps V static (Step marks the rows dynamic); the runner resets Dynamo when V changes.
-    return torch.compile(_build_eager(label_smoothing, ignore_index), backend=COMPILE_BACKEND, dynamic=False)
-
-
-def _build_liger(label_smoothing: float, ignore_index: int) -> LossFn:
-    from liger_kernel.transformers.functional import liger_cross_entropy
-
-    return lambda z, t: liger_cross_entropy(
-        z, t, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="mean"
+def composed_loss(z, t, weight=None, *, ignore_index=-100, softcap=None, z_loss=0.0, sum_=False, **label_smoothing):
+    """PyTorch composing the loss: ``F.cross_entropy`` of z' = c·tanh(z / c) with ``weight``, plus the z-loss
+    s·w_k·logsumexp(z')² of each counted row; the mean divides both by Σ w_k over the counted rows (PyTorch's
+    weighted mean). ``sum_``: the sums instead, (loss sum, Σ w_k). Options left at their defaults add nothing."""
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    loss = F.cross_entropy(
+        z, t, weight, ignore_index=ignore_index, reduction="sum" if sum_ else "mean", **label_smoothing
     )
+    if not (z_loss or sum_):
+        return loss
+    counted = t != ignore_index
+    w_k = counted.to(z.dtype) if weight is None else torch.where(counted, weight[t.clamp_min(0)], 0)
+    z_sum = z_loss * (w_k * torch.logsumexp(z, -1).square()).sum() if z_loss else 0.0
+    return (loss + z_sum, w_k.sum()) if sum_ else loss + z_sum / w_k.sum()
 
 
-def _build_flash_attn(label_smoothing: float, ignore_index: int) -> LossFn:
+def unavailable(module: str | None = None, device_type: str = "", device_types: Iterable[str] | None = None):
+    """None when ``module`` imports and ``device_type`` is one of ``device_types`` (None: any), else why not."""
+    if device_types is not None and device_type not in device_types:
+        return f"runs only on {', '.join(device_types)} devices"
+    if module is not None:
+        if importlib.util.find_spec(package := module.split(".")[0]) is None:
+            return f"not installed (no module {package!r})"
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # a broken optional install (say a Triton/torch mismatch) must not stop the run
+            return f"import of {module} failed: {type(error).__name__}: {error}"[:300]
+    return None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A named way to compute the loss: ``build(label_smoothing, ignore_index, **options)``, ``options`` the case's
+    softcap, z_loss and weight that are on, returns a fresh loss function (logits, target) -> scalar."""
+
+    name: str
+    description: str
+    build: Callable[..., Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    device_types: tuple[str, ...] | None = None  # None: any device
+    module: str | None = None  # the module that must be importable, for optional libraries
+    supports: frozenset[str] = frozenset({"label_smoothing"})  # the options of OPTIONS it has
+    mutates_input: bool = False  # writes into the logits (restored before every run)
+    dynamic_rows: bool = False  # mark dim 0 of the inputs dynamic for torch.compile
+
+    def unavailable_reason(self, device_type: str, options: Iterable[str] = ()) -> str | None:
+        """None when this implementation can run here with ``options`` (names of OPTIONS); otherwise a short reason."""
+        if why := unavailable(self.module, device_type, self.device_types):
+            return why
+        missing = [name for name in options if name not in self.supports]
+        return f"not supported: {', '.join(missing)} (it runs only without)" if missing else None
+
+
+def _calling(function, z_loss: str = "z_loss", **fixed):
+    """The builder of a loss that calls ``function`` (or the "module:name" it names, imported when built) as
+    function(logits, target, label_smoothing=λ, ignore_index=i, **options, **fixed), z_loss under its own name."""
+
+    def build(label_smoothing, ignore_index, **options):
+        module, _, name = function.partition(":") if isinstance(function, str) else ("", "", "")
+        fn = getattr(importlib.import_module(module), name) if name else function
+        kw = {z_loss if key == "z_loss" else key: value for key, value in options.items()} | fixed
+        return lambda z, t: fn(z, t, label_smoothing=label_smoothing, ignore_index=ignore_index, **kw)
+
+    return build
+
+
+def _build_compile(label_smoothing: float, ignore_index: int, **options):
+    # dynamic=False keeps V static (Step marks the rows dynamic); the runner resets Dynamo when V changes.
+    eager = _calling(composed_loss)(label_smoothing, ignore_index, **options)
+    return torch.compile(eager, backend=COMPILE_BACKEND, dynamic=False)
+
+
+def _flash_attn(z, t, ignore_index, **kw):
+    """flash-attn's per-row losses (its z-loss in them, 0 on ignored rows), meaned over the counted rows."""
     from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
 
-    def loss_fn(logits, target):
-        # Returns per-row losses (0 on ignored rows) and z-losses; mean over counted rows.
-        losses, _ = cross_entropy_loss(logits, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
-        return losses.sum() / (target != ignore_index).sum().clamp_min(1)
-
-    return loss_fn
+    return cross_entropy_loss(z, t, ignore_index=ignore_index, **kw)[0].sum() / (t != ignore_index).sum().clamp_min(1)
 
 
-def _build_quack(label_smoothing: float, ignore_index: int) -> LossFn:
+def _build_quack(label_smoothing, ignore_index):
     from quack.cross_entropy import cross_entropy
 
     if "reduction" in inspect.signature(cross_entropy).parameters:
@@ -101,31 +119,38 @@ def _build_quack(label_smoothing: float, ignore_index: int) -> LossFn:
 IMPLEMENTATIONS: dict[str, Implementation] = {
     impl.name: impl
     for impl in (
+        Implementation("smoothce", "smoothce.cross_entropy", _calling(smoothce.cross_entropy), supports=OPTIONS),
         Implementation(
-            "smoothce", "smoothce.cross_entropy", functools.partial(_build_eager, loss=smoothce.cross_entropy)
+            "torch-eager",
+            "torch.nn.functional.cross_entropy (with the options: of c·tanh(z / c), plus the z-loss; composed_loss)",
+            _calling(composed_loss),
+            supports=OPTIONS,
         ),
-        Implementation("torch-eager", "torch.nn.functional.cross_entropy", _build_eager),
         Implementation(
             "torch-compile",
-            "torch.compile(F.cross_entropy, dynamic=False), rows marked dynamic: compiled "
-            "per V, dtype and mode, compilation not timed",
+            "torch.compile of the same, dynamic=False, rows marked dynamic: compiled per V, dtype and mode, "
+            "compilation not timed",
             _build_compile,
+            supports=OPTIONS,
             dynamic_rows=True,
         ),
+        # Liger divides its z-loss by the count of rows, not by Σ w_k: with class weights, not this loss.
         Implementation(
             "liger",
             "liger_kernel.transformers.functional.liger_cross_entropy (Triton)",
-            _build_liger,
+            _calling("liger_kernel.transformers.functional:liger_cross_entropy", "lse_square_scale", reduction="mean"),
             ("cuda", "xpu"),
             "liger_kernel.transformers.functional",
+            OPTIONS - {"weighted z_loss"},
             mutates_input=True,
         ),
         Implementation(
             "flash-attn",
             "flash_attn.ops.triton.cross_entropy.cross_entropy_loss (Triton)",
-            _build_flash_attn,
+            _calling(_flash_attn, "lse_square_scale"),
             ("cuda",),
             "flash_attn.ops.triton.cross_entropy",
+            frozenset({"label_smoothing", "z_loss"}),
         ),
         Implementation(
             "quack",
@@ -133,11 +158,10 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             _build_quack,
             ("cuda",),
             "quack.cross_entropy",
-            supports_label_smoothing=False,
+            frozenset(),
         ),
     )
 }
-BASELINE_FOR_RATIOS = "smoothce"  # every other implementation is a baseline it is compared with
 
 
 class Step:
@@ -145,9 +169,9 @@ class Step:
     ``torch.no_grad()`` ("fwd"), or the previous gradient dropped (as a training step's ``zero_grad``), the forward
     and ``loss.backward()`` ("fwd+bwd"). An implementation that writes into the logits (Liger) gets its own copy."""
 
-    def __init__(self, impl: Implementation, logits, target, mode: str, label_smoothing: float, ignore_index=-100):
+    def __init__(self, impl: Implementation, logits, target, mode: str, label_smoothing, ignore_index=-100, **options):
         self.mode, self.target = mode, target
-        self.loss_fn = impl.build(label_smoothing, ignore_index)
+        self.loss_fn = impl.build(label_smoothing, ignore_index, **options)
         # A leaf of its own per step, sharing the logits' storage otherwise, so gradients never mix.
         self._pristine = logits.detach() if impl.mutates_input else None
         source = logits.detach().clone() if impl.mutates_input else logits.detach()

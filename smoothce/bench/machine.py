@@ -1,5 +1,5 @@
 """Where and with what a benchmark ran: ``torch.utils.collect_env`` plus the device, the peers' versions,
-smoothce's backend and commit, the date and the load."""
+smoothce's backend and commit, the date and the load; and the sentences every results file opens with."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from smoothce import registry
 
 # Distributions whose versions are recorded when installed (collect_env lists only torch's kin).
 PACKAGES = ("torch", "triton", "smoothce", "numpy", "liger-kernel", "flash-attn", "quack-kernels")
+# The checkout's commit, "+dirty" with changes to tracked files; read only (no index refresh), never a tag.
+GIT_DESCRIBE = ["git", "--no-optional-locks", "-C", str(Path(__file__).parent), "describe", "--always"]
+GIT_DESCRIBE += ["--dirty=+dirty", "--exclude=*"]
 
 
 def cpu_model(cpu_info: str | None = None) -> str:
@@ -39,30 +42,6 @@ def available_memory_bytes(device: torch.device) -> int:
     return int(re.search(r"MemAvailable:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
 
 
-def _commit() -> str | None:
-    """The smoothce checkout's commit, with "+dirty" when tracked files have changes (None outside a checkout)."""
-    try:
-        # --no-optional-locks: read only, must not refresh the index; --exclude='*': the hash, never a tag.
-        return subprocess.run(
-            [
-                "git",
-                "--no-optional-locks",
-                "-C",
-                str(Path(__file__).parent),
-                "describe",
-                "--always",
-                "--dirty=+dirty",
-                "--exclude=*",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def describe(device: torch.device) -> dict:
     """The record written with every result."""
     info = collect_env.get_env_info()._asdict()
@@ -74,6 +53,10 @@ def describe(device: torch.device) -> dict:
     for package in PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
+    try:
+        commit = subprocess.run(GIT_DESCRIBE, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # not a checkout, or no git
+        commit = None
     accelerator = None if device.type == "cpu" else getattr(torch, device.type)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -88,7 +71,24 @@ def describe(device: torch.device) -> dict:
         "versions": {"python": info["python_version"].split()[0], **versions},
         "smoothce_backend": backend,
         "smoothce_backend_env": os.environ.get("SMOOTHCE_BACKEND") or None,
-        "commit": _commit(),
+        "commit": commit,
         "load_average_at_start": os.getloadavg()[0],  # the 1-minute load average: how busy the machine was
         "collect_env": info,
     }
+
+
+def text(env: dict) -> str:
+    """``describe``'s record in two sentences: when and on what (device, cores, threads), then the versions,
+    commit, smoothce's backend and the load average at the start (and the end where recorded)."""
+    memory = f", {env['device_memory_bytes'] / 2**30:.0f} GiB" if env.get("device_memory_bytes") else ""
+    host = f"; host CPU {env['cpu']}" if env["device_type"] != "cpu" else ""
+    backend = env["smoothce_backend"] + (" (set by SMOOTHCE_BACKEND)" if env.get("smoothce_backend_env") else "")
+    load = f"{env['load_average_at_start']:.2f} at the start" + (
+        f", {env['load_average_at_end']:.2f} at the end" if env.get("load_average_at_end") is not None else ""
+    )
+    return (
+        f"Measured {env['date']} on **{env['device_name']}{memory}{host}; {env['logical_cores']} logical cores, "
+        f"{env['torch_threads']} torch threads; {env['platform']}**. Versions: "
+        f"{', '.join(f'{k} {v}' for k, v in env['versions'].items())}; smoothce commit {env['commit']}; smoothce "
+        f"backend `{backend}`. Load average (1 minute): {load} (above the core count: other work competed)."
+    )

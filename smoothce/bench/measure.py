@@ -7,7 +7,6 @@ ACCELERATOR_METHOD and CPU_METHOD, which the reports quote; for fwd+bwd it inclu
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -16,6 +15,14 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch.utils import benchmark
+
+ACCELERATOR_METHOD = "allocator statistics: max_memory_allocated during one run minus memory_allocated before it"
+CPU_METHOD = (
+    "resident set in the benchmark process: VmHWM during one run minus VmRSS before it (peak reset through "
+    "/proc/self/clear_refs), with malloc returning every block over 64 KiB to the system on free and its free "
+    "pages given back before the run (malloc_trim), so memory freed earlier cannot hide what the run needs"
+)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
 
 
 def describe_error(error: BaseException) -> str:
@@ -28,28 +35,20 @@ class Timer:
 
     def __init__(self, device: torch.device, warmup_ms: float = 25.0, rep_ms: float = 100.0):
         self.device, self.warmup_ms, self.rep_ms = torch.device(device), warmup_ms, rep_ms
-        self.module = None if self.device.type == "cpu" else getattr(torch, self.device.type)
 
     def measure(self, step) -> float:
         step.prepare()
-        if self.module is None:
+        if self.device.type == "cpu":
             timer = benchmark.Timer("step.run()", globals={"step": step}, num_threads=torch.get_num_threads())
             seconds = timer.blocked_autorange(min_run_time=self.rep_ms / 1e3).median
         else:
             from triton.testing import do_bench
 
             leaf = getattr(step, "logits", None)
-            with self.module.device(self.device):
-                seconds = (
-                    do_bench(
-                        step.run,
-                        warmup=self.warmup_ms,
-                        rep=self.rep_ms,
-                        return_mode="median",
-                        grad_to_none=[leaf] if leaf is not None and leaf.requires_grad else None,
-                    )
-                    / 1e3
-                )
+            leaves = [leaf] if leaf is not None and leaf.requires_grad else None
+            with getattr(torch, self.device.type).device(self.device):
+                ms = do_bench(step.run, self.warmup_ms, self.rep_ms, grad_to_none=leaves, return_mode="median")
+            seconds = ms / 1e3
         step.release()
         return seconds
 
@@ -96,47 +95,31 @@ def time_rounds(steps: Mapping[str, object], measure: Callable[[object], float],
     return {name: times[name] for name in alive}, errors, order
 
 
-ACCELERATOR_METHOD = "allocator statistics: max_memory_allocated during one run minus memory_allocated before it"
-CPU_METHOD = (
-    "resident set in the benchmark process: VmHWM during one run minus VmRSS before it (peak reset through "
-    "/proc/self/clear_refs), with malloc returning every block over 64 KiB to the system on free and its free "
-    "pages given back before the run (malloc_trim), so memory freed earlier cannot hide what the run needs"
-)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
-@contextlib.contextmanager
-def _malloc_returns_blocks():
-    """glibc's malloc gives blocks over 64 KiB back to the system on free, inside the block; afterwards the
-    thresholds its own dynamic rule reaches in a process that frees large buffers (32 MiB mmap, 64 MiB trim)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not hasattr(libc, "mallopt"):  # not glibc: the resident set is measured as it is
-        yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
-    libc.malloc_trim(0)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-
-
 def rss_growth(run) -> int:
-    """Bytes by which the resident set peaks above its current size while ``run()`` runs (Linux)."""
-    with _malloc_returns_blocks():
+    """Bytes by which the resident set peaks above its current size while ``run()`` runs (Linux). Meanwhile glibc's
+    malloc gives blocks over 64 KiB back to the system on free; afterwards the thresholds its own dynamic rule
+    reaches in a process that frees large buffers (32 MiB mmap, 64 MiB trim). Another malloc: measured as it is."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if glibc := hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
+        libc.malloc_trim(0)
+    try:
         gc.collect()
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # the high-water mark VmHWM := the current resident set
         base = _status_kib("VmRSS")
         run()
         return (_status_kib("VmHWM") - base) * 1024
+    finally:
+        if glibc:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 def peak_extra(step, device: torch.device) -> int:

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.benchmark.utils.common import set_torch_threads
 
-from smoothce.bench import machine, measure, report
-from smoothce.bench.cases import BYTES_MODEL, IGNORE_INDEX, Case, make_inputs, reference_loss
+from smoothce.bench import cases, machine, measure, report
+from smoothce.bench.cases import IGNORE_INDEX, Case
 from smoothce.bench.impls import FWD_BWD, IMPLEMENTATIONS, Step
 from smoothce.bench.measure import Limit, Timer, describe_error, summarize, time_rounds
 
-SCHEMA = 2
+SCHEMA = 3  # 3: the loss options in every case, settings as Settings names them
 LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
 LIMIT = "limit"  # the name the limit is timed under, next to the implementations
 
@@ -45,14 +45,16 @@ class Settings:
     skipped_impls: dict[str, str] = field(default_factory=dict)  # name -> why it is not run
 
 
-def _time_case(settings: Settings, case: Case, logits, target, reference: float, timer: Timer, limit) -> dict:
-    """Check and time every implementation that can run ``case``; on accelerators measure memory too."""
-    steps, errors, losses = {}, {}, {}
+def _time_case(settings: Settings, case: Case, logits, target, options: dict, reference: float, timer, limit) -> dict:
+    """Check and time every implementation that can run ``case`` (with ``options``, its keywords); measure their
+    memory too. An implementation without one of the case's options gets {"not_supported": why}."""
+    steps, errors, losses, results = {}, {}, {}, {}
     for name in [n for n in settings.impls if case.impls is None or n in case.impls]:
-        if IMPLEMENTATIONS[name].unavailable_reason(settings.device.type, case.label_smoothing) is not None:
-            continue  # e.g. quack at λ > 0: no entry at all, the table shows "—"
+        if why := IMPLEMENTATIONS[name].unavailable_reason(settings.device.type, case.option_names):
+            results[name] = {"not_supported": why}  # e.g. quack at λ > 0
+            continue
         try:
-            step = Step(IMPLEMENTATIONS[name], logits, target, case.mode, case.label_smoothing, IGNORE_INDEX)
+            step = Step(IMPLEMENTATIONS[name], logits, target, case.mode, case.label_smoothing, IGNORE_INDEX, **options)
             step.prepare()
             losses[name] = float(step.run())  # untimed: imports, compilation, the loss check (float() waits for it)
             step.release()
@@ -62,9 +64,8 @@ def _time_case(settings: Settings, case: Case, logits, target, reference: float,
     times, timing_errors, order = time_rounds({**steps, LIMIT: limit}, timer.measure, settings.rounds)
     errors.update(timing_errors)
     limit_s = summarize(times.pop(LIMIT))["median_s"] if LIMIT in times else None
-    results = {}
     for name in [n for n in settings.impls if n in steps or n in errors]:
-        entry: dict = {}
+        entry = results[name] = {}
         if name in times:
             entry.update(summarize(times[name]), times_s=times[name])
             entry["gbps"] = case.bytes_moved / entry["median_s"] / 1e9
@@ -78,36 +79,24 @@ def _time_case(settings: Settings, case: Case, logits, target, reference: float,
                     entry["memory_error"] = describe_error(error)
         if name in errors:
             entry["error"] = errors[name]
-        results[name] = entry
     limit_record = {"kind": limit.kind, "median_s": limit_s, "error": errors.get(LIMIT)}
     return {"results": results, "run_order": [n for n in order if n != LIMIT], "limit": limit_record}
 
 
-def _record(settings: Settings, environment: dict, cases: list[dict]) -> dict:
-    on_cpu = settings.device.type == "cpu"
+def _record(settings: Settings, environment: dict, done: list[dict]) -> dict:
+    """What ``report`` writes: the environment, the settings (and the loss's fixed terms), the cases done."""
+    on_cpu, skip = settings.device.type == "cpu", ("device", "cases", "impls", "skipped_impls")
+    fixed = {"reduction": "mean", "ignore_index": IGNORE_INDEX, "target_dtype": "int64"}
+    fixed["timer"] = "torch.utils.benchmark blocked_autorange" if on_cpu else "triton.testing.do_bench, median"
+    method = (measure.CPU_METHOD if on_cpu else measure.ACCELERATOR_METHOD) if settings.memory else None
+    fixed.update(memory_method=method, bytes_model=cases.BYTES_MODEL, class_weights=cases.CLASS_WEIGHTS)
     return {
         "schema": SCHEMA,
         "environment": environment,
-        "settings": dict(
-            preset=settings.preset,
-            reduction="mean",
-            ignore_index=IGNORE_INDEX,
-            ignore_every=settings.ignore_every,
-            target_dtype="int64",
-            timer="torch.utils.benchmark blocked_autorange" if on_cpu else "triton.testing.do_bench, median",
-            rounds=settings.rounds,
-            warmup_ms=None if on_cpu else settings.warmup_ms,
-            rep_ms=settings.rep_ms,
-            seed=settings.seed,
-            threads=settings.threads,
-            time_limit_s=settings.time_limit_s,
-            memory_measured=settings.memory,
-            memory_method=(measure.CPU_METHOD if on_cpu else measure.ACCELERATOR_METHOD) if settings.memory else None,
-            bytes_model=BYTES_MODEL,
-        ),
+        "settings": {**{k: v for k, v in vars(settings).items() if k not in skip}, **fixed},
         "implementations": {name: IMPLEMENTATIONS[name].description for name in settings.impls},
         "not_run": dict(settings.skipped_impls),
-        "cases": cases,
+        "cases": done,
     }
 
 
@@ -122,7 +111,8 @@ def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: 
             group = list(group)
             base = [{**asdict(c), "logits_bytes": c.logits_bytes, "bytes_moved": c.bytes_moved} for c in group]
             # GiB: the inputs and the worst case's temporaries (5x the logits plus one float32 copy), and what is free
-            need, free = (5 * group[0].logits_bytes + 4 * n * v) / 2**30, machine.available_memory_bytes(device) / 2**30
+            need = (5 * group[0].logits_bytes + 4 * n * v) / 2**30
+            free = machine.available_memory_bytes(device) / 2**30
             out_of_time = settings.time_limit_s is not None and time.perf_counter() - started > settings.time_limit_s
             if out_of_time or need > free:
                 why = "time limit" if out_of_time else f"needs about {need:.1f} GiB, {free:.1f} GiB free"
@@ -132,27 +122,29 @@ def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: 
             if v != last_v:
                 torch.compiler.reset()  # compiled code per vocabulary size; no recompile limit across the sweep
                 last_v = v
-            logits, target = make_inputs(n, v, dtype, device, settings.seed, settings.ignore_every)
+            logits, target = cases.make_inputs(n, v, dtype, device, settings.seed, settings.ignore_every)
+            weight = cases.class_weights(v, dtype, device, settings.seed)
             limits = {mode: Limit(logits, "copy" if mode == FWD_BWD else "read") for mode in {c.mode for c in group}}
-            references = {lam: reference_loss(logits, target, lam) for lam in {c.label_smoothing for c in group}}
+            references = {}  # float64 losses by (λ, options): the same for fwd and fwd+bwd
             for i, (case, record) in enumerate(zip(group, base, strict=True), 1):
-                reference = references[case.label_smoothing]
-                record.update(reference_loss=reference, ignored_rows=int((target == IGNORE_INDEX).sum()))
-                record.update(_time_case(settings, case, logits, target, reference, timer, limits[case.mode]))
-                cells = [
-                    f"{name} {e['median_s'] * 1e3:.3g} ms ({e['of_limit'] or 0:.2f})"
-                    if "median_s" in e
-                    else f"{name} ✗"
-                    for name, e in record["results"].items()
-                ]
-                label = f"{case.mode} {dtype} {n}x{v} λ={case.label_smoothing:g}"
-                print(
-                    f"[{len(done) + i}/{len(settings.cases)} {time.perf_counter() - started:.0f} s] {label}: "
-                    + ", ".join(cells),
-                    file=sys.stderr,
-                    flush=True,
+                key, options = (
+                    (case.label_smoothing, case.softcap, case.z_loss, case.class_weights),
+                    case.options(weight),
                 )
-            del logits, target, limits
+                if key not in references:
+                    references[key] = cases.reference_loss(logits, target, case.label_smoothing, **options)
+                record.update(reference_loss=references[key], ignored_rows=int((target == IGNORE_INDEX).sum()))
+                record.update(
+                    _time_case(settings, case, logits, target, options, references[key], timer, limits[case.mode])
+                )
+                cells = [
+                    f"{n} " + (f"{e['median_s'] * 1e3:.3g} ms ({e['of_limit'] or 0:.2f})" if "median_s" in e else "✗")
+                    for n, e in record["results"].items()
+                    if "not_supported" not in e
+                ]
+                progress = f"[{len(done) + i}/{len(settings.cases)} {time.perf_counter() - started:.0f} s]"
+                print(f"{progress} {report.label(record)}: {', '.join(cells)}", file=sys.stderr, flush=True)
+            del logits, target, weight, limits
             gc.collect()
             if device.type != "cpu":
                 getattr(torch, device.type).empty_cache()

@@ -21,16 +21,8 @@ from torch.utils.benchmark import Timer
 
 from smoothce.bench import machine
 
-COLLECTIVES = {
-    "all_reduce",
-    "all_reduce_",
-    "all_reduce_coalesced",
-    "all_gather_into_tensor",
-    "broadcast",
-    "all_gather_into_tensor_coalesced",
-    "reduce_scatter_tensor",
-    "all_to_all_single",
-}
+COLLECTIVES = {"all_reduce", "all_reduce_", "all_reduce_coalesced", "all_gather_into_tensor", "broadcast"}
+COLLECTIVES |= {"all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "all_to_all_single"}
 LABEL_SMOOTHING = 0.1
 
 
@@ -62,14 +54,8 @@ def _rank_main(rank, fn, world, port, backend, args, results):
     if backend == "nccl":
         device = extra["device_id"] = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-        **extra,
-    )
+    address, timeout = f"tcp://127.0.0.1:{port}", datetime.timedelta(seconds=120)
+    dist.init_process_group(backend, init_method=address, rank=rank, world_size=world, timeout=timeout, **extra)
     try:
         results.put((rank, fn(rank, world, device, *args)))
     finally:
@@ -77,11 +63,8 @@ def _rank_main(rank, fn, world, port, backend, args, results):
 
 
 def launch(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 600.0) -> list:
-    """``[fn(rank, world, device, *args) for rank in range(world)]``, each rank in a process of its own.
-
-    ``fn`` and its arguments must be picklable. A rank that raises or dies, or ranks that outlive
-    ``timeout_s``, end the launch with a RuntimeError naming the rank (with its traceback).
-    """
+    """``[fn(rank, world, device, *args) for rank in range(world)]``, each rank in a process of its own (``fn`` and
+    ``args`` picklable). A rank that raises or dies, or ranks past ``timeout_s``: a RuntimeError naming the rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -107,10 +90,14 @@ def launch(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 600.
     return [values[r] for r in range(world)]
 
 
-def _seconds_per_step(step, repeat: int) -> float:
-    """Seconds per ``step()`` over ``repeat`` back-to-back runs after two warm-up runs, the GPU synchronised
-    at the start and the end (``torch.utils.benchmark.Timer``, with the process's torch threads)."""
-    return Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).timeit(repeat).mean
+def _fwd_bwd(loss, logits, target):
+    """One forward + backward step of ``loss`` (the previous gradient dropped first)."""
+
+    def step():
+        logits.grad = None
+        loss(logits, target, label_smoothing=LABEL_SMOOTHING).backward()
+
+    return step
 
 
 def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_name: str, repeat: int) -> list:
@@ -120,6 +107,9 @@ def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_n
     from smoothce.distributed import vocab_parallel_cross_entropy
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # Seconds per step() over ``repeat`` back-to-back runs after two warm-up runs, synchronised at both ends.
+    threads = torch.get_num_threads()
+    seconds_per_step = lambda step: Timer("step()", globals={"step": step}, num_threads=threads).timeit(repeat).mean
     dtype = getattr(torch, dtype_name)
     out = []
     for num_classes in vocab:
@@ -130,35 +120,23 @@ def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_n
             shard = full.tensor_split(world, dim=1)[rank].clone().requires_grad_()  # an even slice of the vocabulary
             full.requires_grad_()
 
-            def ours(shard=shard, target=target):
-                shard.grad = None
-                vocab_parallel_cross_entropy(shard, target, label_smoothing=LABEL_SMOOTHING).backward()
-
-            def single(full=full, target=target):
-                full.grad = None
-                smoothce.cross_entropy(full, target, label_smoothing=LABEL_SMOOTHING).backward()
-
             recorders = {n: CollectiveRecorder() for n in (1, rows)}  # bytes = fixed + per row * rows
             for n, recorder in recorders.items():
                 with recorder:
                     vocab_parallel_cross_entropy(shard[:n], target[:n], label_smoothing=LABEL_SMOOTHING).backward()
             per_row = (recorders[rows].total_bytes - recorders[1].total_bytes) / max(rows - 1, 1)
-            t_ours = _seconds_per_step(ours, repeat)
+            t_ours = seconds_per_step(_fwd_bwd(vocab_parallel_cross_entropy, shard, target))
             dist.barrier()
-            t_single = _seconds_per_step(single, repeat) if rank == 0 else float("nan")
+            t_single = seconds_per_step(_fwd_bwd(smoothce.cross_entropy, full, target)) if rank == 0 else float("nan")
             dist.barrier()
-            out.append(
-                {
-                    "V": num_classes,
-                    "rows": rows,
-                    "collectives": len(recorders[rows].calls),
-                    "stats_per_row": per_row,
-                    "fixed": recorders[rows].total_bytes - per_row * rows,
-                    "gather_per_row": (num_classes - shard.shape[1]) * full.element_size(),
-                    "full_mib": full.numel() * full.element_size() / 2**20,
-                    "t_ours": t_ours * 1e3,
-                    "t_single": t_single * 1e3,
-                }
+            fixed, calls = recorders[rows].total_bytes - per_row * rows, len(recorders[rows].calls)
+            gather, mib = (
+                (num_classes - shard.shape[1]) * full.element_size(),
+                full.numel() * full.element_size() / 2**20,
+            )
+            out.append(  # one row of main's table
+                f"| {num_classes} | {rows} | {calls} | {per_row:.0f} | {fixed:.0f} | {gather} | {mib:.1f} "
+                f"| {t_ours * 1e3:.3g} | {t_single * 1e3:.3g} |"
             )
     return out
 
@@ -179,33 +157,22 @@ def main(argv=None) -> str:
     if args.backend == "nccl" and args.world > torch.cuda.device_count():
         parser.error(f"--backend nccl --world {args.world} needs {args.world} GPUs, {torch.cuda.device_count()} here")
     env = machine.describe(torch.device("cpu" if args.backend == "gloo" else "cuda"))
-    per_rank = launch(
+    env["torch_threads"] = max(1, (os.cpu_count() or 1) // args.world)  # each rank's, as _rank sets them
+    ranks = launch(
         _rank, args.world, args.vocab, args.rows, args.dtype, args.repeat, backend=args.backend, timeout_s=args.timeout
     )
-    text = "\n".join(
-        [
-            f"Vocabulary-parallel cross-entropy, {args.world} {args.backend} rank(s) on "
-            f"{'CPU' if args.backend == 'gloo' else 'GPUs'}, {args.dtype} logits, label_smoothing={LABEL_SMOOTHING}, "
-            f"forward + backward. Measured {env['date']} on {env['device_name']} "
-            f"({env['logical_cores']} logical cores, "
-            f"load average {env['load_average_at_start']:.1f}); torch {torch.__version__}, commit {env['commit']}.",
-            "",
-            "| V | rows | all-reduces | stats B/row | fixed B/call | gather B/row | full logits MiB/rank "
-            "| vocab-parallel ms | full logits, one process, ms |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-            *(
-                f"| {r['V']} | {r['rows']} | {r['collectives']} | {r['stats_per_row']:.0f} | {r['fixed']:.0f} "
-                f"| {r['gather_per_row']} | {r['full_mib']:.1f} | {r['t_ours']:.3g} | {r['t_single']:.3g} |"
-                for r in per_rank[0]
-            ),
-            "",
-            "stats B/row and fixed B/call: the bytes all-reduced by one forward + backward, recorded at 1 row and at "
-            "`rows`, as fixed + per row x rows (fixed: the per-call shard-size and consistency checks). "
-            "gather B/row: bytes each rank would receive per row to all-gather the logits instead; full logits: "
-            "the buffer that gathering would materialise on every rank, which the vocabulary-parallel path never "
-            "allocates. Times: rank 0, forward + backward steps back to back; the last column is "
-            "smoothce.cross_entropy on the full logits in rank 0 alone.",
-        ]
+    header = "| V | rows | all-reduces | stats B/row | fixed B/call | gather B/row | full logits MiB/rank "
+    header += "| vocab-parallel ms | full logits, one process, ms |\n" + "|---:" * 9 + "|"
+    text = (
+        f"Vocabulary-parallel cross-entropy, {args.world} {args.backend} rank(s) on "
+        f"{'CPU' if args.backend == 'gloo' else 'GPUs'}, {args.dtype} logits, label_smoothing={LABEL_SMOOTHING}, "
+        f"forward + backward. {machine.text(env)}\n\n{header}\n" + "\n".join(ranks[0]) + "\n\n"
+        "stats B/row and fixed B/call: the bytes all-reduced by one forward + backward, recorded at 1 row and at "
+        "`rows`, as fixed + per row x rows (fixed: the per-call shard-size and consistency checks). "
+        "gather B/row: bytes each rank would receive per row to all-gather the logits instead; full logits: "
+        "the buffer that gathering would materialise on every rank, which the vocabulary-parallel path never "
+        "allocates. Times: rank 0, forward + backward steps back to back; the last column is "
+        "smoothce.cross_entropy on the full logits in rank 0 alone."
     )
     print(text)
     if args.out:
