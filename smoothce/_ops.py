@@ -2,8 +2,9 @@
 
 ``smoothce::cross_entropy`` and ``smoothce::cross_entropy_lse`` (public, composite; the second also
 returns the log-sum-exp per row) check their arguments, flatten to 2-D and call
-``smoothce::cross_entropy_fwd``, which returns ``(loss, kept gradient, factor, lse)`` from the
-registry's backend; backward is the kept gradient's autograd (``smoothce/_autograd.py``).
+``smoothce::cross_entropy_fwd`` (or ``cross_entropy_recipe_fwd`` with an option on), which returns
+``(loss, kept gradient, factor[, lse])`` from the registry's backend; backward is the kept
+gradient's autograd (``smoothce/_autograd.py``).
 """
 
 from __future__ import annotations
@@ -40,19 +41,24 @@ def cross_entropy_impl(
     if weight is not None:
         weight = weight.to(loss_dtype(logits.dtype)).contiguous()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    # Every option off: the plain forward, whose short schema keeps a small call's overhead as it was.
+    plain = weight is None and z_loss == 0.0 and softcap is None and not return_lse
     # Under torch.func the autograd.Function is applied here, above the dispatcher, where the
     # transforms see it; elsewhere the op's registered autograd records the same pair.
-    forward = _KeptCrossEntropy.apply if torch._C._are_functorch_transforms_active() else cross_entropy_fwd
-    options = (float(label_smoothing), ignore_index, reduction, compute_grad, normalizer)
-    recipe = (weight, z_loss, softcap, return_lse)
-    if logits.dim() == 2:  # as it is: a reshape would still cost a view and its backward node
-        loss, _, _, lse = forward(logits, target, *options, *recipe)
+    if torch._C._are_functorch_transforms_active():
+        forward = (_KeptCrossEntropy if plain else _KeptRecipeCrossEntropy).apply
     else:
-        flat = (logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-        loss, _, _, lse = forward(*flat, *options, *recipe)
-        loss = loss.reshape(target.shape) if reduction == "none" else loss
-        lse = lse.reshape(target.shape) if return_lse else lse
-    return (loss, lse) if return_lse else loss
+        forward = cross_entropy_fwd if plain else cross_entropy_recipe_fwd
+    args = (float(label_smoothing), ignore_index, reduction, compute_grad, normalizer)
+    if not plain:
+        args += (weight, z_loss, softcap, return_lse)
+    if logits.dim() == 2:  # as it is: a reshape would still cost a view and its backward node
+        out = forward(logits, target, *args)
+        loss = out[0]
+    else:
+        out = forward(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), *args)
+        loss = out[0].reshape(target.shape) if reduction == "none" else out[0]
+    return (loss, out[3].reshape(target.shape)) if return_lse else loss
 
 
 def _cross_entropy(logits, target, weight=None, **options):
@@ -79,7 +85,13 @@ cross_entropy = define(f"cross_entropy{_PUBLIC_ARGUMENTS} -> Tensor", composite=
 cross_entropy_lse = define(f"cross_entropy_lse{_PUBLIC_ARGUMENTS} -> (Tensor, Tensor)", composite=_cross_entropy_lse)
 
 
-def _forward(
+def _forward(logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
+    """``cross_entropy_fwd``: ``_recipe_forward`` with every option off, without its lse."""
+    extra = {} if normalizer is None else {"normalizer": normalizer}  # backends written before it still work
+    return _loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, compute_grad, extra)
+
+
+def _recipe_forward(
     logits,
     target,
     label_smoothing,
@@ -103,28 +115,36 @@ def _forward(
     lse: (N,) in ``loss_dtype``, the capped logits' log-sum-exp per row, where ``return_lse``; else empty.
     ``weight`` (V,) in ``loss_dtype``, ``z_loss`` and ``softcap``: ``smoothce.backends.base.Recipe``.
     """
-    acc = loss_dtype(logits.dtype)
-    lse = torch.empty(logits.shape[0] if return_lse else 0, dtype=acc, device=logits.device)
-    if logits.shape[0] == 0:
-        loss = logits.new_zeros((0,) if reduction == "none" else (), dtype=acc)
-        grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-        return loss, grad, logits.new_ones((), dtype=acc), lse
-    backend = registry.select(logits.device)
-    recipe = Recipe(weight, z_loss, softcap)
-    extra = {}  # only what is on: backends written before an option still serve the rest
+    lse = torch.empty(logits.shape[0] if return_lse else 0, dtype=loss_dtype(logits.dtype), device=logits.device)
     if weight is not None and reduction == "mean" and normalizer is None:
         normalizer = weighted_count(weight, target, ignore_index)  # PyTorch's weighted mean
-    if normalizer is not None:
-        extra["normalizer"] = normalizer
+    # Only what is on is passed: backends written before an option still serve the rest.
+    extra = {} if normalizer is None else {"normalizer": normalizer}
+    recipe = Recipe(weight, z_loss, softcap)
     if not recipe.plain or return_lse:
         extra.update(recipe=recipe, lse=lse if return_lse else None)
+    return (*_loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, compute_grad, extra), lse)
+
+
+def _loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, compute_grad, extra):
+    """(loss, kept gradient or an empty tensor, factor) from the backend; no rows need no backend."""
+    if logits.shape[0] == 0:
+        acc = loss_dtype(logits.dtype)
+        loss = logits.new_zeros((0,) if reduction == "none" else (), dtype=acc)
+        grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+        return loss, grad, logits.new_ones((), dtype=acc)
+    backend = registry.select(logits.device)
     loss, grad, factor = backend.loss_and_grad(
         logits, target.contiguous(), label_smoothing, ignore_index, reduction, compute_grad, **extra
     )
-    return loss, (logits.new_empty(0) if grad is None else grad), factor, lse
+    return loss, (logits.new_empty(0) if grad is None else grad), factor
 
 
-def _forward_fake(
+def _forward_fake(logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer=None):
+    return _recipe_forward_fake(logits, target, label_smoothing, ignore_index, reduction, compute_grad)[:3]
+
+
+def _recipe_forward_fake(
     logits,
     target,
     label_smoothing,
@@ -147,21 +167,29 @@ def _forward_fake(
     return loss, grad, logits.new_empty((), dtype=dtype), lse
 
 
+_FWD_ARGUMENTS = (
+    "Tensor logits, Tensor target, float label_smoothing, int ignore_index, str reduction, bool compute_grad, "
+    "Tensor? normalizer=None"
+)
 cross_entropy_fwd = define(
-    "cross_entropy_fwd(Tensor logits, Tensor target, float label_smoothing, int ignore_index, str reduction, "
-    "bool compute_grad, Tensor? normalizer=None, Tensor? weight=None, float z_loss=0.0, float? softcap=None, "
+    f"cross_entropy_fwd({_FWD_ARGUMENTS}) -> (Tensor, Tensor, Tensor)", kernel=_forward, fake=_forward_fake
+)
+# The same with the recipe options and the lse as a fourth output (empty without ``return_lse``).
+cross_entropy_recipe_fwd = define(
+    f"cross_entropy_recipe_fwd({_FWD_ARGUMENTS}, Tensor? weight=None, float z_loss=0.0, float? softcap=None, "
     "bool return_lse=False) -> (Tensor, Tensor, Tensor, Tensor)",
-    kernel=_forward,
-    fake=_forward_fake,
+    kernel=_recipe_forward,
+    fake=_recipe_forward_fake,
 )
 
 
 def _vmap(info, in_dims, logits, target, label_smoothing, ignore_index, reduction, compute_grad, *recipe_args):
-    """vmap of ``cross_entropy_fwd``: the stacked rows as one "none" call, then each sample's reduction.
+    """vmap of both forwards: the stacked rows as one "none" call, then each sample's reduction.
 
     "mean" divides each sample's sum, and its factor, by its own count (its weighted count, or the
     normalizer), so the kept gradient stays as the "none" call made it.
     """
+    recipe = len(recipe_args) > 1  # cross_entropy_recipe_fwd's arguments (defaults are passed too)
     normalizer, weight, z_loss, softcap, return_lse = recipe_args + (None, None, 0.0, None, False)[len(recipe_args) :]
     if any(dim is not None for dim in in_dims[2:]):
         raise ValueError("smoothce: vmap over the options (label_smoothing, normalizer, weight, ...) is not supported")
@@ -169,7 +197,7 @@ def _vmap(info, in_dims, logits, target, label_smoothing, ignore_index, reductio
     logits = logits.movedim(in_dims[0], 0) if in_dims[0] is not None else logits.expand(batch, *logits.shape)
     target = target.movedim(in_dims[1], 0) if in_dims[1] is not None else target.expand(batch, *target.shape)
     n_rows, num_classes = logits.shape[1], logits.shape[2]
-    loss, grad, factor, lse = cross_entropy_fwd(
+    loss, grad, factor, lse = cross_entropy_recipe_fwd(
         logits.reshape(-1, num_classes),
         target.reshape(-1),
         label_smoothing,
@@ -196,9 +224,13 @@ def _vmap(info, in_dims, logits, target, label_smoothing, ignore_index, reductio
             count = (target != ignore_index).sum(1).clamp_min(1).to(loss.dtype)
         factor = factor * kept_factors(count, loss.dtype)[0]  # 1 / count (0 for an empty count)
     loss = reduce_rows(loss, count, reduction)
-    return (loss, grad, factor, lse), (0, 0 if compute_grad else None, 0, 0 if return_lse else None)
+    dims = (0, 0 if compute_grad else None, 0, 0 if return_lse else None)
+    return ((loss, grad, factor, lse), dims) if recipe else ((loss, grad, factor), dims[:3])
 
 
 _KeptCrossEntropy = register_kept_gradient_autograd(
     cross_entropy_fwd, "smoothce.cross_entropy", reduction_arg=4, compute_grad_arg=5, vmap=_vmap
+)
+_KeptRecipeCrossEntropy = register_kept_gradient_autograd(
+    cross_entropy_recipe_fwd, "smoothce.cross_entropy", reduction_arg=4, compute_grad_arg=5, vmap=_vmap
 )

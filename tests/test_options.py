@@ -359,7 +359,7 @@ def test_opcheck_with_options():
     torch.library.opcheck(torch.ops.smoothce.cross_entropy.default, (logits, target, weight), options)
     torch.library.opcheck(torch.ops.smoothce.cross_entropy_lse.default, (logits, target, weight), options)
     torch.library.opcheck(
-        torch.ops.smoothce.cross_entropy_fwd.default,
+        torch.ops.smoothce.cross_entropy_recipe_fwd.default,
         (logits, target, 0.1, -100, "mean", True, None, weight, 1e-3, 3.0, True),
     )
 

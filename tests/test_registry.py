@@ -119,6 +119,13 @@ def test_register_rejects_bad_backends():
 def test_every_device_type_reaches_the_kernels():
     # One kernel for every device type (CompositeExplicitAutograd): a backend for a device type
     # smoothce did not know needs no registration of its own, and the ops' fakes serve meta tensors.
-    for op in ("smoothce::cross_entropy_fwd", "smoothce::linear_cross_entropy_fwd", "smoothce::scale_kept"):
+    ops = (
+        "smoothce::cross_entropy_fwd",
+        "smoothce::cross_entropy_recipe_fwd",
+        "smoothce::linear_cross_entropy_fwd",
+        "smoothce::linear_cross_entropy_recipe_fwd",
+        "smoothce::scale_kept",
+    )
+    for op in ops:
         for key in ("CPU", "CUDA", "XPU", "PrivateUse1", "Meta"):
             assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(op, key), (op, key)
