@@ -50,7 +50,7 @@ def run_variant(args) -> dict:
     if args.variant != "stock":
         from smoothce.integrations.transformers import patch
 
-        patch(model, label_smoothing=args.label_smoothing, fused_linear=args.variant == "fused")
+        patch(model, label_smoothing=args.label_smoothing, z_loss=args.z_loss, fused_linear=args.variant == "fused")
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq))
 
     def step():
@@ -96,6 +96,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--z-loss", type=float, default=0.0, help="smoothce's z-loss weight (the stock run has none)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process's own
     parser.add_argument("--json", help="write the results here")
@@ -127,6 +128,7 @@ def main(argv=None) -> dict:
             "batch": args.batch,
             "seq": args.seq,
             "label_smoothing": args.label_smoothing,
+            "z_loss": args.z_loss,
         },
         "fp32_logits_bytes": logits_bytes,
         "runs": {},

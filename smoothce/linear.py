@@ -4,7 +4,9 @@
 bias), target, ...)``, but the logits and their gradient only exist one chunk of rows at a time: the
 forward computes each chunk's logits with one matmul, its loss and gradient in place through the
 registry's backend, and from them d hidden and the chunk's share of d weight and d bias; backward
-only scales those kept gradients ("none" recomputes them, chunk by chunk).
+only scales those kept gradients ("none" recomputes them, chunk by chunk). With class weights,
+z-loss, soft-capping or the log-sum-exp asked for, each chunk goes to the backend's
+``forward_recipe`` instead of ``forward``; with none, the path is the plain one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from smoothce import dtensor, registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
+from smoothce.backends.base import Recipe
 from smoothce.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -24,11 +27,13 @@ from smoothce.checks import (
     INT32_MIN,
     check_normalizer,
     check_option_values,
+    check_weight,
     normalizer_tensor,
     option_values,
+    recipe_values,
 )
 from smoothce.dtensor import is_dtensor
-from smoothce.numerics import kept_factors, loss_denominator, loss_dtype, reduce_rows
+from smoothce.numerics import kept_factors, loss_denominator, loss_dtype, reduce_rows, weighted_count
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -151,16 +156,42 @@ def check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore
 # ---------------------------------------------------------------------------------------
 
 
+def check_class_weight(class_weight, weight) -> None:
+    """``checks.check_weight`` for ``class_weight`` (V,) against the LM head ``weight`` (V, D), its
+    messages naming ``class_weight`` (``weight`` is the LM head here). Metadata only."""
+    if class_weight is None:
+        return
+    try:
+        check_weight(class_weight, weight[:, 0])  # a (V,) view standing for a row of logits
+    except (TypeError, ValueError, NotImplementedError) as error:
+        raise type(error)(f"class_weight (F.cross_entropy's weight, one per class): {error}") from None
+
+
 def _linear_cross_entropy(
-    hidden, weight, target, *, bias=None, label_smoothing=0.0, ignore_index=-100, reduction="mean", normalizer=None
+    hidden,
+    weight,
+    target,
+    *,
+    bias=None,
+    class_weight=None,
+    label_smoothing=0.0,
+    ignore_index=-100,
+    reduction="mean",
+    normalizer=None,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
 ):
-    # Composite: autograd and torch.compile trace through this into linear_cross_entropy_fwd.
+    # Composite: autograd and torch.compile trace through this into linear_cross_entropy_fwd, or, with any
+    # recipe option on, linear_cross_entropy_recipe_fwd.
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
     target = check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index, reduction)
     check_normalizer(normalizer, reduction)
+    check_class_weight(class_weight, weight)
+    z_loss, softcap = recipe_values(z_loss, softcap, return_lse)
     normalizer = normalizer_tensor(normalizer, hidden)
     grad_on = torch.is_grad_enabled()
-    loss = linear_cross_entropy_fwd(
+    arguments = [
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
@@ -174,10 +205,20 @@ def _linear_cross_entropy(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
         normalizer,
-    )[0]
+    ]
+    if class_weight is None and z_loss == 0.0 and softcap is None and not return_lse:
+        loss = linear_cross_entropy_fwd(*arguments)[0]
+        return loss.reshape(target.shape) if reduction == "none" else loss
+    if class_weight is not None:
+        class_weight = class_weight.to(loss_dtype(hidden.dtype)).contiguous()
+    loss, *_, lse = linear_cross_entropy_recipe_fwd(*arguments, class_weight, z_loss, softcap, return_lse)
     if reduction == "none":
-        return loss.reshape(target.shape)
-    return loss
+        loss = loss.reshape(target.shape)
+    return (loss, lse.reshape(target.shape)) if return_lse else loss
+
+
+def _linear_cross_entropy_lse(hidden, weight, target, **options):
+    return _linear_cross_entropy(hidden, weight, target, **options, return_lse=True)
 
 
 def linear_cross_entropy(
@@ -186,31 +227,50 @@ def linear_cross_entropy(
     target: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
-) -> torch.Tensor:
+    z_loss: float = 0,  # an int: torch.compile would make a float default a symbolic input, then retrace
+    softcap: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Label-smoothed cross-entropy of ``F.linear(hidden, weight, bias)`` without materialising the logits.
 
     hidden (..., D), weight (V, D) as in nn.Linear (an ``lm_head.weight`` as it is),
     bias (V,) or None, target (...) of int64/int32 class indices; hidden, weight and bias
     share one dtype (float32, bfloat16, float16, float64). Same result as
-    ``smoothce.cross_entropy(F.linear(hidden, weight, bias), target, ...)``: float32
+    ``smoothce.cross_entropy(F.linear(hidden, weight, bias), target, class_weight, ...)``: float32
     (float64 for float64), shape (...) for "none", a scalar otherwise; "mean" over no
     counted target is 0 with zero gradients; ``normalizer`` as in ``smoothce.cross_entropy``.
     Gradients for hidden, weight and bias (whichever require grad) come in their dtypes.
-    Chunking: see ``smoothce.linear.settings``.
+
+    The recipe options are ``smoothce.cross_entropy``'s, on the logits F.linear(hidden, weight, bias):
+    ``class_weight`` (V,) holds the CLASS weights, what ``F.cross_entropy`` and ``smoothce.cross_entropy``
+    call ``weight`` (here ``weight`` is the LM head's, as in PyTorch's ``F.linear_cross_entropy``, which
+    calls the head ``linear_weight`` and the class weights ``weight``); "mean" then divides by the sum
+    of w_k over the counted rows. ``z_loss`` s adds s lse^2 per counted row (times w_k), ``softcap`` c
+    takes the loss of c tanh(z / c), and ``return_lse=True`` returns ``(loss, lse)``, the capped
+    logits' log-sum-exp per row (shape (...), the loss dtype, no gradient). The math:
+    ``smoothce.backends.base.Backend.forward_recipe``. Chunking: see ``smoothce.linear.settings``.
     """
     # What the op's schema would coerce unseen (bool, numpy scalars) or reject with a RuntimeError
     # (a non-tensor); the op checks everything else, once.
     for name, value in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    for name, value in (("bias", bias), ("class_weight", class_weight)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__}")
     label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
+    z_loss, softcap = recipe_values(z_loss, softcap, return_lse)
     if is_dtensor(weight) or is_dtensor(hidden):  # a ColwiseParallel lm_head: the vocabulary-parallel loss
+        if class_weight is not None or z_loss != 0.0 or softcap is not None or return_lse:
+            raise NotImplementedError(
+                "smoothce.linear_cross_entropy with a DTensor hidden or weight takes no class_weight, z_loss, "
+                "softcap or return_lse yet"
+            )
         return dtensor.linear_cross_entropy(
             hidden,
             weight,
@@ -224,16 +284,11 @@ def linear_cross_entropy(
     if normalizer is not None and not isinstance(normalizer, torch.Tensor):
         check_normalizer(normalizer, reduction)  # a number's value: the schema takes a tensor
         normalizer = normalizer_tensor(normalizer, hidden)
-    return torch.ops.smoothce.linear_cross_entropy(
-        hidden,
-        weight,
-        target,
-        bias=bias,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        normalizer=normalizer,
-    )
+    options = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+    if class_weight is not None or z_loss != 0.0 or softcap is not None:  # else the plain call, as it was
+        options.update(class_weight=class_weight, z_loss=z_loss, softcap=softcap)
+    op = torch.ops.smoothce.linear_cross_entropy_lse if return_lse else torch.ops.smoothce.linear_cross_entropy
+    return op(hidden, weight, target, bias=bias, normalizer=normalizer, **options)
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,6 +347,8 @@ def _run_chunks(
     grad_weight,
     grad_bias,
     keep_rows,
+    recipe=None,
+    lse=None,
 ):
     """The chunk loop shared by the forward ("mean"/"sum"/"none") and the "none" backward.
 
@@ -300,6 +357,9 @@ def _run_chunks(
         (float16 "mean", where it would underflow inside the chunk's gradient).
     row_scale: (N,) per-row factor applied to each chunk's gradient rows, or None.
     keep_rows: return the (N,) per-row losses rather than their sum.
+    recipe: the options beyond label smoothing (``smoothce.backends.base.Recipe``), None for none.
+    lse: (N,) buffer of the loss dtype receiving each row's log-sum-exp, or None.
+    Each chunk goes to ``backend.forward``, or to ``backend.forward_recipe`` where a recipe or lse is given.
     Returns (loss rows or sum, d_hidden, d_weight, d_bias); None for gradients not asked for.
     """
     n_rows, dim = hidden.shape
@@ -346,7 +406,14 @@ def _run_chunks(
         else:
             torch.addmm(bias, h, weight_t, out=z)
         # The backend writes the chunk's gradient over its logits (in place).
-        rows = backend.forward(z, target[start:stop], label_smoothing, ignore_index, z if compute_grad else None, scale)
+        grad = z if compute_grad else None
+        if recipe is None and lse is None:
+            rows = backend.forward(z, target[start:stop], label_smoothing, ignore_index, grad, scale)
+        else:
+            chunk_lse = None if lse is None else lse[start:stop]
+            rows = backend.forward_recipe(
+                z, target[start:stop], label_smoothing, ignore_index, grad, scale, recipe or Recipe(), chunk_lse
+            )
         if keep_rows:
             losses[start:stop] = rows
         else:
@@ -383,21 +450,31 @@ def _finish(accumulated, dtype, post_scale):
     return accumulated if accumulated.dtype == dtype else accumulated.to(dtype)
 
 
-def _scales(target, ignore_index, reduction, dtype, device, normalizer):
+def _scales(target, ignore_index, reduction, dtype, device, normalizer, class_weight=None):
     """(scale in the backend, post_scale after the matmuls, denominator of "mean" or None).
 
-    float16 takes the 1/denominator of "mean" after the matmuls, in fp32 (in the chunk's gradient it
-    would push small values below float16's normal range); the other dtypes inside the backend.
+    The denominator of "mean": ``normalizer`` where given, else the sum of w_k over the counted rows
+    with ``class_weight`` (PyTorch's weighted mean), else their count. float16 takes the 1/denominator
+    of "mean" after the matmuls, in fp32 (in the chunk's gradient it would push small values below
+    float16's normal range); the other dtypes inside the backend.
     """
     acc_dtype = loss_dtype(dtype)
     one = torch.ones((), dtype=acc_dtype, device=device)
     if reduction != "mean":
         return one, None, None
+    if class_weight is not None and normalizer is None:
+        normalizer = weighted_count(class_weight, target, ignore_index)
     denominator = loss_denominator(reduction, normalizer, target, ignore_index, acc_dtype)
     inverse = kept_factors(denominator, acc_dtype)[0]  # 1 / denominator, folded (0 for an empty normalizer)
     if dtype == torch.float16:
         return one, inverse, denominator
     return inverse, None, denominator
+
+
+def _recipe(class_weight, z_loss, softcap, return_lse):
+    # The chunks' Recipe, None where every option is off and no lse is asked for (the plain path).
+    recipe = Recipe(class_weight, z_loss, softcap)
+    return None if recipe.plain and not return_lse else recipe
 
 
 def _forward(
@@ -414,6 +491,9 @@ def _forward(
     grad_weight,
     grad_bias,
     normalizer=None,
+    *,
+    recipe=None,
+    lse=None,
 ):
     """Loss of 2-D ``hidden`` (N, D) through ``weight`` (V, D) against ``target`` (N,), and its kept gradients.
 
@@ -421,9 +501,14 @@ def _forward(
     d_hidden (N, D), d_weight (V, D), d_bias (V,): for "mean"/"sum" and where asked for, in the
     inputs' dtype with the 1/denominator of "mean" folded in; an empty tensor otherwise ("none"
     computes them in backward).
+    recipe, lse: ``_run_chunks``'s (the recipe op's; the plain op has neither). With class weights,
+    "mean" divides by the sum of w_k over the counted rows unless a normalizer is given.
     """
     keep = reduction != "none"
-    scale, post_scale, denominator = _scales(target, ignore_index, reduction, hidden.dtype, hidden.device, normalizer)
+    class_weight = None if recipe is None else recipe.weight
+    scale, post_scale, denominator = _scales(
+        target, ignore_index, reduction, hidden.dtype, hidden.device, normalizer, class_weight
+    )
     loss, d_hidden, d_weight, d_bias = _run_chunks(
         hidden,
         weight,
@@ -440,10 +525,81 @@ def _forward(
         grad_weight=keep and grad_weight,
         grad_bias=keep and grad_bias and bias is not None,
         keep_rows=not keep,
+        recipe=recipe,
+        lse=lse,
     )
     if denominator is not None:  # "mean": the sum over the chunks divided (a 0-d total sums to itself)
         loss = reduce_rows(loss, denominator, reduction)
     return loss, *(hidden.new_empty(0) if g is None else g for g in (d_hidden, d_weight, d_bias))
+
+
+def _forward_recipe(
+    hidden,
+    weight,
+    bias,
+    target,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    normalizer=None,
+    class_weight=None,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+):
+    """``_forward`` with the recipe's options, ``class_weight`` (V,) in the loss dtype, ``z_loss`` and
+    ``softcap`` (``smoothce.backends.base.Recipe``), and two more outputs: (loss, d_hidden, d_weight,
+    d_bias, factor, lse).
+
+    factor: 0-d ones, what backward multiplies dO by (everything is folded in already); it sits where
+    the kept gradient's autograd looks for a factor, before the lse.
+    lse: (N,) in the loss dtype where ``return_lse``, the (capped) logits' log-sum-exp per row; else empty.
+    """
+    factor, lse = _recipe_outputs(hidden, return_lse)
+    outputs = _forward(
+        *(hidden, weight, bias, target, label_smoothing, ignore_index, reduction, chunk_bytes, fp32_weight_grad),
+        *(grad_hidden, grad_weight, grad_bias, normalizer),
+        recipe=_recipe(class_weight, z_loss, softcap, return_lse),
+        lse=lse if return_lse else None,
+    )
+    return *outputs, factor, lse
+
+
+def _forward_recipe_fake(
+    hidden,
+    weight,
+    bias,
+    target,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    chunk_bytes,
+    fp32_weight_grad,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    normalizer=None,
+    class_weight=None,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+):
+    outputs = _forward_fake(
+        *(hidden, weight, bias, target, label_smoothing, ignore_index, reduction, chunk_bytes, fp32_weight_grad),
+        *(grad_hidden, grad_weight, grad_bias, normalizer),
+    )
+    return *outputs, *_recipe_outputs(hidden, return_lse)
+
+
+def _recipe_outputs(hidden, return_lse):
+    # The recipe op's factor (ones) and lse buffer ((N,), or empty where not asked for).
+    dtype = loss_dtype(hidden.dtype)
+    return hidden.new_ones((), dtype=dtype), hidden.new_empty(hidden.shape[0] if return_lse else 0, dtype=dtype)
 
 
 def _forward_fake(
@@ -478,12 +634,26 @@ def fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
     )
 
 
+_FWD_ARGUMENTS = (
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, float label_smoothing, int ignore_index, "
+    "str reduction, int chunk_bytes, bool fp32_weight_grad, bool grad_hidden, bool grad_weight, bool grad_bias, "
+    "Tensor? normalizer=None"
+)
+# The options beyond label smoothing, last in the recipe ops' schemas (their defaults: the plain loss).
+_RECIPE_ARGUMENTS = "Tensor? class_weight=None, float z_loss=0.0, float? softcap=None"
+
 linear_cross_entropy_fwd = define(
-    "linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, float label_smoothing, "
-    "int ignore_index, str reduction, int chunk_bytes, bool fp32_weight_grad, bool grad_hidden, "
-    "bool grad_weight, bool grad_bias, Tensor? normalizer=None) -> (Tensor, Tensor, Tensor, Tensor)",
+    f"linear_cross_entropy_fwd{_FWD_ARGUMENTS}) -> (Tensor, Tensor, Tensor, Tensor)",
     kernel=_forward,
     fake=_forward_fake,
+)
+# The same with the recipe's options: its own op, so that the plain one keeps its schema, whose length
+# costs every call (torch's autograd for custom ops fills each argument's default in Python).
+linear_cross_entropy_recipe_fwd = define(
+    f"linear_cross_entropy_recipe_fwd{_FWD_ARGUMENTS}, {_RECIPE_ARGUMENTS}, bool return_lse=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    kernel=_forward_recipe,
+    fake=_forward_recipe_fake,
 )
 
 
@@ -500,6 +670,9 @@ def _backward_none(
     grad_hidden,
     grad_weight,
     grad_bias,
+    class_weight=None,
+    z_loss=0.0,
+    softcap=None,
 ):
     """Backward of "none": recompute each chunk's gradient, scale its rows by dO (N,), then the matmuls.
 
@@ -522,6 +695,7 @@ def _backward_none(
         grad_weight=grad_weight,
         grad_bias=grad_bias and bias is not None,
         keep_rows=False,
+        recipe=_recipe(class_weight, z_loss, softcap, False),
     )
     return tuple(hidden.new_empty(0) if g is None else g for g in (d_hidden, d_weight, d_bias))
 
@@ -539,6 +713,9 @@ def _backward_none_fake(
     grad_hidden,
     grad_weight,
     grad_bias,
+    class_weight=None,
+    z_loss=0.0,
+    softcap=None,
 ):
     torch._check(grad_loss.shape[0] == hidden.shape[0], lambda: "grad_loss and hidden disagree on the rows")
     return fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
@@ -547,7 +724,7 @@ def _backward_none_fake(
 linear_cross_entropy_bwd = define(
     "linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
     "float label_smoothing, int ignore_index, int chunk_bytes, bool fp32_weight_grad, bool grad_hidden, "
-    "bool grad_weight, bool grad_bias) -> (Tensor, Tensor, Tensor)",
+    f"bool grad_weight, bool grad_bias, {_RECIPE_ARGUMENTS}) -> (Tensor, Tensor, Tensor)",
     kernel=_backward_none,
     fake=_backward_none_fake,
 )
@@ -556,6 +733,7 @@ linear_cross_entropy_bwd = define(
 def _recompute(inputs, grad_loss, wanted):
     # "none": the per-row dO reaches the chunks' gradients before the matmuls, so they are made again.
     hidden, weight, bias, target, label_smoothing, ignore_index, _, chunk_bytes, fp32, *_ = inputs
+    recipe = inputs[13:16]  # class_weight, z_loss, softcap: the recipe op's (none for the plain op)
     grads = linear_cross_entropy_bwd(
         grad_loss.reshape(-1),
         hidden,
@@ -569,21 +747,28 @@ def _recompute(inputs, grad_loss, wanted):
         wanted[0],
         wanted[1],
         wanted[2] and bias is not None,
+        *recipe,
     )
     return tuple(g if w else None for g, w in zip(grads, wanted, strict=True))
 
 
-register_kept_gradient_autograd(
-    linear_cross_entropy_fwd,
-    "smoothce.linear_cross_entropy",
-    reduction_arg=6,
-    compute_grad_arg=(9, 10, 11),
-    grad_inputs=(0, 1, 2),
-    recompute=_recompute,
-)
+for _op in (linear_cross_entropy_fwd, linear_cross_entropy_recipe_fwd):
+    register_kept_gradient_autograd(
+        _op,
+        "smoothce.linear_cross_entropy",
+        reduction_arg=6,
+        compute_grad_arg=(9, 10, 11),
+        grad_inputs=(0, 1, 2),
+        recompute=_recompute,
+    )
 
-linear_cross_entropy_op = define(
-    "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, *, Tensor? bias=None, "
-    'float label_smoothing=0.0, int ignore_index=-100, str reduction="mean", Tensor? normalizer=None) -> Tensor',
-    composite=_linear_cross_entropy,
+# The public ops; the second also returns the (capped) logits' log-sum-exp per row, (...), no gradient.
+_PUBLIC_ARGUMENTS = (
+    "(Tensor hidden, Tensor weight, Tensor target, *, Tensor? bias=None, Tensor? class_weight=None, "
+    'float label_smoothing=0.0, int ignore_index=-100, str reduction="mean", Tensor? normalizer=None, '
+    "float z_loss=0.0, float? softcap=None)"
+)
+linear_cross_entropy_op = define(f"linear_cross_entropy{_PUBLIC_ARGUMENTS} -> Tensor", composite=_linear_cross_entropy)
+linear_cross_entropy_lse_op = define(
+    f"linear_cross_entropy_lse{_PUBLIC_ARGUMENTS} -> (Tensor, Tensor)", composite=_linear_cross_entropy_lse
 )

@@ -59,8 +59,8 @@ CONFIGS = {
         attn_pdrop=0.0,
     ),
 }
-# (architecture, fused_linear): Gemma 2 only unfused, its soft-cap has no fused form yet (tested below).
-CASES = [(arch, fused) for arch in CONFIGS for fused in (True, False) if not (arch == "gemma2" and fused)]
+# (architecture, fused_linear): every one both ways (Gemma 2 fused: the loss soft-caps the logits itself).
+CASES = [(arch, fused) for arch in CONFIGS for fused in (True, False)]
 
 
 def build(arch: str, seed: int = 0) -> nn.Module:
@@ -81,32 +81,33 @@ def batch(seed: int = 0, ignore_all: bool = False) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def smoothed_stock_loss(label_smoothing: float):
-    """transformers' ForCausalLMLoss with F.cross_entropy's label smoothing: the reference for λ > 0."""
+def smoothed_stock_loss(label_smoothing: float, z_loss: float = 0.0):
+    """transformers' ForCausalLMLoss with F.cross_entropy's label smoothing: the reference for λ > 0; with
+    ``z_loss`` s, composed by hand: s logsumexp(logits)^2 added to each counted target's loss first."""
 
     def loss_function(
         logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
     ):
-        logits = logits.float()
+        logits = logits.float().view(-1, vocab_size)
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = F.cross_entropy(
-            logits.view(-1, vocab_size),
-            shift_labels.reshape(-1),
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
+        target = shift_labels.reshape(-1)
+        rows = F.cross_entropy(
+            logits, target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
         )
-        return loss if num_items_in_batch is None else loss / num_items_in_batch
+        if z_loss:
+            rows = rows + torch.where(target != ignore_index, z_loss * torch.logsumexp(logits, -1) ** 2, 0.0)
+        if num_items_in_batch is None:
+            return rows.sum() / (target != ignore_index).sum()
+        return rows.sum() / num_items_in_batch
 
     return loss_function
 
 
-def stock_copy(model: nn.Module, label_smoothing: float) -> nn.Module:
+def stock_copy(model: nn.Module, label_smoothing: float, z_loss: float = 0.0) -> nn.Module:
     reference = copy.deepcopy(model)
-    if label_smoothing:
-        reference.loss_function = smoothed_stock_loss(label_smoothing)
+    if label_smoothing or z_loss:
+        reference.loss_function = smoothed_stock_loss(label_smoothing, z_loss)
     return reference
 
 
@@ -197,6 +198,20 @@ def test_parity_head_with_bias(fused):
     output, grads = loss_and_grads(model, batch())
     assert_parity(output, grads, *loss_and_grads(reference, batch()), rtol=1e-5)
     assert grads["lm_head.bias"].abs().max() > 0
+
+
+@pytest.mark.parametrize("num_items", [None, 37])
+@pytest.mark.parametrize(("arch", "fused"), [("llama", True), ("llama", False), ("gemma2", True), ("gemma2", False)])
+def test_parity_z_loss(arch, fused, num_items):
+    """z_loss: the stock loss plus s logsumexp(logits)^2 per counted target, composed by hand (Gemma 2: of
+    the capped logits), as the mean over the targets or the sum over num_items_in_batch."""
+    model = build(arch)
+    reference, without = stock_copy(model, 0.1, z_loss=1e-2), stock_copy(model, 0.1)
+    patch(model, label_smoothing=0.1, z_loss=1e-2, fused_linear=fused)
+    inputs = batch() if num_items is None else {**batch(), "num_items_in_batch": num_items}
+    output, grads = loss_and_grads(model, inputs)
+    assert_parity(output, grads, *loss_and_grads(reference, inputs), rtol=1e-5)
+    assert output.loss.item() - without(**inputs).loss.item() > 0.1  # the z-loss is there: ~0.01 x 5.5^2 a token
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -383,14 +398,37 @@ def test_unsupported_models():
         assert "forward" not in model.__dict__
 
 
-def test_softcapped_model_needs_unfused():
+def test_softcapped_model_fused():
+    """Gemma 2 fused: the model skips its cap for that forward only (config restored, after an error too), the
+    loss caps instead: a cap that bites (logits of tens, cap 3) still gives the stock loss and gradients."""
     model = build("gemma2")
-    with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0.*fused_linear=False"):
-        patch(model)
-    assert "_smoothce_patch" not in model.__dict__
-    patch(model, fused_linear=False)
-    with pytest.raises(ValueError, match="soft-caps"):
-        patch(model, fused_linear=True)
+    model.config.final_logit_softcapping = 3.0
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(200.0)
+    reference = stock_copy(model, 0.1)
+    patch(model, label_smoothing=0.1)
+    assert reference(**batch()).logits.abs().max() > 2.9  # capped at 3, close to it: the cap bites
+    output, grads = loss_and_grads(model, batch())
+    assert output.logits is None
+    assert_parity(output, grads, *loss_and_grads(reference, batch()), rtol=1e-5)
+    assert model.config.final_logit_softcapping == 3.0
+    with pytest.raises(ValueError, match="10 positions of logits"):
+        model(**{**batch(), "logits_to_keep": 5})  # 2 x 5 positions, 24 targets
+    assert model.config.final_logit_softcapping == 3.0
+    model.eval()  # eval: the stock forward, the model caps its logits itself
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch()).logits, reference.eval()(**batch()).logits, rtol=0, atol=0)
+
+
+def test_softcapping_key_the_model_ignores():
+    """A config with final_logit_softcapping for a model whose forward never reads it (Llama): no cap added."""
+    config = transformers.LlamaConfig(**_DECODER, final_logit_softcapping=0.5)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).train()
+    assert model.config.final_logit_softcapping == 0.5
+    reference = stock_copy(model, 0.0)
+    patch(model)
+    assert_parity(*loss_and_grads(model, batch()), *loss_and_grads(reference, batch()), rtol=1e-5)
 
 
 def test_logit_transform_found_at_run_time():
@@ -408,8 +446,12 @@ def test_logit_transform_found_at_run_time():
 
 def test_bad_options():
     model = build("llama")
-    with pytest.raises(NotImplementedError, match=r"z_loss=0\.001"):
-        patch(model, z_loss=1e-3)
+    with pytest.raises(ValueError, match=r"z_loss must be a finite number >= 0, got -0\.001"):
+        patch(model, z_loss=-1e-3)
+    with pytest.raises(ValueError, match="z_loss must be a finite number >= 0"):
+        patch(model, z_loss=float("nan"))
+    with pytest.raises(TypeError, match="z_loss must be a float"):
+        patch(model, z_loss=True)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         patch(model, label_smoothing=1.5)
     with pytest.raises(TypeError, match="label_smoothing"):

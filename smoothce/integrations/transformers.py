@@ -4,6 +4,8 @@
 ``smoothce.linear_cross_entropy`` and the (batch, seq, V) logits are never built (``logits`` is None);
 otherwise the model runs as before, its loss through ``smoothce.cross_entropy``. ``fused_linear=False``:
 only the model's ``loss_function`` is replaced. transformers is imported by ``patch``, not by this module.
+A model that soft-caps its logits (``config.final_logit_softcapping``, Gemma 2) has the fused loss cap
+them instead (``softcap=``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import smoothce
+from smoothce.checks import recipe_values
 
 __all__ = ["patch", "unpatch"]
 
@@ -32,24 +35,26 @@ def patch(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0
     labels padded with ``ignore_index`` and shifted by one (or ``shift_labels`` as given), ``ignore_index``
     (-100), the mean over non-ignored targets, or the sum divided by ``num_items_in_batch`` when given
     (what ``Trainer`` passes under gradient accumulation), plus label smoothing ``label_smoothing`` as
-    ``F.cross_entropy(..., label_smoothing=label_smoothing)`` means it. Two differences, smoothce's own:
-    a mean over no targets is 0.0 (stock: NaN), and the loss is computed without up-casting the logits.
+    ``F.cross_entropy(..., label_smoothing=label_smoothing)`` means it, and the z-loss
+    ``z_loss`` x logsumexp(logits)^2 added to each counted target's loss before that reduction (PaLM's,
+    ``smoothce.cross_entropy(z_loss=)``). Two differences, smoothce's own: a mean over no targets is 0.0
+    (stock: NaN), and the loss is computed without up-casting the logits.
 
     fused_linear: True, in training mode with ``labels``, computes the loss from the LM head's input
         through ``smoothce.linear_cross_entropy``: no logits (the output's ``logits`` is None). In eval
         mode or without labels the model returns its logits as before (``generate()`` is untouched).
-        False only replaces the model's ``loss_function`` (logits built as usual).
-    z_loss: only 0.0 for now (a z-loss term is not implemented yet); anything else raises.
+        A model that soft-caps its logits through ``config.final_logit_softcapping`` (Gemma 2) skips
+        that in the fused forward and the loss caps them instead (``softcap=``), the same loss.
+        False only replaces the model's ``loss_function`` (logits built, and capped, as usual).
+    z_loss: s >= 0, the weight of the z-loss (0: none).
 
     Patching again changes the options; ``unpatch(model)`` restores the stock behaviour.
     """
-    _check_options(label_smoothing, z_loss, fused_linear)
+    z_loss = _check_options(label_smoothing, z_loss, fused_linear)
     state = model.__dict__.get(_STATE) if isinstance(model, nn.Module) else None
     if state is None:
         _check_model(model)
-    if fused_linear:
-        _check_fusable(model)
-    options = {"label_smoothing": float(label_smoothing), "fused_linear": bool(fused_linear)}
+    options = {"label_smoothing": float(label_smoothing), "z_loss": z_loss, "fused_linear": bool(fused_linear)}
     if state is not None:
         state.options = options
         return model
@@ -84,17 +89,15 @@ def unpatch(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 
 
-def _check_options(label_smoothing, z_loss, fused_linear) -> None:
+def _check_options(label_smoothing, z_loss, fused_linear) -> float:
+    """TypeError/ValueError naming a bad option; returns ``z_loss`` as a float."""
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real):
-        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
-    if float(z_loss) != 0.0:
-        raise NotImplementedError(f"z_loss={z_loss}: smoothce has no z-loss term yet; only z_loss=0.0 is accepted")
     if not isinstance(fused_linear, bool):
         raise TypeError(f"fused_linear must be True or False, got {fused_linear!r}")
+    return recipe_values(z_loss, None)[0]
 
 
 def _stock_causal_lm_loss():
@@ -137,17 +140,6 @@ def _check_model(model) -> None:
         )
 
 
-def _check_fusable(model) -> None:
-    """fused_linear=True needs the loss taken on the LM head's output itself, with no transform between."""
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if softcap is not None:
-        raise ValueError(
-            f"{type(model).__name__} soft-caps its logits after the LM head (config.final_logit_softcapping="
-            f"{softcap}) and smoothce's fused LM-head loss has no soft-capping yet: use patch(model, "
-            "fused_linear=False), where the model soft-caps its logits itself and only its loss is replaced"
-        )
-
-
 # ---------------------------------------------------------------------------------------
 # The patched forward and loss
 # ---------------------------------------------------------------------------------------
@@ -163,6 +155,20 @@ class _PatchState:
         self.stock_forward = model.forward
         self.signature = inspect.signature(self.stock_forward)
         self.capture: _HeadCapture | None = None
+        self.caps_by_config = _caps_by_config(type(model))
+
+
+def _caps_by_config(cls) -> bool:
+    """Whether ``cls.forward`` reads ``config.final_logit_softcapping`` (Gemma 2's pattern), read from its source.
+
+    Only then does the fused forward hand the cap to the loss: a config carrying the key for a model that
+    ignores it adds no cap, and where the source cannot be read the model caps as it will, which the
+    loss function then refuses (its LM head's output changed) rather than compute another loss.
+    """
+    try:
+        return "config.final_logit_softcapping" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
 
 
 class _HeadCapture:
@@ -170,12 +176,14 @@ class _HeadCapture:
 
     The stand-in is one float32 value expanded to the logits' shape (no memory). The model hands it to
     its ``loss_function``, which recognises it and takes the loss from the recorded hidden states; a
-    model that transforms its logits first (a soft-cap, a scale) hands over another tensor, and the
-    loss function raises rather than compute the wrong loss.
+    model that transforms its logits first (a scale, a soft-cap other than through
+    ``config.final_logit_softcapping``) hands over another tensor, and the loss function raises rather
+    than compute the wrong loss. ``softcap``: the cap the loss applies for the model (or None).
     """
 
-    def __init__(self, head: nn.Linear):
+    def __init__(self, head: nn.Linear, softcap: float | None):
         self.head = head
+        self.softcap = softcap
         self.hidden: torch.Tensor | None = None
         self.stand_in: torch.Tensor | None = None
         self.consumed = False
@@ -210,14 +218,22 @@ def _make_forward(signature: inspect.Signature):
         if not (state.options["fused_linear"] and self.training and _labels_given(state.signature, args, kwargs)):
             return state.stock_forward(*args, **kwargs)
         head = self.get_output_embeddings()
-        capture = _HeadCapture(head)
+        # Gemma 2 and its kin cap the head's output when config.final_logit_softcapping is set: for this
+        # forward the model is told not to, and the fused loss caps the logits instead.
+        config = getattr(self, "config", None)
+        softcap = getattr(config, "final_logit_softcapping", None) if state.caps_by_config else None
+        capture = _HeadCapture(head, softcap)
         previous = head.__dict__.get("forward", _MISSING)
         head.__dict__["forward"] = capture
         state.capture = capture
+        if capture.softcap is not None:
+            config.final_logit_softcapping = None
         try:
             output = state.stock_forward(*args, **kwargs)
         finally:
             state.capture = None
+            if capture.softcap is not None:
+                config.final_logit_softcapping = capture.softcap
             if previous is _MISSING:
                 del head.__dict__["forward"]
             else:
@@ -287,8 +303,9 @@ class _CausalLMLoss:
         if capture is not None:
             if logits is not capture.stand_in:
                 raise RuntimeError(
-                    "the model changed its LM head's output before the loss (a scale or soft-cap of the logits), "
-                    "which the fused loss cannot see: use patch(model, fused_linear=False)"
+                    "the model changed its LM head's output before the loss (a scale or soft-cap of the logits "
+                    "other than config.final_logit_softcapping), which the fused loss cannot see: use "
+                    "patch(model, fused_linear=False)"
                 )
             capture.consumed = True
             hidden = capture.hidden.reshape(-1, capture.hidden.shape[-1])
@@ -305,6 +322,8 @@ class _CausalLMLoss:
                     bias=bias,
                     label_smoothing=options["label_smoothing"],
                     ignore_index=ignore_index,
+                    z_loss=options["z_loss"],
+                    softcap=capture.softcap,
                     **reduce,
                 )
         else:
@@ -319,6 +338,7 @@ class _CausalLMLoss:
                     target.to(rows.device),
                     label_smoothing=options["label_smoothing"],
                     ignore_index=ignore_index,
+                    z_loss=options["z_loss"],
                     **reduce,
                 )
         return loss
