@@ -185,16 +185,19 @@ class Backend:
         start: int | torch.Tensor,
         label_smoothing: float,
         ignore_index: int,
+        recipe: Recipe | None = None,
     ) -> torch.Tensor:
         """Per-row statistics of one slice of the classes, each relative to the slice's own max.
 
-        With z the slice's row (columns j = 0 .. V_i - 1 are the global classes start + j),
-        k the global target and lam the smoothing:
+        With z the slice's row (columns j = 0 .. V_i - 1 are the global classes start + j), capped
+        first where ``recipe.softcap`` = cap is set (z_j <- cap tanh(z_j / cap), as in
+        ``forward_recipe``), w the slice's class weights (ones without ``recipe.weight``), k the
+        global target and lam the smoothing:
 
             m = max_j z_j                                   (-inf for an all -inf row)
             R = sum_{j != a} exp(z_j - m),  a one column holding m   (S_i = 1 + R; the
                 max's exact 1 is left out so that rows where it dominates keep R's digits)
-            t = sum_j (z_j - m~),  m~ = m where finite, else 0    (only when lam > 0, else 0)
+            t = sum_j w_j (z_j - m~),  m~ = m where finite, else 0    (only when lam > 0, else 0)
             z_k = z_{k - start} when start <= k < start + V_i and k != ignore_index, else 0
 
         Nothing here is summed over raw logits, so logits sharing a large offset lose no digits.
@@ -206,11 +209,14 @@ class Backend:
             start: global class of column 0: a Python int, or a 0-d int64 tensor on the logits'
                 device (accelerators: no host sync).
             label_smoothing: lam in [0, 1]. ignore_index: as in ``forward``.
+            recipe: None or a ``Recipe`` whose ``weight`` is this SLICE's (V_i,) weights (its
+                ``z_loss`` plays no part here). ``smoothce.distributed`` passes it only when it is
+                not ``plain``, so a backend written before the recipe still serves the plain loss.
 
         Returns:
             (4, N) float32 (float64 for float64 logits): the rows m, R, t, z_k.
         """
-        return torch_defaults.shard_stats(logits, target, start, label_smoothing, ignore_index)
+        return torch_defaults.shard_stats(logits, target, start, label_smoothing, ignore_index, recipe)
 
     def shard_grad(
         self,
@@ -224,6 +230,10 @@ class Backend:
         ignore_index: int,
         grad_scale: torch.Tensor,
         grad: torch.Tensor,
+        recipe: Recipe | None = None,
+        lse: torch.Tensor | None = None,
+        target_weight: torch.Tensor | None = None,
+        total_weight: torch.Tensor | None = None,
     ) -> None:
         """Write the slice's gradient into ``grad`` from the all-reduced statistics of the whole row.
 
@@ -240,13 +250,43 @@ class Backend:
         p_k - 1 in float32 would keep none. Every element is rounded to ``grad``'s dtype once;
         rows whose target is ``ignore_index`` get zeros.
 
+        With a ``recipe`` (not ``plain``), ``forward_recipe``'s gradient of the global row: z is the
+        capped row z' (cap = ``recipe.softcap``; M, S and p of z'), w_j the slice's weights, w_k the
+        target's weight (``target_weight``, from the rank holding k; 1 without weights), W = the sum
+        of all V weights (``total_weight``; V without weights) and s the z-loss:
+
+            grad_j = c (A p_j - (lam / V) w_j) (1 - (z'_j / cap)^2)        j != k - start
+            grad_k = c (B p_k - (lam / V) w_k - (1 - lam) w_k (1 - p_k)) (1 - (z'_k / cap)^2)
+                     B = (lam / V) W + 2 s w_k lse,  A = (1 - lam) w_k + B,  1 - p_k = e / S where
+                     z'_k = M and e < 1 (the confident row's digits, as above)
+
+        (the cap's factor is 1 without a cap).
+
         Args:
             logits, target, start, label_smoothing, ignore_index: as in ``shard_stats``.
             num_classes: V, the GLOBAL vocabulary size (Python int or 0-d int64 tensor).
             row_max, excess: (N,) M and e, float32 (float64 for float64 logits).
             grad_scale: 0-d tensor on the logits' device, the factor c.
-            grad: (N, V_i) output in the logits' dtype, any strides.
+            grad: (N, V_i) output in the logits' dtype, any strides (may be ``logits`` itself).
+            recipe: as in ``shard_stats`` (the slice's weights); then also
+            lse: (N,) the rows' global lse = M~ + log S, used where ``recipe.z_loss`` > 0.
+            target_weight: (N,) w_k of every row (0 on ignored rows), where ``recipe.weight`` is set.
+            total_weight: 0-d W, where ``recipe.weight`` is set and lam > 0.
+            (All three in the loss dtype on the logits' device.)
         """
         torch_defaults.shard_grad(
-            logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index, grad_scale, grad
+            logits,
+            target,
+            start,
+            num_classes,
+            row_max,
+            excess,
+            label_smoothing,
+            ignore_index,
+            grad_scale,
+            grad,
+            recipe,
+            lse,
+            target_weight,
+            total_weight,
         )

@@ -139,7 +139,12 @@ def scale_grad(
 
 
 def shard_stats(
-    logits: torch.Tensor, target: torch.Tensor, start: int | torch.Tensor, label_smoothing: float, ignore_index: int
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    start: int | torch.Tensor,
+    label_smoothing: float,
+    ignore_index: int,
+    recipe=None,
 ) -> torch.Tensor:
     """``Backend.shard_stats``: the (4, N) rows m, R, t, z_k, block of rows by block of rows."""
     n_rows, local_classes = logits.shape
@@ -149,6 +154,8 @@ def shard_stats(
         return stats
     logits = logits.detach()
     k, owned = local_target(target, start, local_classes, ignore_index)
+    if recipe is not None and not recipe.plain:
+        return _shard_stats_recipe(logits, k, owned, label_smoothing, recipe, stats)
     z_k = logits.gather(1, k.unsqueeze(1)).squeeze(1).to(acc)
     stats[3] = torch.where(owned, z_k, 0.0)
     for lo, hi in row_blocks(n_rows, local_classes, logits.device):
@@ -158,6 +165,35 @@ def shard_stats(
         x = x - shift
         if label_smoothing > 0.0:
             stats[2, lo:hi] = x.sum(dim=1)
+        e = x.exp_()
+        e.scatter_(1, first, 0.0)
+        stats[0, lo:hi] = m.squeeze(1)
+        stats[1, lo:hi] = e.sum(dim=1)
+    return stats
+
+
+def _capped_block(logits: torch.Tensor, lo: int, hi: int, acc: torch.dtype, cap):
+    """(z', z' / c) of rows [lo, hi) in ``acc``: z' = c tanh(z / c), or (z, None) without a cap."""
+    x = logits[lo:hi].to(acc, copy=True)
+    if cap is None:
+        return x, None
+    t = x.div_(cap).tanh_()
+    return t * cap, t
+
+
+def _shard_stats_recipe(logits, k, owned, label_smoothing, recipe, stats):
+    # The rows of the capped slice z' (its own z'_k, from the same block: ``shard_grad`` compares it
+    # with the max), and t = sum_j w_j (z'_j - m~) over the slice's weights w (``recipe.weight``).
+    n_rows, local_classes = logits.shape
+    weight = recipe.weight
+    for lo, hi in row_blocks(n_rows, local_classes, logits.device):
+        x, _ = _capped_block(logits, lo, hi, stats.dtype, recipe.softcap)
+        stats[3, lo:hi] = torch.where(owned[lo:hi], x.gather(1, k[lo:hi].unsqueeze(1)).squeeze(1), 0.0)
+        m, first = x.max(dim=1, keepdim=True)
+        shift = torch.where(torch.isfinite(m), m, 0.0)
+        x = x.sub_(shift)
+        if label_smoothing > 0.0:
+            stats[2, lo:hi] = (x @ weight) if weight is not None else x.sum(dim=1)
         e = x.exp_()
         e.scatter_(1, first, 0.0)
         stats[0, lo:hi] = m.squeeze(1)
@@ -176,6 +212,10 @@ def shard_grad(
     ignore_index: int,
     grad_scale: torch.Tensor,
     grad: torch.Tensor,
+    recipe=None,
+    lse: torch.Tensor | None = None,
+    target_weight: torch.Tensor | None = None,
+    total_weight: torch.Tensor | None = None,
 ) -> None:
     """``Backend.shard_grad``: the slice's gradient from the row's global max and excess, written into ``grad``."""
     n_rows, local_classes = logits.shape
@@ -190,6 +230,10 @@ def shard_grad(
     shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
     inv_sum = torch.where(valid, 1.0 / (1.0 + excess), 0.0)  # ignored rows: 0 even where S = 0
     row_scale = torch.where(valid, grad_scale.to(acc), 0.0)
+    if recipe is not None and not recipe.plain:
+        row = (k, owned, valid, shift, inv_sum, row_scale, row_max, excess)
+        _shard_grad_recipe(logits, num_classes, lam, smooth, grad, recipe, lse, target_weight, total_weight, *row)
+        return
     # The target column per row: one value each, outside the block loop.
     z_k = logits.gather(1, k.unsqueeze(1)).squeeze(1).to(acc)
     p_k = torch.exp(z_k - shift) * inv_sum
@@ -204,6 +248,41 @@ def shard_grad(
         rows_k = k[lo:hi].unsqueeze(1)
         p.scatter_(1, rows_k, torch.where(owned[lo:hi].unsqueeze(1), g_k[lo:hi], p.gather(1, rows_k)))
         grad[lo:hi] = torch.where(valid[lo:hi].unsqueeze(1), p, 0.0)
+
+
+def _shard_grad_recipe(logits, num_classes, lam, smooth, grad, recipe, lse, target_weight, total_weight, *row):
+    # Backend.shard_grad with the recipe: A p_j - (lam / V) w_j off the target, and at it
+    # B p_k - (lam / V) w_k - (1 - lam) w_k (1 - p_k), B = A - (1 - lam) w_k formed without that
+    # cancellation, 1 - p_k = e / S where z'_k = M and e < 1; times the cap's 1 - (z'_j / c)^2.
+    k, owned, valid, shift, inv_sum, row_scale, row_max, excess = row
+    n_rows, local_classes = logits.shape
+    acc = inv_sum.dtype
+    weight, z_loss = recipe.weight, float(recipe.z_loss)
+    w_k = target_weight if target_weight is not None else torch.ones_like(inv_sum)
+    total = total_weight if total_weight is not None else num_classes
+    b = smooth * (total.to(acc) if isinstance(total, torch.Tensor) else total) * torch.ones_like(inv_sum)
+    if z_loss != 0.0:
+        b = b + 2.0 * z_loss * w_k * lse
+    a = (1.0 - lam) * w_k + b
+    for lo, hi in row_blocks(n_rows, local_classes, logits.device):
+        x, t = _capped_block(logits, lo, hi, acc, recipe.softcap)
+        rows_k = k[lo:hi].unsqueeze(1)
+        z_k = x.gather(1, rows_k).squeeze(1)
+        p = x.sub_(shift[lo:hi].unsqueeze(1)).exp_().mul_(inv_sum[lo:hi].unsqueeze(1))
+        p_k = p.gather(1, rows_k).squeeze(1)
+        confident = (z_k == row_max[lo:hi]) & (excess[lo:hi] < 1.0)
+        rest = torch.where(confident, excess[lo:hi] * inv_sum[lo:hi], 1.0 - p_k)  # 1 - p_k
+        w_k_block = w_k[lo:hi]
+        g_k = b[lo:hi] * p_k - (1.0 - lam) * w_k_block * rest
+        g = p.mul_(a[lo:hi].unsqueeze(1))
+        if lam != 0.0:
+            g.sub_(smooth * weight if weight is not None else smooth)
+            g_k = g_k - smooth * w_k_block
+        g.scatter_(1, rows_k, torch.where(owned[lo:hi], g_k, g.gather(1, rows_k).squeeze(1)).unsqueeze(1))
+        if t is not None:
+            g.mul_(t.square_().neg_().add_(1.0))
+        g.mul_(row_scale[lo:hi].unsqueeze(1))
+        grad[lo:hi] = torch.where(valid[lo:hi].unsqueeze(1), g, 0.0)
 
 
 def row_blocks(n_rows: int, num_classes: int, device: torch.device):

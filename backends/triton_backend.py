@@ -155,6 +155,16 @@ class TritonBackend(Backend):
         config = self.launch_config(logits.shape[1], logits.dtype, logits.device)
         return triton_kernels.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale, config)
 
+    def forward_recipe(self, logits, target, label_smoothing, ignore_index, grad, grad_scale, recipe, lse=None):
+        """``Backend.forward_recipe`` in the loss kernels, the options as their constexpr switches."""
+        from smoothce.backends import triton_kernels
+
+        self.check_inputs(logits)
+        config = self.launch_config(logits.shape[1], logits.dtype, logits.device)
+        return triton_kernels.forward(
+            logits, target, label_smoothing, ignore_index, grad, grad_scale, config, recipe, lse
+        )
+
     def loss_and_grad(
         self,
         logits,
@@ -169,15 +179,10 @@ class TritonBackend(Backend):
     ):
         from smoothce.backends import triton_kernels
 
-        if (recipe is not None and not recipe.plain) or lse is not None:
-            return super().loss_and_grad(
-                logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer, recipe, lse
-            )
-
         self.check_inputs(logits)
         config = self.launch_config(logits.shape[1], logits.dtype, logits.device)
         return triton_kernels.loss_and_grad(
-            logits, target, label_smoothing, ignore_index, reduction, compute_grad, config, normalizer
+            logits, target, label_smoothing, ignore_index, reduction, compute_grad, config, normalizer, recipe, lse
         )
 
     def scale_grad(self, grad, grad_out, factor, per_row, inplace):
@@ -211,15 +216,29 @@ class TritonBackend(Backend):
             config["options"] = options
         return config
 
-    def shard_stats(self, logits, target, start, label_smoothing, ignore_index):
+    def shard_stats(self, logits, target, start, label_smoothing, ignore_index, recipe=None):
         from smoothce.backends import triton_shard_kernels
 
         self.check_inputs(logits)
         config = self.shard_launch_config(logits.shape[1], logits.dtype)
-        return triton_shard_kernels.shard_stats(logits, target, start, label_smoothing, ignore_index, config)
+        return triton_shard_kernels.shard_stats(logits, target, start, label_smoothing, ignore_index, config, recipe)
 
     def shard_grad(
-        self, logits, target, start, num_classes, row_max, excess, label_smoothing, ignore_index, grad_scale, grad
+        self,
+        logits,
+        target,
+        start,
+        num_classes,
+        row_max,
+        excess,
+        label_smoothing,
+        ignore_index,
+        grad_scale,
+        grad,
+        recipe=None,
+        lse=None,
+        target_weight=None,
+        total_weight=None,
     ):
         from smoothce.backends import triton_shard_kernels
 
@@ -237,4 +256,8 @@ class TritonBackend(Backend):
             grad_scale,
             grad,
             config,
+            recipe,
+            lse,
+            target_weight,
+            total_weight,
         )

@@ -1,5 +1,6 @@
-"""What the Triton kernels share: the ``@triton.jit`` helpers of the row sweeps, and the host-side
-pieces both launchers use (kernel switches, constants split for float32, device checks).
+"""What the Triton kernels share: the ``@triton.jit`` helpers of the row sweeps (soft-capping and
+class weights among them, as constexpr switches), and the host-side pieces both launchers use
+(kernel switches, constants split for float32, device checks).
 
 ``triton_kernels`` (the loss) and ``triton_shard_kernels`` (the vocabulary-parallel halves) build
 on these. Importing this module imports Triton, which reads ``TRITON_INTERPRET`` then.
@@ -42,13 +43,79 @@ def to_acc(z, ACC_DTYPE: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def lane_step(z, m, r, s, ref, mask, MASKED: tl.constexpr, SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):
+def softcap(z, cap, inv_cap, FAST_EXP: tl.constexpr):
+    """(z', 1 - (z' / c)^2) of the soft-capped logits z' = c tanh(z / c), to a few ulps (``cap`` = c,
+    ``inv_cap`` = 1 / c in the accumulation dtype).
+
+    With x = z / c and e = exp(-2|x|) in (0, 1]: tanh|x| = (1 - e) / (1 + e) and
+    1 - tanh^2 x = 4 e / (1 + e)^2 (no cancellation, where tanh is near 1). 1 - e loses digits as
+    |x| -> 0, so there (|x| < 1/4) tanh x is its Taylor series x (1 - x^2/3 + 2 x^4/15 - ...) (the
+    coefficients 2^2n (2^2n - 1) B_2n / (2n)!), to float32's rounding in 5 terms, float64's in 12.
+    z = -inf gives -c (and a chain of 0); NaN stays NaN. Triton has no tanh in every version: it
+    is built from exp here.
+    """
+    # float64 divides (rounded once; 1 / c in two float32 halves carries ~48 bits), float32 multiplies.
+    x = z / cap if z.dtype == tl.float64 else z * inv_cap
+    a = tl.abs(x)
+    e = exp(-2.0 * a, FAST_EXP)
+    inv = 1.0 / (1.0 + e)
+    big = (1.0 - e) * inv
+    u = tl.minimum(a, 0.25)  # |x| where the series is used (bounded elsewhere: never inf - inf)
+    x2 = u * u
+    if x.dtype == tl.float64:
+        p = -3.9278323883316834e-05
+        p = p * x2 + 9.6915379569294503e-05
+        p = p * x2 - 2.3912911424355248e-04
+        p = p * x2 + 5.9002744094558595e-04
+        p = p * x2 - 1.4558343870513183e-03
+        p = p * x2 + 3.5921280365724810e-03
+        p = p * x2 - 8.8632355299021966e-03
+        p = p * x2 + 2.1869488536155203e-02
+        p = p * x2 - 5.3968253968253971e-02
+        p = p * x2 + 1.3333333333333333e-01
+        p = p * x2 - 3.3333333333333333e-01
+    else:
+        p = 2.1869488536155203e-02 * x2 - 5.3968253968253971e-02
+        p = p * x2 + 1.3333333333333333e-01
+        p = p * x2 - 3.3333333333333333e-01
+    small = u + u * (x2 * p)
+    t = tl.where(a < 0.25, small, big)
+    t = tl.where(x < 0.0, -t, t)
+    return cap * t, 4.0 * e * inv * inv
+
+
+@triton.jit
+def capped(z, cap, inv_cap, mask, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FAST_EXP: tl.constexpr):
+    # z' of a loaded block: z itself without SOFTCAP; else c tanh(z / c), with the masked lanes
+    # (loaded as -inf, which the cap would turn into -c) kept at -inf.
+    if SOFTCAP:
+        z, _ = softcap(z, cap, inv_cap, FAST_EXP)
+        if MASKED:
+            z = tl.where(mask, z, NEG_INF)
+    return z
+
+
+@triton.jit
+def lane_step(
+    z,
+    m,
+    r,
+    s,
+    ref,
+    mask,
+    MASKED: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+    w=None,
+    WEIGHTED: tl.constexpr = False,
+):
     """Sweep 1's work on one block, lane by lane: no reduction across the block, one exp per value.
 
     Each lane keeps its max m, its remainder r = sum exp(z - m) beside its max's exact 1, and
-    s = sum (z - ref). With d = z - m, a new max (d > 0) gives r <- (r + 1) exp(-d), any other
-    value r <- r + exp(d) (a tie adds 1): both are r f + exp(-|d|). A NaN logit makes d, and so r,
-    NaN; z = -inf adds exp(-inf) = 0. (Also the vocabulary-parallel stats kernel's.)
+    s = sum (z - ref) (sum w (z - ref) with the class weights w when WEIGHTED). With d = z - m, a
+    new max (d > 0) gives r <- (r + 1) exp(-d), any other value r <- r + exp(d) (a tie adds 1):
+    both are r f + exp(-|d|). A NaN logit makes d, and so r, NaN; z = -inf adds exp(-inf) = 0.
+    (Also the vocabulary-parallel stats kernel's.)
     """
     d = z - m
     e = exp(-tl.abs(d), FAST_EXP)
@@ -58,6 +125,8 @@ def lane_step(z, m, r, s, ref, mask, MASKED: tl.constexpr, SMOOTHING: tl.constex
         dz = z - ref
         if MASKED:
             dz = tl.where(mask, dz, 0.0)
+        if WEIGHTED:
+            dz = dz * w
         s += dz
     return m, r, s
 
@@ -74,9 +143,17 @@ def row_stats(
     ACC_DTYPE: tl.constexpr,
     FAST_EXP: tl.constexpr,
     EVICT: tl.constexpr,
+    weight_ptr=None,
+    cap=None,
+    inv_cap=None,
+    SOFTCAP: tl.constexpr = False,
+    WEIGHTED: tl.constexpr = False,
 ):
     """(M, R, S) of a row's first ``n_cols`` values, lane by lane (``lane_step``): M the max (-inf
     if no value is above -inf), R the sum of exp(z - M) over all values but one max, S = sum (z - ref).
+
+    With SOFTCAP every z is the capped c tanh(z / c) (``softcap``; ``cap``, ``inv_cap``: c, 1 / c);
+    with WEIGHTED, S = sum w (z - ref) with the class weights at ``weight_ptr`` (contiguous).
 
     Full blocks load unmasked, each one's load issued before the previous block's work; then a
     masked tail. Lanes start below every finite value. Combined once at the end: M = max m, R = r
@@ -95,14 +172,26 @@ def row_stats(
         z = to_acc(tl.load(row_ptr + offsets * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
         for start in range(BLOCK, n_full, BLOCK):
             z_next = to_acc(tl.load(row_ptr + (start + offsets) * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
-            m, r, s = lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+            w = weight_ptr  # (None, unused, without WEIGHTED)
+            if WEIGHTED:
+                w = tl.load(weight_ptr + (start - BLOCK + offsets)).to(ACC_DTYPE)
+            z = capped(z, cap, inv_cap, None, False, SOFTCAP, FAST_EXP)
+            m, r, s = lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP, w, WEIGHTED)
             z = z_next
-        m, r, s = lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP)
+        w_last = weight_ptr  # (None, unused, without WEIGHTED)
+        if WEIGHTED:
+            w_last = tl.load(weight_ptr + (n_full - BLOCK + offsets)).to(ACC_DTYPE)
+        z = capped(z, cap, inv_cap, None, False, SOFTCAP, FAST_EXP)
+        m, r, s = lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP, w_last, WEIGHTED)
     if n_full < n_cols:
         cols = n_full + offsets
         mask = cols < n_cols
         z = tl.load(row_ptr + cols * stride, mask=mask, other=NEG_INF, eviction_policy=EVICT).to(ACC_DTYPE)
-        m, r, s = lane_step(z, m, r, s, ref, mask, True, SMOOTHING, FAST_EXP)
+        w_tail = weight_ptr  # (None, unused, without WEIGHTED)
+        if WEIGHTED:
+            w_tail = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+        z = capped(z, cap, inv_cap, mask, True, SOFTCAP, FAST_EXP)
+        m, r, s = lane_step(z, m, r, s, ref, mask, True, SMOOTHING, FAST_EXP, w_tail, WEIGHTED)
     lanes = tl.arange(0, BLOCK)
     seen = m > low
     M = tl.max(m, axis=0)
@@ -110,6 +199,20 @@ def row_stats(
     c = tl.exp(m - M)
     R = tl.sum(tl.where(lanes == first, r, tl.where(seen, r * c + c, r)), axis=0)
     return tl.where(first < BLOCK, M, NEG_INF), R, tl.sum(s, axis=0)
+
+
+@triton.jit
+def grad_value(z, w, shift, a, b, cap, inv_cap, SOFTCAP: tl.constexpr, WEIGHTED: tl.constexpr, FAST_EXP: tl.constexpr):
+    # exp(z' - shift) a - b w, times the cap's chain rule 1 - (z' / c)^2 with SOFTCAP (z' = z
+    # without, w = 1 without WEIGHTED): one exp and one fused multiply-add per value without options.
+    if SOFTCAP:
+        z, chain = softcap(z, cap, inv_cap, FAST_EXP)
+    if WEIGHTED:
+        b = b * w
+    g = exp(z - shift, FAST_EXP) * a - b
+    if SOFTCAP:
+        g = g * chain
+    return g
 
 
 @triton.jit
@@ -127,11 +230,18 @@ def grad_sweep(
     ACC_DTYPE: tl.constexpr,
     FAST_EXP: tl.constexpr,
     EVICT: tl.constexpr,
+    weight_ptr=None,
+    cap=None,
+    inv_cap=None,
+    SOFTCAP: tl.constexpr = False,
+    WEIGHTED: tl.constexpr = False,
 ):
     """grad_j = exp(z_j - shift) a - b over a row's ``n_cols`` values, each rounded to the gradient's
-    dtype once: one exp and one fused multiply-add per value. Backwards, the masked tail first (what
-    a statistics sweep just before left in the cache), then the full blocks unmasked, each one's
-    load issued before the previous block's work. (Also the vocabulary-parallel gradient kernel's.)
+    dtype once: one exp and one fused multiply-add per value. With the options (``grad_value``):
+    z_j capped and the result times 1 - (z'_j / c)^2 (SOFTCAP), b times the class weight w_j
+    (WEIGHTED). Backwards, the masked tail first (what a statistics sweep just before left in the
+    cache), then the full blocks unmasked, each one's load issued before the previous block's work.
+    (Also the vocabulary-parallel gradient kernel's.)
     """
     out = grad_row.dtype.element_ty
     n_full = n_cols // BLOCK * BLOCK
@@ -139,17 +249,26 @@ def grad_sweep(
         cols = n_full + offsets
         mask = cols < n_cols
         z = tl.load(row_ptr + cols * stride, mask=mask, other=NEG_INF, eviction_policy=EVICT)
-        g = exp(to_acc(z, ACC_DTYPE, FAST_EXP) - shift, FAST_EXP) * a - b
+        w_tail = weight_ptr  # (None, unused, without WEIGHTED)
+        if WEIGHTED:
+            w_tail = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+        g = grad_value(to_acc(z, ACC_DTYPE, FAST_EXP), w_tail, shift, a, b, cap, inv_cap, SOFTCAP, WEIGHTED, FAST_EXP)
         tl.store(grad_row + cols * grad_stride, round_to(g, out), mask=mask)
     if n_full > 0:
         cols = n_full - BLOCK + offsets
         z = to_acc(tl.load(row_ptr + cols * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
         for _ in range(1, n_full // BLOCK):
             z_next = to_acc(tl.load(row_ptr + (cols - BLOCK) * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
-            g = exp(z - shift, FAST_EXP) * a - b
+            w = weight_ptr  # (None, unused, without WEIGHTED)
+            if WEIGHTED:
+                w = tl.load(weight_ptr + cols).to(ACC_DTYPE)
+            g = grad_value(z, w, shift, a, b, cap, inv_cap, SOFTCAP, WEIGHTED, FAST_EXP)
             tl.store(grad_row + cols * grad_stride, round_to(g, out))
             z, cols = z_next, cols - BLOCK
-        g = exp(z - shift, FAST_EXP) * a - b
+        w_last = weight_ptr  # (None, unused, without WEIGHTED)
+        if WEIGHTED:
+            w_last = tl.load(weight_ptr + cols).to(ACC_DTYPE)
+        g = grad_value(z, w_last, shift, a, b, cap, inv_cap, SOFTCAP, WEIGHTED, FAST_EXP)
         tl.store(grad_row + cols * grad_stride, round_to(g, out))
 
 

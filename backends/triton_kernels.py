@@ -21,6 +21,7 @@ from smoothce.backends.triton_common import (
     kernel_switches,
     round_to,
     row_stats,
+    softcap,
     split_float,
     to_acc,
     zero_row,
@@ -42,6 +43,24 @@ from smoothce.numerics import kept_gradient_scale, loss_dtype
 # halves c_hi + c_lo: p_k - c_hi is exact wherever the two are close (Sterbenz), so the target
 # column is rounded once for every lam. R summed without one maximum keeps a confident row's tiny
 # remainder, and log1p(R) its digits, where log(sum exp) would round the remainder away.
+#
+# The recipe's options (Backend.forward_recipe's math), each a constexpr switch that compiles away
+# when off. SOFTCAP: each z_j becomes z'_j = c tanh(z_j / c) as it is loaded, before the max
+# (triton_common.softcap), so M, R, s_rel and z_k above are the capped row's, and the gradient is
+# multiplied by the chain rule chain_j = 1 - (z'_j / c)^2. WEIGHTED: class weights w (else all 1),
+# W = sum_j w_j (summed by the prologue), and s_rel = sum_j w_j (z'_j - M). ZLOSS: the z-loss s.
+# With L = log1p(R), lse = M + L (-inf for a row without a value above -inf), oml = 1 - lam and
+# lov = lam / V:
+#
+#     loss   = (oml w_k + lov W) L + oml w_k (M - z'_k) + lov (-s_rel) + s w_k lse^2
+#     grad_j = scale (A p_j - lov w_j) chain_j,     A = oml w_k + lov W + 2 s w_k lse
+#     grad_k = scale (lov (W p_k - w_k) - oml w_k q + 2 s w_k lse p_k) chain_k
+#
+# which is (1 - lam) w_k (lse - z'_k) + (lam / V) sum_j w_j (lse - z'_j) + s w_k lse^2 and its
+# gradient. q = 1 - p_k is R / (1 + R) where z'_k holds the max, the confident row's digits again
+# (and 1 - p_k, p_k <= 1/2, elsewhere). Without WEIGHTED and ZLOSS, A = 1 and the plain forms above
+# apply (times chain_j with SOFTCAP). LSE writes lse of every row, ignored rows too (which are then
+# read, their loss and gradient still 0).
 
 
 @triton.jit
@@ -59,9 +78,10 @@ def _wide(hi, lo, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _block_stats(z, mask, SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):
+def _block_stats(z, mask, SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr, w=None, WEIGHTED: tl.constexpr = False):
     """(m, rem, s) of a block: m = max z, rem = sum of exp(z - m) over all but one maximum,
-    s = sum of (z - m); masked lanes hold -inf. A block with no finite value has m = -inf."""
+    s = sum of (z - m) (of w (z - m) with the class weights w where WEIGHTED); masked lanes hold
+    -inf. A block with no finite value has m = -inf."""
     m = tl.max(z, axis=0)
     shift = tl.where(m == NEG_INF, 0.0, m)
     e = exp(z - shift, FAST_EXP)
@@ -70,7 +90,10 @@ def _block_stats(z, mask, SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):
     rem = tl.sum(tl.where(is_max, 0.0, e), axis=0) + tl.maximum(ties - 1.0, 0.0)
     s = tl.zeros_like(m)
     if SMOOTHING:
-        s = tl.sum(tl.where(mask, z - shift, 0.0), axis=0)
+        d = tl.where(mask, z - shift, 0.0)
+        if WEIGHTED:
+            d = d * w
+        s = tl.sum(d, axis=0)
     return m, rem, s
 
 
@@ -83,6 +106,32 @@ def _row_loss(R, M, z_k, s_rel, oml, lov, SMOOTHING: tl.constexpr):
     if SMOOTHING:
         loss += lov * (-s_rel)
     return loss
+
+
+@triton.jit
+def _row_loss_weighted(R, M, z_k, s_rel, oml, lov, w_k, W, SMOOTHING: tl.constexpr):
+    """loss = (oml w_k + lov W) log1p(R) + oml w_k (M - z_k) + lov (-s_rel), s_rel = sum_j w_j (z_j - M)."""
+    loss = (oml * w_k + lov * W) * _log1p(R)
+    loss += tl.where(oml == 0.0, 0.0, oml * w_k * tl.where(oml == 0.0, 0.0, M - z_k))
+    if SMOOTHING:
+        loss += lov * (-s_rel)
+    return loss
+
+
+@triton.jit
+def _row_lse(M, R):
+    # lse = M + log1p(R), -inf for a row without a value above -inf (where R counts its ties).
+    return tl.where(M == NEG_INF, NEG_INF, M + _log1p(R))
+
+
+@triton.jit
+def _grad_values_recipe(z, w, is_k, shift, R, inv_d, scale, A, oml, lov, w_k, W, zl, FAST_EXP: tl.constexpr):
+    # scale (A p - lov w) off the target; on it scale (lov (W p_k - w_k) - oml w_k q + zl p_k) with
+    # zl = 2 s w_k lse and q = 1 - p_k, R / (1 + R) where z_k holds the max (a confident row's digits).
+    p = exp(z - shift, FAST_EXP) * inv_d
+    q = tl.where(z == shift, R * inv_d, 1.0 - p)
+    g_k = lov * (W * p - w_k) - oml * w_k * q + zl * p
+    return tl.where(is_k, g_k, A * p - lov * w) * scale
 
 
 @triton.jit
@@ -108,7 +157,7 @@ def _reduce_rows(rows_ptr, loss_ptr, scalars_ptr, sync_ptr, n_rows, n_programs, 
         for start in range(0, n_rows, 1024):
             cols = start + offsets
             acc += tl.load(rows_ptr + cols, mask=cols < n_rows, other=0.0, cache_modifier=".cg")
-        factor = tl.load(scalars_ptr + 2).to(ACC_DTYPE)
+        factor = tl.load(scalars_ptr + 1).to(ACC_DTYPE)
         total = tl.where(factor == 0.0, 0.0, tl.sum(acc, axis=0) * factor)
         tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
 
@@ -121,8 +170,10 @@ def _reduce_rows(rows_ptr, loss_ptr, scalars_ptr, sync_ptr, n_rows, n_programs, 
 def prologue_kernel(
     target_ptr,  # (N,) int32/int64
     sync_ptr,  # (n_sync,) int32: row counters and the done counter, zeroed here
-    scalars_ptr,  # (3,) accumulation dtype, written
+    scalars_ptr,  # (2,) accumulation dtype, written: the forward and the loss factor (3: and W, WEIGHTED)
+    factor_ptr,  # 0-d, accumulation dtype, written: backward's factor (its own tensor: the op returns it)
     normalizer_ptr,  # 0-d, accumulation dtype: "mean"'s denominator when NORMALIZED
+    weight_ptr,  # (V,) class weights, accumulation dtype, when WEIGHTED
     n_rows,
     n_sync,
     num_classes,
@@ -132,11 +183,13 @@ def prologue_kernel(
     NORMALIZED: tl.constexpr,  # "mean" divides by the normalizer, not by the count
     FOLD: tl.constexpr,  # fold 1/denominator into the forward's gradient (all but float16)
     BLOCK: tl.constexpr,
+    WEIGHTED: tl.constexpr = False,  # also write W = sum of the class weights (a third scalar)
 ):
     """One program: checks the targets on the device, counts the non-ignored ones, zeroes the row
     counters, and writes the three factors of ``smoothce.numerics.kept_factors``' rule for the
     denominator d (the count or the normalizer for "mean", else 1): the kept gradient's, the one
-    backward applies, and the summed loss's (1/d). A d <= 0 gives 0, 1 (float16: 2**-15) and 0."""
+    backward applies, and the summed loss's (1/d). A d <= 0 gives 0, 1 (float16: 2**-15) and 0.
+    WEIGHTED: also W = sum of the class weights (the weighted mean's d is the normalizer)."""
     offsets = tl.arange(0, BLOCK)
     count = tl.zeros((BLOCK,), tl.int64)
     for start in range(0, n_rows, BLOCK):
@@ -170,8 +223,14 @@ def prologue_kernel(
         forward_factor = power / safe
         backward_factor = 1.0 / power
     tl.store(scalars_ptr, tl.where(positive, forward_factor, 0.0))
-    tl.store(scalars_ptr + 1, backward_factor)
-    tl.store(scalars_ptr + 2, tl.where(positive, 1.0 / safe, 0.0))
+    tl.store(factor_ptr, backward_factor)
+    tl.store(scalars_ptr + 1, tl.where(positive, 1.0 / safe, 0.0))
+    if WEIGHTED:
+        total = tl.zeros((BLOCK,), acc_dtype)
+        for start in range(0, num_classes, BLOCK):
+            cols = start + offsets
+            total += tl.load(weight_ptr + cols, mask=cols < num_classes, other=0.0).to(acc_dtype)
+        tl.store(scalars_ptr + 2, tl.sum(total, axis=0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,10 +244,13 @@ def split_kernel(
     target_ptr,  # (N,) int32/int64
     rows_ptr,  # (N,) per-row loss, written (the result for "none")
     grad_ptr,  # (N, V) gradient in the logits' dtype, written when COMPUTE_GRAD
-    scalars_ptr,  # [forward factor, backward factor, loss factor]
-    stats_ptr,  # (N, num_chunks, 3) workspace: (m, rem, s) per chunk
+    scalars_ptr,  # [forward factor, loss factor, W (when WEIGHTED)]
+    stats_ptr,  # (N, num_chunks, 3) workspace: (m, rem, s) per chunk (4: and the chunk's weights, when
+    # WEIGHTED and SMOOTHING)
     sync_ptr,  # (N + 1,) int32 zeros: arrivals per row, then the done counter
     loss_ptr,  # 0-d reduced loss, written when REDUCE
+    weight_ptr,  # (V,) class weights in the accumulation dtype, when WEIGHTED
+    lse_ptr,  # (N,) log-sum-exp per row, written when LSE
     # strides, in elements
     stride_lr,
     stride_lc,
@@ -207,6 +269,12 @@ def split_kernel(
     tgt_lo,
     lamk_hi,  # lam (1 - 1/V) = lamk_hi + lamk_lo, for a target column holding the max
     lamk_lo,
+    cap_hi,  # c = cap_hi + cap_lo and 1 / c = icap_hi + icap_lo, when SOFTCAP
+    cap_lo,
+    icap_hi,
+    icap_lo,
+    zl_hi,  # s = zl_hi + zl_lo, when ZLOSS
+    zl_lo,
     # compile-time switches
     CHUNK: tl.constexpr,
     MAX_CHUNKS: tl.constexpr,  # a power of two >= num_chunks; 1: the whole row in one program
@@ -216,6 +284,10 @@ def split_kernel(
     REDUCE: tl.constexpr,  # "sum"/"mean": also write the reduced loss
     ACC_DTYPE: tl.constexpr,
     FAST_EXP: tl.constexpr,  # exp's hardware form (float32 on NVIDIA GPUs)
+    SOFTCAP: tl.constexpr = False,  # the recipe's options (the math above)
+    WEIGHTED: tl.constexpr = False,
+    ZLOSS: tl.constexpr = False,
+    LSE: tl.constexpr = False,
 ):
     """Each chunk of CHUNK columns of a row is one program, which loads it into registers once.
 
@@ -235,20 +307,32 @@ def split_kernel(
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     k = tl.where(valid, target, 0)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
-    mask = cols < tl.where(valid, num_classes, 0)  # ignored rows read nothing
+    # Ignored rows read nothing, unless their lse is asked for (LSE).
+    mask = cols < (num_classes if LSE else tl.where(valid, num_classes, 0))
     logits_row = logits_ptr + row * stride_lr
     z = to_acc(tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF), ACC_DTYPE, FAST_EXP)
-    M, R, s_rel = _block_stats(z, mask, SMOOTHING, FAST_EXP)
+    if SOFTCAP:
+        cap = _wide(cap_hi, cap_lo, ACC_DTYPE)
+        inv_cap = _wide(icap_hi, icap_lo, ACC_DTYPE)
+        z, chain = softcap(z, cap, inv_cap, FAST_EXP)
+        z = tl.where(mask, z, NEG_INF)
+    n_stats: tl.constexpr = 4 if WEIGHTED and SMOOTHING else 3  # per chunk: m, rem, s (and its weights' sum)
+    w = weight_ptr  # (None, unused, without WEIGHTED)
+    if WEIGHTED:
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+    M, R, s_rel = _block_stats(z, mask, SMOOTHING, FAST_EXP, w, WEIGHTED)
     # The program holding column k writes the row's loss, with z_k from its registers (the
     # gradient may overwrite the logits in place, so nobody reads another chunk's columns).
     z_k = tl.sum(tl.where(cols == k, z, 0.0), axis=0)
     writer = chunk == k // CHUNK
     if MAX_CHUNKS > 1:
-        slot = stats_ptr + (row * num_chunks + chunk) * 3
+        slot = stats_ptr + (row * num_chunks + chunk) * n_stats
         if PHASE != 2:  # publish this chunk's statistics, then arrive
             tl.store(slot, M)
             tl.store(slot + 1, R)
             tl.store(slot + 2, s_rel)
+            if n_stats == 4:
+                tl.store(slot + 3, tl.sum(w, axis=0))  # the weights of the columns read
             tl.debug_barrier()
             arrived = tl.atomic_add(sync_ptr + row, 1, sem="acq_rel") + 1
         else:
@@ -262,16 +346,18 @@ def split_kernel(
             # Without a gradient nobody waits: the last to arrive computes the loss.
             writer = arrived == num_chunks
             z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
+            if SOFTCAP:  # (the sweeps' exp: the target's capped value is bitwise theirs, so z'_k == M holds)
+                z_k, _ = softcap(z_k, cap, inv_cap, FAST_EXP)
         tl.debug_barrier()
         # Combine: M = max m_c; R = rem of the first chunk holding M + sum of the others' (1 + rem_c) exp(m_c - M);
-        # s_rel = sum_c s_c + n_c (m_c - M).
+        # s_rel = sum_c s_c + n_c (m_c - M), n_c the chunk's columns (its weights' sum where WEIGHTED).
         idx = tl.arange(0, MAX_CHUNKS)
         live = idx < num_chunks
         if not COMPUTE_GRAD:
             live = idx < tl.where(writer, num_chunks, 0)  # the others must not read slots not yet written
         if PHASE == 1:
             live = idx < 0  # publishing only: the other chunks' slots may not be written yet
-        base = stats_ptr + (row * num_chunks + idx) * 3
+        base = stats_ptr + (row * num_chunks + idx) * n_stats
         ms = tl.load(base, mask=live, other=NEG_INF, cache_modifier=".cg")
         rems = tl.load(base + 1, mask=live, other=0.0, cache_modifier=".cg")
         M = tl.max(ms, axis=0)
@@ -280,40 +366,75 @@ def split_kernel(
         R = tl.sum(tl.where(idx == first, rems, (1.0 + rems) * tl.exp(ms - shift)), axis=0)
         if SMOOTHING:
             ss = tl.load(base + 2, mask=live, other=0.0, cache_modifier=".cg")
-            counts = tl.minimum(tl.maximum(num_classes - idx.to(tl.int64) * CHUNK, 0), CHUNK).to(ACC_DTYPE)
+            if n_stats == 4:
+                counts = tl.load(base + 3, mask=live, other=0.0, cache_modifier=".cg")
+            else:
+                counts = tl.minimum(tl.maximum(num_classes - idx.to(tl.int64) * CHUNK, 0), CHUNK).to(ACC_DTYPE)
             shifts = tl.where(ms == NEG_INF, 0.0, ms)
             s_rel = tl.sum(tl.where(live, ss + counts * (shifts - shift), 0.0), axis=0)
 
     if PHASE != 1:
         shift = tl.where(M == NEG_INF, 0.0, M)
+        oml = _wide(oml_hi, oml_lo, ACC_DTYPE)  # (unused by the plain forms: compiled away there)
+        lov = _wide(lov_hi, lov_lo, ACC_DTYPE)
+        w_k = 1.0
+        W = tl.cast(num_classes, ACC_DTYPE)
+        if WEIGHTED:
+            w_k = tl.load(weight_ptr + k, mask=valid, other=0.0).to(ACC_DTYPE)
+            W = tl.load(scalars_ptr + 2).to(ACC_DTYPE)
+        lse = _row_lse(M, R)
+        zl = 0.0
+        if ZLOSS:
+            lse_k = tl.where(valid, lse, 0.0)  # (an ignored row's may be -inf: no inf x 0 from it)
+            zl = 2.0 * _wide(zl_hi, zl_lo, ACC_DTYPE) * w_k * lse_k  # the z-loss's 2 s w_k lse
         if writer:
-            # Ignored rows read nothing (M = z_k = -inf): 0 for both keeps their loss from NaN.
-            loss = _row_loss(
-                R,
-                tl.where(valid, M, 0.0),
-                tl.where(valid, z_k, 0.0),
-                s_rel,
-                _wide(oml_hi, oml_lo, ACC_DTYPE),
-                _wide(lov_hi, lov_lo, ACC_DTYPE),
-                SMOOTHING,
-            )
+            # Ignored rows (M = z_k = -inf where nothing was read): 0 for both keeps their loss from NaN.
+            if WEIGHTED:
+                loss = _row_loss_weighted(
+                    R, tl.where(valid, M, 0.0), tl.where(valid, z_k, 0.0), s_rel, oml, lov, w_k, W, SMOOTHING
+                )
+            else:
+                loss = _row_loss(
+                    R,
+                    tl.where(valid, M, 0.0),
+                    tl.where(valid, z_k, 0.0),
+                    s_rel,
+                    _wide(oml_hi, oml_lo, ACC_DTYPE),
+                    _wide(lov_hi, lov_lo, ACC_DTYPE),
+                    SMOOTHING,
+                )
+            if ZLOSS:
+                loss += 0.5 * zl * lse_k  # s w_k lse^2
             tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
+            if LSE:
+                tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
         if COMPUTE_GRAD:
             scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
-            g = _grad_values(
-                z,
-                cols == k,
-                shift,
-                R,
-                1.0 / (1.0 + R),
-                scale,
-                lov_hi,
-                lov_lo,
-                tgt_hi,
-                tgt_lo,
-                _wide(lamk_hi, lamk_lo, ACC_DTYPE),
-                FAST_EXP,
-            )
+            if WEIGHTED or ZLOSS:
+                A = oml * w_k + lov * W + zl
+                w_j = 1.0
+                if WEIGHTED:
+                    w_j = w
+                g = _grad_values_recipe(
+                    z, w_j, cols == k, shift, R, 1.0 / (1.0 + R), scale, A, oml, lov, w_k, W, zl, FAST_EXP
+                )
+            else:
+                g = _grad_values(
+                    z,
+                    cols == k,
+                    shift,
+                    R,
+                    1.0 / (1.0 + R),
+                    scale,
+                    lov_hi,
+                    lov_lo,
+                    tgt_hi,
+                    tgt_lo,
+                    _wide(lamk_hi, lamk_lo, ACC_DTYPE),
+                    FAST_EXP,
+                )
+            if SOFTCAP:
+                g = g * chain
             g = tl.where(valid, g, 0.0)  # ignored rows: exact zeros
             tl.store(
                 grad_ptr + row * stride_gr + cols * stride_gc,
@@ -337,6 +458,8 @@ def loop_kernel(
     scalars_ptr,
     sync_ptr,  # (N + 1,) int32 zeros; only the done counter (index N) is used
     loss_ptr,
+    weight_ptr,
+    lse_ptr,
     stride_lr,
     stride_lc,
     stride_gr,
@@ -352,6 +475,12 @@ def loop_kernel(
     tgt_lo,
     lamk_hi,
     lamk_lo,
+    cap_hi,
+    cap_lo,
+    icap_hi,
+    icap_lo,
+    zl_hi,
+    zl_lo,
     BLOCK: tl.constexpr,
     SMOOTHING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -361,6 +490,10 @@ def loop_kernel(
     DROP: tl.constexpr,  # eviction policy of sweep 2 ("evict_first" where supported, else "")
     FAST_EXP: tl.constexpr,  # exp's hardware form (float32 on NVIDIA GPUs)
     WIDE_COLS: tl.constexpr,  # column offsets (V - 1) x stride past int32: compute them in int64
+    SOFTCAP: tl.constexpr = False,  # the recipe's options (the math above; arguments as split_kernel's)
+    WEIGHTED: tl.constexpr = False,
+    ZLOSS: tl.constexpr = False,
+    LSE: tl.constexpr = False,
 ):
     """A row per program, for devices without the split kernel and rows too long for it: two sweeps.
 
@@ -369,37 +502,85 @@ def loop_kernel(
     per value, backwards so that it starts on what sweep 1 left in the cache; the target column is
     written again after it in ``_grad_values``' form. On NVIDIA GPUs the float32 exps are PTX's
     ex2.approx.ftz: an exp below 2**-126 becomes 0, which moves a gradient value by less than
-    2**-126 times the gradient's scale.
+    2**-126 times the gradient's scale. With the options both sweeps cap each value as they load it,
+    and sweep 2 writes scale (A p_j - lov w_j) chain_j.
     """
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row).to(tl.int64)
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     k = tl.where(valid, target, 0)
-    n_read = tl.where(valid, num_classes, 0)  # ignored rows read nothing
+    n_read = num_classes if LSE else tl.where(valid, num_classes, 0)  # ignored rows: nothing, but for their lse
     logits_row = logits_ptr + row * stride_lr
     offsets = tl.arange(0, BLOCK)
     if WIDE_COLS:
         offsets = offsets.to(tl.int64)
     z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
+    cap = cap_hi  # (None, unused, without SOFTCAP)
+    inv_cap = icap_hi
+    if SOFTCAP:
+        cap = _wide(cap_hi, cap_lo, ACC_DTYPE)
+        inv_cap = _wide(icap_hi, icap_lo, ACC_DTYPE)
+        z_k, chain_k = softcap(z_k, cap, inv_cap, FAST_EXP)  # (the sweeps' exp: z'_k == M where it holds the max)
     # s is summed relative to a logit of the row: the target's, unless it is not finite or passes
     # 2**64 in size (a class masked with the dtype's lowest value), where z - ref could overflow.
     ref = tl.where(tl.abs(z_k) < 1.8446744073709552e19, z_k, 0.0)
 
-    # Sweep 1 (row_stats); s_rel = sum (z - M) = S + n (ref - M).
-    M, R, S = row_stats(logits_row, stride_lc, n_read, ref, offsets, BLOCK, SMOOTHING, ACC_DTYPE, FAST_EXP, KEEP)
-    shift = tl.where(M == NEG_INF, 0.0, M)
-    s_rel = S + n_read.to(ACC_DTYPE) * (ref - shift)
-
-    loss = _row_loss(
-        R,
-        tl.where(valid, M, 0.0),
-        z_k,
-        s_rel,
-        _wide(oml_hi, oml_lo, ACC_DTYPE),
-        _wide(lov_hi, lov_lo, ACC_DTYPE),
+    # Sweep 1 (row_stats); s_rel = sum (z - M) = S + n (ref - M) (W in place of n where WEIGHTED).
+    M, R, S = row_stats(
+        logits_row,
+        stride_lc,
+        n_read,
+        ref,
+        offsets,
+        BLOCK,
         SMOOTHING,
+        ACC_DTYPE,
+        FAST_EXP,
+        KEEP,
+        weight_ptr,
+        cap,
+        inv_cap,
+        SOFTCAP,
+        WEIGHTED and SMOOTHING,  # (the weights enter sweep 1 only through s)
     )
+    shift = tl.where(M == NEG_INF, 0.0, M)
+    w_k = 1.0
+    W = tl.cast(num_classes, ACC_DTYPE)
+    if WEIGHTED:
+        w_k = tl.load(weight_ptr + k, mask=valid, other=0.0).to(ACC_DTYPE)
+        W = tl.load(scalars_ptr + 2).to(ACC_DTYPE)
+        s_rel = S + W * (ref - shift)
+        loss = _row_loss_weighted(
+            R,
+            tl.where(valid, M, 0.0),
+            z_k,
+            s_rel,
+            _wide(oml_hi, oml_lo, ACC_DTYPE),
+            _wide(lov_hi, lov_lo, ACC_DTYPE),
+            w_k,
+            W,
+            SMOOTHING,
+        )
+    else:
+        s_rel = S + tl.cast(n_read, ACC_DTYPE) * (ref - shift)
+        loss = _row_loss(
+            R,
+            tl.where(valid, M, 0.0),
+            z_k,
+            s_rel,
+            _wide(oml_hi, oml_lo, ACC_DTYPE),
+            _wide(lov_hi, lov_lo, ACC_DTYPE),
+            SMOOTHING,
+        )
+    lse = _row_lse(M, R)
+    zl = 0.0
+    if ZLOSS:
+        lse_k = tl.where(valid, lse, 0.0)  # (an ignored row's may be -inf: no inf x 0 from it)
+        zl = 2.0 * _wide(zl_hi, zl_lo, ACC_DTYPE) * w_k * lse_k  # the z-loss's 2 s w_k lse
+        loss += 0.5 * zl * lse_k  # s w_k lse^2
     tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
+    if LSE:
+        tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
 
     if COMPUTE_GRAD:
         grad_row = grad_ptr + row * stride_gr
@@ -409,6 +590,9 @@ def loop_kernel(
             inv_d = 1.0 / (1.0 + R)
             scale = tl.load(scalars_ptr).to(ACC_DTYPE)
             a = inv_d * scale
+            if WEIGHTED or ZLOSS:
+                A = _wide(oml_hi, oml_lo, ACC_DTYPE) * w_k + _wide(lov_hi, lov_lo, ACC_DTYPE) * W + zl
+                a = A * a
             b = _wide(lov_hi, lov_lo, ACC_DTYPE) * scale
             grad_sweep(
                 logits_row,
@@ -424,21 +608,46 @@ def loop_kernel(
                 ACC_DTYPE,
                 FAST_EXP,
                 DROP,
+                weight_ptr,
+                cap,
+                inv_cap,
+                SOFTCAP,
+                WEIGHTED,
             )
-            g_k = _grad_values(
-                z_k,
-                True,
-                shift,
-                R,
-                inv_d,
-                scale,
-                lov_hi,
-                lov_lo,
-                tgt_hi,
-                tgt_lo,
-                _wide(lamk_hi, lamk_lo, ACC_DTYPE),
-                False,
-            )
+            if WEIGHTED or ZLOSS:
+                g_k = _grad_values_recipe(
+                    z_k,
+                    w_k,
+                    True,
+                    shift,
+                    R,
+                    inv_d,
+                    scale,
+                    A,
+                    _wide(oml_hi, oml_lo, ACC_DTYPE),
+                    _wide(lov_hi, lov_lo, ACC_DTYPE),
+                    w_k,
+                    W,
+                    zl,
+                    False,
+                )
+            else:
+                g_k = _grad_values(
+                    z_k,
+                    True,
+                    shift,
+                    R,
+                    inv_d,
+                    scale,
+                    lov_hi,
+                    lov_lo,
+                    tgt_hi,
+                    tgt_lo,
+                    _wide(lamk_hi, lamk_lo, ACC_DTYPE),
+                    False,
+                )
+            if SOFTCAP:
+                g_k = g_k * chain_k
             tl.debug_barrier()  # after every thread's store of the block holding k
             tl.store(grad_row + k * stride_gc, round_to(g_k, grad_ptr.dtype.element_ty))
         else:
@@ -520,14 +729,51 @@ def _constants(label_smoothing: float, num_classes: int) -> dict:
     return constants
 
 
-def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothing, ignore_index, reduce, config):
-    """The loss kernel for ``config`` ({"kernel": "split"|"loop", "block", "num_warps", ...})."""
+def _recipe_arguments(recipe, lse) -> tuple[dict, dict]:
+    """(arguments, switches) of the loss kernels for a ``Recipe`` (or None) and an lse buffer (or None).
+
+    An option that is off passes None (a constexpr: the kernel's signature and code are the plain
+    ones) and its switch False.
+    """
+    weight = None if recipe is None else recipe.weight
+    cap = None if recipe is None else recipe.softcap
+    z_loss = 0.0 if recipe is None else float(recipe.z_loss)
+    arguments = {"weight_ptr": weight, "lse_ptr": lse}
+    for name, value in (("cap", cap), ("icap", None if cap is None else 1.0 / cap), ("zl", z_loss or None)):
+        arguments[f"{name}_hi"], arguments[f"{name}_lo"] = (None, None) if value is None else split_float(value)
+    switches = {
+        "SOFTCAP": cap is not None,
+        "WEIGHTED": weight is not None,
+        "ZLOSS": z_loss != 0.0,
+        "LSE": lse is not None,
+    }
+    return arguments, switches
+
+
+def _launch_rows(
+    logits,
+    target,
+    rows,
+    grad,
+    scalars,
+    sync,
+    loss,
+    label_smoothing,
+    ignore_index,
+    reduce,
+    config,
+    recipe=None,
+    lse=None,
+):
+    """The loss kernel for ``config`` ({"kernel": "split"|"loop", "block", "num_warps", ...}), with the
+    options of ``recipe`` (W, where weighted, in ``scalars[2]``) and the lse written into ``lse``."""
     n_rows, num_classes = logits.shape
     compute_grad = grad is not None
     grad_arg = grad if compute_grad else logits  # never touched without COMPUTE_GRAD
     strides = (logits.stride(0), logits.stride(1), grad_arg.stride(0), grad_arg.stride(1))
     switches = kernel_switches(logits, config, strides[1], strides[3])
     wide_cols = switches.pop("WIDE_COLS")  # the loop kernel's (the split kernel's offsets are int64)
+    options, option_switches = _recipe_arguments(recipe, lse)
     common = dict(
         SMOOTHING=label_smoothing > 0.0,
         COMPUTE_GRAD=compute_grad,
@@ -535,6 +781,7 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
         num_warps=config["num_warps"],
         num_stages=config.get("num_stages", 1),
         **switches,
+        **option_switches,
         **config.get("options", {}),
     )
     constants = _constants(label_smoothing, num_classes)
@@ -549,11 +796,14 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
                 scalars,
                 sync,
                 loss,
+                options["weight_ptr"],
+                options["lse_ptr"],
                 *strides,
                 n_rows,
                 num_classes,
                 ignore_index,
                 **constants,
+                **{name: value for name, value in options.items() if not name.endswith("_ptr")},
                 # Without a gradient nothing is read twice: sweep 1 takes sweep 2's hint.
                 BLOCK=block,
                 KEEP=config.get("keep", "") if compute_grad else config.get("drop", ""),
@@ -564,7 +814,10 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
             return
         num_chunks = triton.cdiv(num_classes, block)
         max_chunks = triton.next_power_of_2(num_chunks)
-        stats = torch.empty((n_rows, num_chunks, 3) if num_chunks > 1 else (1,), dtype=rows.dtype, device=logits.device)
+        n_stats = 4 if option_switches["WEIGHTED"] and label_smoothing > 0.0 else 3  # + the chunk's weights
+        stats = torch.empty(
+            (n_rows, num_chunks, n_stats) if num_chunks > 1 else (1,), dtype=rows.dtype, device=logits.device
+        )
         phases = (1, 2) if INTERPRETED and compute_grad and num_chunks > 1 else (0,)
         for phase in phases:
             split_kernel[(n_rows * num_chunks,)](
@@ -576,12 +829,15 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
                 stats,
                 sync,
                 loss,
+                options["weight_ptr"],
+                options["lse_ptr"],
                 *strides,
                 n_rows,
                 num_classes,
                 num_chunks,
                 ignore_index,
                 **constants,
+                **{name: value for name, value in options.items() if not name.endswith("_ptr")},
                 CHUNK=block,
                 MAX_CHUNKS=max_chunks,
                 PHASE=phase,
@@ -589,14 +845,36 @@ def _launch_rows(logits, target, rows, grad, scalars, sync, loss, label_smoothin
             )
 
 
-def loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, compute_grad, config, normalizer=None):
+def _recipe_weight(recipe, logits):
+    # The class weights as the kernels read them: contiguous, in the accumulation dtype (what
+    # ``Recipe`` promises; a caller's other dtype is converted here, never read as the wrong type).
+    if recipe is None or recipe.weight is None:
+        return recipe
+    weight = recipe.weight.detach().to(device=logits.device, dtype=loss_dtype(logits.dtype)).contiguous()
+    return recipe._replace(weight=weight)
+
+
+def loss_and_grad(
+    logits,
+    target,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    compute_grad,
+    config,
+    normalizer=None,
+    recipe=None,
+    lse=None,
+):
     """``Backend.loss_and_grad``: (loss, grad, backward factor) of 2-D ``logits`` (N >= 1, V), in two
     launches and no host sync.
 
     loss: (N,) for "none", else 0-d; float32 (float64 for float64 logits). grad: (N, V) like the
     logits, holding grad_scale x the gradient of the loss (``smoothce.numerics.kept_factors``), or
     None. factor: 0-d, what backward multiplies dO by. ``normalizer`` (a 0-d tensor on the logits'
-    device, read by the prologue) replaces the count as "mean"'s denominator.
+    device, read by the prologue) replaces the count as "mean"'s denominator (the weighted mean's
+    comes this way). ``recipe`` (``Recipe`` or None) and ``lse`` ((N,) buffer or None): as in
+    ``Backend.forward_recipe``.
     """
     n_rows, num_classes = logits.shape
     device = logits.device
@@ -604,8 +882,11 @@ def loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, comp
     if device.type == "cpu":
         check_targets_on_host(target, num_classes, ignore_index)  # names the value; free on CPU
     acc = loss_dtype(logits.dtype)
+    recipe = _recipe_weight(recipe, logits)
+    weight = None if recipe is None else recipe.weight
     kept_scale, fold = kept_gradient_scale(logits.dtype)
-    scalars = torch.empty(3, dtype=acc, device=device)
+    scalars = torch.empty(2 if weight is None else 3, dtype=acc, device=device)
+    factor = torch.empty((), dtype=acc, device=device)
     sync = torch.empty(n_rows + 1, dtype=torch.int32, device=device)
     mean = reduction == "mean"
     normalized = mean and normalizer is not None
@@ -614,7 +895,9 @@ def loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, comp
             target,
             sync,
             scalars,
+            factor,
             normalizer if normalized else scalars,
+            weight,
             n_rows,
             n_rows + 1,
             num_classes,
@@ -625,26 +908,48 @@ def loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, comp
             FOLD=fold,
             BLOCK=1024,
             num_warps=4,
+            WEIGHTED=weight is not None,
         )
     rows = torch.empty(n_rows, dtype=acc, device=device)
     loss = rows if reduction == "none" else torch.empty((), dtype=acc, device=device)
     grad = torch.empty_like(logits) if compute_grad else None
     _launch_rows(
-        logits, target, rows, grad, scalars, sync, loss, label_smoothing, ignore_index, reduction != "none", config
+        logits,
+        target,
+        rows,
+        grad,
+        scalars,
+        sync,
+        loss,
+        label_smoothing,
+        ignore_index,
+        reduction != "none",
+        config,
+        recipe,
+        lse,
     )
-    return loss, grad, scalars[1]
+    return loss, grad, factor
 
 
-def forward(logits, target, label_smoothing, ignore_index, grad, grad_scale, config):
-    """``Backend.forward``: per-row losses, and ``grad`` (may alias ``logits``) times ``grad_scale``."""
+def forward(logits, target, label_smoothing, ignore_index, grad, grad_scale, config, recipe=None, lse=None):
+    """``Backend.forward``: per-row losses, and ``grad`` (may alias ``logits``) times ``grad_scale``;
+    with ``recipe`` and ``lse``, ``Backend.forward_recipe``."""
     n_rows, num_classes = logits.shape
     device = logits.device
     check_device(device)
     check_targets(target, num_classes, ignore_index)
     rows = torch.empty(n_rows, dtype=loss_dtype(logits.dtype), device=device)
     sync = torch.zeros(n_rows + 1, dtype=torch.int32, device=device)
-    scalars = grad_scale.reshape(1).to(rows.dtype)
-    _launch_rows(logits, target, rows, grad, scalars, sync, rows, label_smoothing, ignore_index, False, config)
+    recipe = _recipe_weight(recipe, logits)
+    if recipe is not None and recipe.weight is not None:
+        scalars = torch.zeros(3, dtype=rows.dtype, device=device)
+        scalars[0] = grad_scale
+        scalars[2] = recipe.weight.sum()  # W
+    else:
+        scalars = grad_scale.reshape(1).to(rows.dtype)
+    _launch_rows(
+        logits, target, rows, grad, scalars, sync, rows, label_smoothing, ignore_index, False, config, recipe, lse
+    )
     return rows
 
 

@@ -21,6 +21,7 @@ tests/test_op.py, which runs through whichever backend SMOOTHCE_BACKEND names.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ if importlib.util.find_spec("triton") is None:
 
 import smoothce
 from smoothce import registry
+from smoothce.backends.base import Recipe
 from smoothce.backends.triton_backend import interpreter_enabled
 from smoothce.numerics import loss_dtype
 from smoothce.reference import cross_entropy_reference
@@ -544,6 +546,289 @@ def test_nan_logit_makes_its_row_nan(backend, num_classes):
     assert grad[[0, 2]].isfinite().all()
 
 
+# --- The recipe's options (issue 16): class weights, z-loss, soft-capping, the lse out ---------------
+# Each option is a constexpr switch of both loss kernels; these tests run both (split, loop) on rows
+# of 37 values (odd: three 16-column blocks, the last one a masked tail) against the float64 reference.
+
+Z_LOSS = 1e-2  # s lse^2 ~ 1 for these logits (lse ~ 10): as large as the cross-entropy itself
+SOFTCAP = 5.0  # logits ~ 4 randn: both tanh's series (|z| < 1.25) and its saturated range
+RECIPES = {
+    "softcap": dict(softcap=SOFTCAP),
+    "weight": dict(weight=True),
+    "z_loss": dict(z_loss=Z_LOSS),
+    "lse": dict(return_lse=True),
+    "all": dict(weight=True, z_loss=Z_LOSS, softcap=SOFTCAP, return_lse=True),
+}
+
+
+@pytest.fixture(params=["split", "loop"])
+def kernel_backend(request, monkeypatch):
+    """cuda-triton with each loss kernel forced, blocks of 16 columns (the xpu-triton backend runs the
+    same kernels: test_recipe_on_every_backend)."""
+    monkeypatch.setenv("SMOOTHCE_BACKEND", BACKENDS[0])
+    chosen = registry.get(BACKENDS[0])
+    monkeypatch.setattr(chosen, "max_block_v", TEST_BLOCK_V)
+    monkeypatch.setattr(chosen, "kernel", request.param)
+    return chosen
+
+
+def class_weights(num_classes, dtype=torch.float32, seed=7):
+    # Weights in [0.5, 1.5], exact in float32 (the reference sees the very same values).
+    generator = torch.Generator().manual_seed(seed)
+    return (0.5 + torch.rand(num_classes, generator=generator)).to(dtype).to(DEVICE)
+
+
+def check_recipe(
+    monkeypatch,
+    logits,
+    target,
+    label_smoothing,
+    reduction,
+    *,
+    weight=None,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+):
+    """smoothce.cross_entropy with the options, forward and backward, against the float64 reference;
+    the loss kernel must have run with each option's switch on (no fallback to torch)."""
+    if weight is True:
+        weight = class_weights(logits.shape[-1])
+    recorder = LaunchRecorder(monkeypatch)
+    logits = logits.detach().requires_grad_()
+    options = dict(label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss, softcap=softcap)
+    out = smoothce.cross_entropy(logits, target, weight, **options, return_lse=return_lse)
+    loss, lse = out if return_lse else (out, None)
+    ref_loss, ref_grad, ref_lse = cross_entropy_reference(
+        logits.detach().cpu(), target.cpu(), None if weight is None else weight.cpu(), **options, return_lse=True
+    )
+    if reduction == "none":
+        d_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+        loss.backward(d_out)
+        ref_grad = ref_grad * d_out.cpu().double().unsqueeze(-1)
+    else:
+        loss.backward()
+    loss_tol, grad_tol = tolerances(logits.dtype)
+    assert loss.dtype == loss_dtype(logits.dtype)
+    torch.testing.assert_close(loss.detach().cpu().double(), ref_loss, **loss_tol)
+    torch.testing.assert_close(logits.grad.cpu().double(), ref_grad, **grad_tol)
+    if return_lse:
+        assert lse.dtype == loss_dtype(logits.dtype)
+        assert not lse.requires_grad
+        torch.testing.assert_close(lse.cpu().double(), ref_lse, **loss_tol)  # ignored rows' too
+    switches = dict(SOFTCAP=softcap is not None, WEIGHTED=weight is not None, ZLOSS=z_loss != 0.0, LSE=return_lse)
+    kernels = [kwargs for name, kwargs in recorder.launches if name in ("split_kernel", "loop_kernel")]
+    assert kernels, "the loss kernel did not run"
+    assert all({key: kwargs[key] for key in switches} == switches for kwargs in kernels)
+    return loss, lse
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_recipe_options(kernel_backend, monkeypatch, dtype, recipe):
+    # Each option alone and all at once, per dtype, with ignored rows, a confident row (row 2), the
+    # first and last class as targets, and a per-row dO ("none").
+    logits, target = make_inputs(7, 37, dtype)
+    check_recipe(monkeypatch, logits, target, 0.1, "none", **RECIPES[recipe])
+
+
+@pytest.mark.parametrize("recipe", ["softcap", "weight", "z_loss", "all"])
+@pytest.mark.parametrize(("label_smoothing", "reduction"), [(0.0, "mean"), (1.0, "sum"), (0.1, "mean")])
+def test_recipe_smoothing_and_reductions(kernel_backend, monkeypatch, label_smoothing, reduction, recipe):
+    # lam = 0 and 1 drop a term (never 0 x inf); "mean" with weights divides by sum w_k (the weighted
+    # count reaches the kernels as the normalizer).
+    logits, target = make_inputs(7, 37, torch.float32)
+    check_recipe(monkeypatch, logits, target, label_smoothing, reduction, **RECIPES[recipe])
+
+
+def test_recipe_on_every_backend(backend, monkeypatch):
+    # Both Triton backends (xpu-triton with its own launch table) and a 2-D input with leading dims.
+    logits, target = make_inputs(8, 37, torch.bfloat16)
+    check_recipe(monkeypatch, logits.reshape(2, 4, 37), target.reshape(2, 4), 0.1, "mean", **RECIPES["all"])
+
+
+def test_recipe_matches_pytorch_composed(kernel_backend):
+    # The contract's other statement of the math: PyTorch composed in float64 on the capped logits.
+    logits, target = make_inputs(7, 37, torch.float32)
+    weight = class_weights(37)
+    loss, lse = smoothce.cross_entropy(
+        logits, target, weight, label_smoothing=0.1, reduction="sum", z_loss=Z_LOSS, softcap=SOFTCAP, return_lse=True
+    )
+    capped = SOFTCAP * torch.tanh(logits.cpu().double() / SOFTCAP)
+    w, valid = weight.cpu().double(), target.cpu() != -100
+    rows = torch.nn.functional.cross_entropy(capped, target.cpu(), w, label_smoothing=0.1, reduction="none")
+    composed_lse = torch.logsumexp(capped, dim=1)
+    rows = rows + Z_LOSS * w[target.cpu().clamp_min(0)] * composed_lse**2
+    torch.testing.assert_close(loss.cpu().double(), torch.where(valid, rows, 0.0).sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), composed_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_recipe_without_gradient(kernel_backend, dtype):
+    # No gradient: the split kernel's last chunk to arrive writes the loss, reading (and capping) z_k.
+    logits, target = make_inputs(7, 37, dtype)
+    weight = class_weights(37)
+    options = dict(label_smoothing=0.1, reduction="none", z_loss=Z_LOSS, softcap=SOFTCAP, return_lse=True)
+    loss, lse = smoothce.cross_entropy(logits, target, weight, **options)
+    ref_loss, _, ref_lse = cross_entropy_reference(logits.cpu(), target.cpu(), weight.cpu(), **options)
+    loss_tol, _ = tolerances(dtype)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, **loss_tol)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, **loss_tol)
+
+
+@pytest.mark.parametrize("recipe", ["weight", "z_loss", "all"])
+@pytest.mark.parametrize("num_classes", [1, 13])  # V = 1: p = 1 (only the z-loss is left); 13: one masked block
+def test_recipe_short_rows(kernel_backend, monkeypatch, num_classes, recipe):
+    logits, target = make_inputs(7, num_classes, torch.float32)
+    check_recipe(monkeypatch, logits, target, 0.1, "none", **RECIPES[recipe])
+
+
+@pytest.mark.parametrize("recipe", ["weight", "z_loss", "softcap"])
+def test_recipe_confident_row_keeps_its_remainder(kernel_backend, recipe):
+    # A target 12 above 36 zeros: 1 - p_k = 36 exp(-12) / (1 + ...) = 2.2e-4, which 1 - p_k in float32
+    # gets only to 3e-4 relative; the target's gradient keeps it (R / (1 + R)) with every option.
+    logits = torch.zeros(2, 37, device=DEVICE)
+    logits[0, 5] = logits[1, 36] = 12.0
+    target = torch.tensor([5, 36], device=DEVICE)
+    options = {"weight": dict(weight=class_weights(37)), "z_loss": dict(z_loss=1e-6), "softcap": dict(softcap=100.0)}
+    logits.requires_grad_()
+    smoothce.cross_entropy(logits, target, reduction="sum", **options[recipe]).backward()
+    weight = options[recipe].pop("weight", None)
+    _, ref_grad = cross_entropy_reference(
+        logits.detach().cpu(),
+        target.cpu(),
+        None if weight is None else weight.cpu(),
+        reduction="sum",
+        **options[recipe],
+    )
+    torch.testing.assert_close(logits.grad.cpu().double(), ref_grad, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_recipe_all_rows_ignored(kernel_backend, reduction):
+    # Loss 0 and a zero gradient ("mean" over a weighted count of 0: 0, not NaN), and every row's lse.
+    logits, target = make_inputs(5, 37, torch.float32, ignored=range(5))
+    logits.requires_grad_()
+    loss, lse = smoothce.cross_entropy(
+        logits, target, class_weights(37), reduction=reduction, z_loss=Z_LOSS, softcap=SOFTCAP, return_lse=True
+    )
+    loss.sum().backward()
+    assert torch.equal(loss.detach().cpu(), torch.zeros_like(loss).cpu())
+    assert torch.equal(logits.grad.cpu(), torch.zeros(5, 37))
+    *_, ref_lse = cross_entropy_reference(logits.detach().cpu(), target.cpu(), softcap=SOFTCAP, return_lse=True)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_recipe_zero_weights(kernel_backend, monkeypatch, reduction):
+    # Zero weights on every third class, targets among them: those rows count for nothing in the mean.
+    logits, target = make_inputs(7, 37, torch.float32)
+    weight = class_weights(37)
+    weight[::3] = 0.0
+    target[3] = 6
+    check_recipe(monkeypatch, logits, target, 0.1, reduction, weight=weight, z_loss=Z_LOSS)
+    # Every target on a zero weight: "mean" is 0 with a zero gradient.
+    check_recipe(monkeypatch, logits, torch.where(target == -100, -100, 3), 0.1, "mean", weight=weight)
+
+
+@pytest.mark.parametrize("recipe", ["softcap", "weight", "z_loss"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_recipe_minus_inf_logits(kernel_backend, label_smoothing, recipe):
+    # -inf logits (a whole first block and a tail): the cap turns them into -c, a finite loss; without
+    # it the loss is finite at lam = 0 and +inf at lam > 0, and the gradient finite (0 there).
+    logits, target = make_inputs(7, 37, torch.float32)
+    masked = torch.zeros(7, 37, dtype=torch.bool, device=DEVICE)
+    masked[:, :TEST_BLOCK_V] = True
+    masked[4, 30:] = True
+    masked[torch.arange(7, device=DEVICE), target.clamp_min(0)] = False
+    logits = logits.masked_fill(masked, float("-inf")).requires_grad_()
+    options = {**RECIPES[recipe], "weight": class_weights(37) if recipe == "weight" else None}
+    loss, lse = smoothce.cross_entropy(
+        logits, target, label_smoothing=label_smoothing, reduction="none", return_lse=True, **options
+    )
+    loss.backward(torch.ones_like(loss))
+    stand_in = -1e300 if recipe != "softcap" else float("-inf")  # the reference's finite -inf at lam = 0
+    ref_loss, ref_grad, ref_lse = cross_entropy_reference(
+        logits.detach().cpu().double().masked_fill(masked.cpu(), stand_in),
+        target.cpu(),
+        None if options["weight"] is None else options["weight"].cpu(),
+        label_smoothing=label_smoothing,
+        reduction="none",
+        z_loss=options.get("z_loss", 0.0),
+        softcap=options.get("softcap"),
+        return_lse=True,
+    )
+    valid = target.cpu() != -100
+    if label_smoothing > 0 and recipe != "softcap":
+        assert torch.isposinf(loss.detach().cpu()[valid]).all()
+        assert torch.equal(loss.detach().cpu()[~valid], torch.zeros(int((~valid).sum())))
+    else:
+        torch.testing.assert_close(loss.detach().cpu().double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad.cpu().double(), ref_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_recipe_large_offset_logits(kernel_backend, monkeypatch, label_smoothing):
+    # Logits around 1000 in fp32 with weights and the z-loss (lse ~ 1000, s lse^2 ~ 1e4): the sums stay
+    # relative to the row max. (Soft-capping bounds the logits by c: no offset reaches it.)
+    logits, target = make_inputs(7, 37, torch.float32)
+    options = dict(weight=True, z_loss=Z_LOSS, return_lse=True)
+    check_recipe(monkeypatch, logits + 1000, target, label_smoothing, "none", **options)
+
+
+@pytest.mark.parametrize("layout", [_transposed, _column_slice, _every_other_row], ids=lambda f: f.__name__[1:])
+def test_recipe_non_contiguous_logits(kernel_backend, monkeypatch, layout):
+    logits, target = layout(7, 37, torch.bfloat16)
+    assert not logits.is_contiguous()
+    check_recipe(monkeypatch, logits, target, 0.1, "sum", **RECIPES["all"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_recipe_in_place_of_the_logits(kernel_backend, dtype):
+    # Backend.forward_recipe (the fused linear loss's call) may write the gradient over the logits.
+    logits, target = make_inputs(7, 37, dtype)
+    reference = logits.clone()
+    weight = class_weights(37)
+    recipe = Recipe(weight, Z_LOSS, SOFTCAP)
+    lse = torch.full((7,), float("nan"), device=DEVICE)
+    rows = kernel_backend.forward_recipe(
+        logits, target, 0.1, -100, logits, torch.tensor(0.5, device=DEVICE), recipe, lse
+    )
+    ref_loss, ref_grad, ref_lse = cross_entropy_reference(
+        reference.cpu(),
+        target.cpu(),
+        weight.cpu(),
+        label_smoothing=0.1,
+        reduction="none",
+        z_loss=Z_LOSS,
+        softcap=SOFTCAP,
+        return_lse=True,
+    )
+    loss_tol, grad_tol = tolerances(dtype)
+    torch.testing.assert_close(rows.cpu().double(), ref_loss, **loss_tol)
+    torch.testing.assert_close(logits.cpu().double(), ref_grad * 0.5, **grad_tol)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, **loss_tol)
+
+
+@pytest.mark.parametrize("cap", [0.5, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_softcap_accuracy(kernel_backend, dtype, cap):
+    # c tanh(z / c) across the series' range (|z / c| < 1/4), its edge, and the exp form up to
+    # saturation: lse of a one-column row is z' itself, to a few ulps of float64's value.
+    values = torch.tensor(
+        [0.0, 1e-6, -3e-3, 0.1, -0.2499, 0.25, 0.2501, -0.7, 1.5, -4.0, 9.0, 40.0], dtype=torch.float64
+    )
+    logits = (values * cap).to(dtype).unsqueeze(1).to(DEVICE)
+    target = torch.zeros(len(values), dtype=torch.int64, device=DEVICE)
+    _, lse = smoothce.cross_entropy(logits, target, reduction="none", softcap=cap, return_lse=True)
+    exact = cap * torch.tanh(logits.cpu().double() / cap).squeeze(1)
+    ulps = (lse.cpu().double() - exact).abs() / (
+        torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+    )
+    assert (ulps <= 4).all(), ulps
+
+
 def test_unavailable_reasons(backend, monkeypatch):
     module = sys.modules["smoothce.backends.triton_backend"]
     assert "serves" in backend.unavailable_reason("mps")
@@ -722,34 +1007,72 @@ def test_torch_compile_reduce_overhead_training_step():
         torch.testing.assert_close(grad, head.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+# sm_90 SASS instructions per logit of the plain kernels (bfloat16, gradient, smoothing) as Triton
+# 3.9.0 compiles them: the options are constexpr switches and must not add one instruction to them.
+PLAIN_INSTRUCTIONS_PER_VALUE = {"3.9.0": {"split": 55.0, "loop sweep 1": 17.5, "loop sweep 2": 16.125}}
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU every kernel is compiled by the tests above")
 def test_kernels_compile_for_hopper():
-    """Without a GPU, compile the real (not interpreted) kernels ahead of time for sm_90 (H100/H200).
+    """Without a GPU, compile the real (not interpreted) kernels ahead of time for sm_90 (H100/H200),
+    and count their SASS instructions per logit, plain and with each option of the recipe on.
 
     The interpreter accepts code that the compiler rejects (a global that is not a constexpr,
     say); this catches that here. A fresh process, since TRITON_INTERPRET is read at import.
+    Per logit: the split kernel's instructions at 16 values per thread less those at 8, over 8;
+    the loop kernel's two sweep loops over their 8 values per thread. The counts are printed
+    (pytest -s); the plain ones must not exceed PLAIN_INSTRUCTIONS_PER_VALUE (a static count,
+    no claim of GPU time).
     """
     script = textwrap.dedent(
-        """
+        r"""
+        import json, re, subprocess, tempfile
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from smoothce.backends import triton_kernels as tk
 
-        FLOATS = {"oml_hi", "oml_lo", "lov_hi", "lov_lo", "tgt_hi", "tgt_lo", "lamk_hi", "lamk_lo", "kept_scale"}
         POINTERS = {"logits_ptr": "*bf16", "grad_ptr": "*bf16", "out_ptr": "*bf16", "target_ptr": "*i64",
                     "sync_ptr": "*i32"}
+        # Each option's switch and its arguments, None (a constexpr) where it is off, as the launcher passes them.
+        OPTIONS = {"SOFTCAP": ("cap_hi", "cap_lo", "icap_hi", "icap_lo"), "WEIGHTED": ("weight_ptr",),
+                   "ZLOSS": ("zl_hi", "zl_lo"), "LSE": ("lse_ptr",)}
 
         def compile_for_hopper(fn, constexprs, **options):
             names = fn.arg_names
+            constexprs = dict(constexprs)
+            for switch, arguments in OPTIONS.items():
+                if switch in names:
+                    constexprs.setdefault(switch, False)
+                    if not constexprs[switch]:
+                        constexprs.update({name: None for name in arguments if name in names})
             signature = {
                 name: "constexpr" if name in constexprs else POINTERS.get(name, "*fp32") if name.endswith("_ptr")
-                else "fp32" if name in FLOATS else "i32"
+                else "fp32" if name == "kept_scale" or name.endswith(("_hi", "_lo")) else "i32"
                 for name in names
             }
             source = ASTSource(fn=fn, signature=signature,
                                constexprs={(names.index(k),): v for k, v in constexprs.items()})
-            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+        def sass(kernel):
+            # (instructions, [instructions of each loop body]) of the kernel's SASS (nvdisasm, shipped with Triton).
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(kernel.asm["cubin"])
+                cubin.flush()
+                text = subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", cubin.name], capture_output=True,
+                                      text=True, check=True).stdout
+            labels, count, loops = {}, 0, []
+            for line in text.splitlines():
+                label = re.match(r"\s*(\.L_x_\d+):", line)
+                if label:
+                    labels[label.group(1)] = count
+                elif re.match(r"\s*/\*[0-9a-f]{4,}\*/", line):
+                    count += 1
+                    back = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+                    if back and back.group(1) in labels:
+                        loops.append(count - labels[back.group(1)])
+            return count, loops
 
         common = dict(SMOOTHING=True, REDUCE=True, ACC_DTYPE=tl.float32)
         for grad in (True, False):
@@ -759,14 +1082,42 @@ def test_kernels_compile_for_hopper():
             compile_for_hopper(tk.loop_kernel, dict(BLOCK=8192, COMPUTE_GRAD=True, KEEP="evict_last",
                                                     DROP="evict_first", FAST_EXP=fast_exp, WIDE_COLS=not fast_exp,
                                                     **common), num_warps=16)
-        for normalized in (True, False):
-            compile_for_hopper(tk.prologue_kernel, dict(MEAN=True, NORMALIZED=normalized, FOLD=False, BLOCK=1024),
-                               num_warps=4, debug=True)
+        for normalized, weighted in ((True, False), (False, False), (False, True)):
+            compile_for_hopper(tk.prologue_kernel, dict(MEAN=True, NORMALIZED=normalized, FOLD=False, BLOCK=1024,
+                                                        WEIGHTED=weighted), num_warps=4, debug=True)
         compile_for_hopper(tk.scale_grad_kernel, dict(PER_ROW=True, INPLACE=True, BLOCK=4096, ACC_DTYPE=tl.float32),
                            num_warps=8)
+
+        # Instructions per logit, plain and with each option (and all) on: bfloat16 logits, a gradient.
+        every = dict.fromkeys(OPTIONS, True)
+        variants = {"plain": {}, **{name: {name: True} for name in OPTIONS}, "all": every}
+        common = dict(SMOOTHING=True, REDUCE=False, ACC_DTYPE=tl.float32, COMPUTE_GRAD=True, FAST_EXP=True)
+        counts = {}
+        for variant, switches in variants.items():
+            split = [sass(compile_for_hopper(tk.split_kernel, dict(CHUNK=chunk, MAX_CHUNKS=16, PHASE=0, **common,
+                                                                   **switches), num_warps=8))[0]
+                     for chunk in (2048, 4096)]
+            _, loops = sass(compile_for_hopper(tk.loop_kernel, dict(BLOCK=2048, KEEP="evict_last", DROP="evict_first",
+                                                                    WIDE_COLS=False, **common, **switches),
+                                               num_warps=8))
+            counts[variant] = {"split": (split[1] - split[0]) / 8, "loop sweep 1": loops[0] / 8,
+                               "loop sweep 2": loops[1] / 8}
+        # Options compiled without a gradient too (the split kernel's last chunk reads z_k).
+        compile_for_hopper(tk.split_kernel, dict(CHUNK=8192, MAX_CHUNKS=16, PHASE=0, COMPUTE_GRAD=False,
+                                                 FAST_EXP=False, SMOOTHING=True, REDUCE=True, ACC_DTYPE=tl.float32,
+                                                 **every), num_warps=8)
+        print(json.dumps({"triton": triton.__version__, "counts": counts}))
         """
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SMOOTHCE_BACKEND")}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when it is unset
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    counts = result["counts"]
+    print(f"sm_90 SASS instructions per logit (bfloat16, gradient), Triton {result['triton']}:")
+    for variant, per_value in counts.items():
+        print(f"  {variant:>8}: " + ", ".join(f"{name} {value:.2f}" for name, value in per_value.items()))
+    bound = PLAIN_INSTRUCTIONS_PER_VALUE.get(result["triton"])
+    if bound is not None:
+        assert all(counts["plain"][name] <= bound[name] for name in bound), (counts["plain"], bound)

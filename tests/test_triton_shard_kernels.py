@@ -29,7 +29,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed: pip install 'smoothce[triton]'", allow_module_level=True)
 
 from smoothce import registry
-from smoothce.backends.base import Backend
+from smoothce.backends.base import Backend, Recipe
 from smoothce.backends.triton_backend import interpreter_enabled
 from smoothce.numerics import loss_dtype
 from smoothce.reference import cross_entropy_reference
@@ -83,13 +83,15 @@ def make_rows(n_rows, local, dtype, *, seed=0):
     return full.to(dtype).double(), target, own
 
 
-def true_stats(full, target, own, lam):
-    """The contract's (4, N) rows m, R, t, z_k of the slice, in float64."""
+def true_stats(full, target, own, lam, weight=None):
+    """The contract's (4, N) rows m, R, t, z_k of the slice, in float64 (t weighted by the slice's ``weight``)."""
     x = full[:, own]
     m, first = x.max(dim=1, keepdim=True)
     shift = torch.where(torch.isfinite(m), m, 0.0)
     e = torch.exp(x - shift).scatter(1, first, 0.0)
-    t = (x - shift).sum(1) if lam > 0 else torch.zeros(x.shape[0], dtype=x.dtype)
+    t = torch.zeros(x.shape[0], dtype=x.dtype)
+    if lam > 0:
+        t = (x - shift).sum(1) if weight is None else (x - shift) @ weight
     k = target - own.start
     owned = (target != -100) & (k >= 0) & (k < x.shape[1])
     z_k = torch.where(owned, x.gather(1, torch.where(owned, k, 0)[:, None])[:, 0], 0.0)
@@ -154,6 +156,76 @@ def test_shard_grad(backend, dtype, local, lam, vocab_as_tensor):
     default = torch.full_like(logits, float("nan"))
     DEFAULT.shard_grad(logits, target.to(DEVICE), start, vocab, row_max, excess, lam, -100, scale, default)
     torch.testing.assert_close(grad, default, **grad_tolerance(dtype))
+
+
+# Issue 16's options for the slice (``Recipe``): the slice's class weights, a cap that bends
+# logits of scale 4 well into tanh, the z-loss (only the gradient sees it), and all at once.
+def recipe_for(option, own, num_classes, acc):
+    """(the Recipe a rank passes for its slice, the full (V,) float64 weights or None, z_loss, softcap)."""
+    gen = torch.Generator().manual_seed(7)
+    weight = 0.25 + 2 * torch.rand(num_classes, generator=gen, dtype=torch.float64)
+    full_weight = weight if option in ("weight", "all") else None
+    z_loss = 1e-2 if option in ("z_loss", "all") else 0.0
+    cap = 3.0 if option in ("softcap", "all") else None
+    slice_weight = None if full_weight is None else full_weight[own].to(DEVICE, acc)
+    return Recipe(slice_weight, z_loss, cap), full_weight, z_loss, cap
+
+
+def capped(full, cap):
+    return full if cap is None else cap * torch.tanh(full / cap)
+
+
+@pytest.mark.parametrize("option", ["weight", "softcap", "all"])
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+@pytest.mark.parametrize("local", [13, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_shard_stats_recipe(backend, dtype, local, lam, option):
+    # m, R, z_k of the capped slice, t = sum_j w_j (z'_j - m~) weighted by the slice's weights.
+    full, target, own = make_rows(6, local, dtype)
+    acc = loss_dtype(dtype)
+    recipe, weight, _, cap = recipe_for(option, own, full.shape[1], acc)
+    logits = full[:, own].to(DEVICE, dtype)
+    stats = backend.shard_stats(logits, target.to(DEVICE), own.start, lam, -100, recipe)
+    expected = true_stats(capped(full, cap), target, own, lam, None if weight is None else weight[own])
+    torch.testing.assert_close(stats.cpu().double(), expected, **stats_tolerance(dtype))
+    default = DEFAULT.shard_stats(logits, target.to(DEVICE), own.start, lam, -100, recipe)
+    torch.testing.assert_close(stats, default, **stats_tolerance(dtype))
+
+
+@pytest.mark.parametrize("option", ["weight", "z_loss", "softcap", "all"])
+@pytest.mark.parametrize("lam", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("local", [40])  # full blocks and a masked tail
+def test_shard_grad_recipe(backend, dtype, local, lam, option):
+    # The slice of the single-process gradient with the options, from the capped rows' M, e and lse,
+    # the targets' weights w_k and their sum W (what the all-reduces hand every rank).
+    full, target, own = make_rows(6, local, dtype)
+    num_classes = full.shape[1]
+    acc = loss_dtype(dtype)
+    recipe, weight, z_loss, cap = recipe_for(option, own, num_classes, acc)
+    z = capped(full, cap)
+    row_max, excess = global_stats(z)
+    lse = torch.logsumexp(z, 1)
+    valid = target != -100
+    extra = {"lse": lse.to(DEVICE, acc)}
+    if weight is not None:
+        w_k = torch.where(valid, weight[torch.where(valid, target, 0)], 0.0)
+        extra.update(target_weight=w_k.to(DEVICE, acc), total_weight=weight.sum().to(DEVICE, acc))
+    logits = full[:, own].to(DEVICE, dtype)
+    row_max, excess = row_max.to(DEVICE, acc), excess.to(DEVICE, acc)
+    scale = torch.tensor(0.25, dtype=acc, device=DEVICE)
+    args = (target.to(DEVICE), own.start, num_classes, row_max, excess, lam, -100, scale)
+    grad = torch.full_like(logits, float("nan"))
+    backend.shard_grad(logits, *args, grad, recipe, **extra)
+    options = {"label_smoothing": lam, "reduction": "sum", "z_loss": z_loss, "softcap": cap}
+    _, ref = cross_entropy_reference(full, target, weight, **options)
+    tol = grad_tolerance(dtype)
+    if cap is not None and dtype != torch.float64:
+        tol = {"rtol": tol["rtol"], "atol": 4e-7}  # the chain rule 1 - tanh^2: float32's digits of it
+    torch.testing.assert_close(grad.cpu().double(), 0.25 * ref[:, own], **tol)
+    default = torch.full_like(logits, float("nan"))
+    DEFAULT.shard_grad(logits, *args, default, recipe, **extra)
+    torch.testing.assert_close(grad, default, **tol)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.1])
@@ -275,6 +347,63 @@ def test_confident_target_column(backend):
         )
         _, ref = cross_entropy_reference(full, target, label_smoothing=lam, reduction="sum")
         torch.testing.assert_close(grad.cpu().double(), ref, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("option", ["weight", "z_loss", "softcap"])
+def test_confident_target_column_recipe(backend, option):
+    # The recipe's target column keeps a confident row's digits too: 1 - p_k taken as e / S (with a
+    # cap of 30, z' = 30 tanh(z / 30) of 19.45 and 25 is still far above the zeros). M and e come from
+    # the backend's own statistics of the whole row, as in a call: z'_k = M is then exact.
+    local = 70
+    full = torch.zeros(3, local, dtype=torch.float64)
+    full[0, 0] = 19.45
+    full[1, 69] = 25.0
+    target = torch.tensor([0, 69, 4])
+    weight = 0.5 + torch.arange(local, dtype=torch.float64) / local if option == "weight" else None
+    z_loss = 1e-4 if option == "z_loss" else 0.0
+    cap = 30.0 if option == "softcap" else None
+    logits = full.float().to(DEVICE)
+    recipe = Recipe(None if weight is None else weight.float().to(DEVICE), z_loss, cap)
+    row_max, excess, _, _ = backend.shard_stats(logits, target.to(DEVICE), 0, 0.0, -100, recipe)
+    z = full if cap is None else cap * torch.tanh(full / cap)
+    extra = {"lse": torch.logsumexp(z, 1).float().to(DEVICE)}
+    if weight is not None:
+        extra.update(target_weight=weight[target].float().to(DEVICE), total_weight=weight.sum().float().to(DEVICE))
+    for lam in (0.0, 0.1, 1.0):
+        grad = torch.empty(3, local, device=DEVICE)
+        args = (target.to(DEVICE), 0, local, row_max, excess, lam, -100, torch.tensor(1.0, device=DEVICE))
+        backend.shard_grad(logits, *args, grad, recipe, **extra)
+        options = {"label_smoothing": lam, "reduction": "sum", "z_loss": z_loss, "softcap": cap}
+        _, ref = cross_entropy_reference(full, target, weight, **options)
+        # atol: A p_j - (lam / V) w_j of the flat row's float32 p_j = 1/70 (at lam = 1 only the
+        # z-loss's 1e-5 is left); the confident columns are ~1e-8 and must keep rtol's digits.
+        torch.testing.assert_close(grad.cpu().double(), ref, rtol=1e-5, atol=2e-9)
+
+
+def test_recipe_weight_of_the_wrong_size_is_a_clear_error(backend):
+    logits = torch.randn(2, 5, device=DEVICE)
+    target = torch.tensor([0, 1], device=DEVICE)
+    recipe = Recipe(torch.ones(6, device=DEVICE), 0.0, None)
+    with pytest.raises(ValueError, match=r"recipe.weight .* must be a \(5,\) tensor"):
+        backend.shard_stats(logits, target, 0, 0.1, -100, recipe)
+    row_max, excess = torch.zeros(2, device=DEVICE), torch.zeros(2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"target_weight must be a \(2,\) tensor"):
+        backend.shard_grad(
+            logits,
+            target,
+            0,
+            5,
+            row_max,
+            excess,
+            0.1,
+            -100,
+            torch.tensor(1.0, device=DEVICE),
+            logits.clone(),
+            Recipe(torch.ones(5, device=DEVICE), 0.0, None),
+            None,
+            torch.ones(3, device=DEVICE),
+            torch.tensor(5.0),
+        )
 
 
 def test_no_rows(backend):
@@ -476,13 +605,23 @@ def test_kernels_compile_for_hopper():
         from triton.compiler import ASTSource
         from smoothce.backends import triton_shard_kernels as sk
 
-        def compile_for_hopper(fn, constexprs, pointer, acc, **options):
+        # The recipe's arguments: None (constexpr) where its switch is off, as the launchers pass them.
+        RECIPE_ARGS = ("weight_ptr", "weight_sum_ptr", "target_weight_ptr", "total_weight_ptr", "lse_ptr",
+                       "cap_hi", "cap_lo", "icap_hi", "icap_lo", "zl_hi", "zl_lo")
+
+        def compile_for_hopper(fn, constexprs, pointer, acc, recipe=False, **options):
             names = fn.arg_names
+            constexprs = dict(constexprs)
+            for name in ("SOFTCAP", "WEIGHTED", "ZLOSS"):
+                if name in names:
+                    constexprs.setdefault(name, recipe)
+            if not recipe:
+                constexprs.update((name, None) for name in RECIPE_ARGS if name in names)
             pointers = {"logits_ptr": pointer, "grad_ptr": pointer, "target_ptr": "*i64", "start": "*i64",
                         "num_classes": "*i64"}
             signature = {name: "constexpr" if name in constexprs else pointers.get(name, acc)
                          if name.endswith("_ptr") or name in ("start", "num_classes")
-                         else "fp32" if name in ("lam_hi", "lam_lo") else "i32" for name in names}
+                         else "fp32" if name.endswith(("_hi", "_lo")) else "i32" for name in names}
             source = ASTSource(fn=fn, signature=signature,
                                constexprs={(names.index(k),): v for k, v in constexprs.items()})
             return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
@@ -497,6 +636,9 @@ def test_kernels_compile_for_hopper():
             for kernel, extra in ((sk.shard_stats_kernel, {}), (sk.shard_grad_kernel, {"V_IN_MEMORY": True})):
                 constexprs = dict(common, **extra)
                 ptx[kernel, pointer, wide] = compile_for_hopper(kernel, constexprs, pointer, acc, num_warps=8)
+                # Every recipe switch on: class weights, the cap, the z-loss (issue 16).
+                recipe = compile_for_hopper(kernel, constexprs, pointer, acc, recipe=True, num_warps=8)
+                assert len(recipe) > len(ptx[kernel, pointer, wide]), "the recipe's switches change nothing"
         for kernel in (sk.shard_stats_kernel, sk.shard_grad_kernel):
             # int64 column offsets cannot be exercised without a 2**31-element tensor: at least they differ.
             assert ptx[kernel, "*fp32", True] != ptx[kernel, "*fp32", False], "WIDE_COLS changes nothing"
