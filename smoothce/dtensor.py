@@ -71,15 +71,54 @@ def _slice_sizes(num_classes: int, world: int) -> list[int]:
     return [max(0, min(per, num_classes - i * per)) for i in range(world)]
 
 
-def cross_entropy(logits, target, *, label_smoothing=0.0, ignore_index=-100, reduction="mean", normalizer=None):
+def _weight_slice(weight, mesh, position: int, sizes: list[int], caller: str):
+    """This rank's slice of the class ``weight`` (V,) for logits split into chunks of ``sizes``.
+
+    A DTensor placed ``Shard(0)`` on the logits' mesh gives its local chunk (DTensor's split, the
+    logits'); a replicated DTensor or a plain tensor is the full weight, of which the rank takes
+    its chunk (a plain tensor of another length is left to the loss's shape check, which names it).
+    """
+    if weight is None:
+        return None
+    if is_dtensor(weight):
+        kind, dim = _layout(weight, "weight", caller)
+        if weight.device_mesh != mesh or (kind, dim) not in (("shard", 0), ("replicate", None)):
+            raise ValueError(
+                f"{caller}: weight must be a plain tensor, or a DTensor on the logits' mesh placed Shard(0) "
+                f"(like the logits' class dimension) or Replicate(), got placements {tuple(weight.placements)}"
+            )
+        if kind == "shard":
+            return weight.to_local()
+        weight = weight.to_local()
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != sum(sizes):
+        return weight
+    start = sum(sizes[:position])
+    return weight[start : start + sizes[position]]
+
+
+def cross_entropy(
+    logits,
+    target,
+    weight=None,
+    *,
+    label_smoothing=0.0,
+    ignore_index=-100,
+    reduction="mean",
+    normalizer=None,
+    z_loss=0,
+    softcap=None,
+    return_lse=False,
+):
     """``smoothce.cross_entropy`` of a DTensor ``logits`` (..., V): the result is a replicated DTensor.
 
     ``Shard(logits.ndim - 1)`` on a 1-D mesh: ``smoothce.vocab_parallel_cross_entropy`` of the local
     slices over the mesh's group (rank at mesh coordinate i holds DTensor's i-th chunk of the
     classes); ``logits.grad`` is a DTensor with the same placement. ``Replicate()``: the
     single-process ``smoothce.cross_entropy`` on the local copy. ``target``: a plain tensor or a
-    replicated DTensor, the same global class ids on every rank. Other placements and meshes raise
-    a ValueError naming them. Options as in ``smoothce.cross_entropy``.
+    replicated DTensor, the same global class ids on every rank. ``weight`` (V,): a plain tensor, or
+    a DTensor placed ``Shard(0)`` (split like the logits' classes) or ``Replicate()``; each rank uses
+    its own chunk. Other placements and meshes raise a ValueError naming them. Options as in
+    ``smoothce.cross_entropy``; with ``return_lse``, ``(loss, lse)``, both replicated DTensors.
     """
     from smoothce.distributed import vocab_parallel_loss
 
@@ -88,28 +127,43 @@ def cross_entropy(logits, target, *, label_smoothing=0.0, ignore_index=-100, red
     mesh = logits.device_mesh
     target = _plain_target(target, mesh, caller)
     options = {"label_smoothing": label_smoothing, "ignore_index": ignore_index, "reduction": reduction}
+    recipe = {"z_loss": z_loss, "softcap": softcap, "return_lse": return_lse}
     if kind == "shard" and detail == logits.ndim - 1:
+        position = mesh.get_local_rank()
+        sizes = _slice_sizes(logits.shape[-1], mesh.size())
         loss = vocab_parallel_loss(
             logits.to_local(),
             target,
+            _weight_slice(weight, mesh, position, sizes, caller),
             group=mesh.get_group(),
-            position=mesh.get_local_rank(),
+            position=position,
             world=mesh.size(),
             normalizer=normalizer,
             **options,
+            **recipe,
         )
     elif kind == "replicate":
         from smoothce.functional import cross_entropy as single
 
+        if is_dtensor(weight):
+            weight_kind, _ = _layout(weight, "weight", caller)
+            if weight_kind != "replicate" or weight.device_mesh != mesh:
+                raise ValueError(
+                    f"{caller}: with replicated logits, weight must be a plain tensor or a DTensor placed "
+                    f"Replicate() on their mesh, got placements {tuple(weight.placements)}"
+                )
+            weight = weight.to_local()
         if normalizer is not None:
             options["normalizer"] = normalizer
-        loss = single(logits.to_local(), target, **options)
+        loss = single(logits.to_local(), target, weight, **options, **recipe)
     else:
         raise ValueError(
             f"{caller}: logits is a DTensor placed {tuple(logits.placements)}; supported are Shard({logits.ndim - 1}) "
             "(the class dimension, as ColwiseParallel(use_local_output=False) makes) and Replicate(); "
             "redistribute it to one of them first"
         )
+    if return_lse:
+        return _replicated(loss[0], mesh), _replicated(loss[1], mesh)
     return _replicated(loss, mesh)
 
 

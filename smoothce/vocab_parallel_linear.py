@@ -38,6 +38,7 @@ from smoothce._library import define
 from smoothce.checks import check_normalizer, normalizer_tensor, option_values
 from smoothce.distributed import (
     NO_ERROR,
+    NOT_IMPLEMENTED,
     TYPE_ERROR,
     VALUE_ERROR,
     VOCAB,
@@ -238,7 +239,7 @@ def _forward(
 ):
     """(loss, d_hidden, d_weight, d_bias): the loss reduced as asked and, for "mean"/"sum", the kept gradients.
 
-    ``table``: the exchanged (world, 13) table, checked here first. d hidden is already summed over
+    ``table``: the exchanged (world, 14) table, checked here first. d hidden is already summed over
     the ranks; a gradient not asked for (and every gradient for "none", made in backward) is empty.
     """
     keep = reduction != "none"
@@ -445,6 +446,10 @@ def vocab_parallel_linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    z_loss: float = 0,
+    softcap: float | None = None,
+    return_lse: bool = False,
 ) -> torch.Tensor:
     """``vocab_parallel_cross_entropy(F.linear(hidden, weight, bias), target, group=group, ...)``, fused.
 
@@ -454,6 +459,9 @@ def vocab_parallel_linear_cross_entropy(
             right after rank i - 1's (sizes may differ, each at least 1). bias: (V_i,) or None.
         target: (...), GLOBAL class ids in [0, V) or ``ignore_index``, the same on every rank.
         group, label_smoothing, ignore_index, reduction, normalizer: as ``vocab_parallel_cross_entropy``.
+        class_weight, z_loss, softcap, return_lse: not supported by the fused vocabulary-parallel loss
+            yet; anything but their defaults raises NotImplementedError on every rank (compute the
+            logits and call ``vocab_parallel_cross_entropy``, which has them).
 
     Returns the loss (float32; float64 for float64), the same on every rank. No rank holds more
     than one chunk of its logits (``smoothce.linear.settings(chunk_bytes=...)`` sizes it). Backward
@@ -475,7 +483,28 @@ def vocab_parallel_linear_cross_entropy(
         ignore_index=ignore_index,
         reduction=reduction,
         normalizer=normalizer,
+        recipe=(class_weight, z_loss, softcap, return_lse),
     )
+
+
+def _refuse_recipe(class_weight, z_loss, softcap, return_lse) -> None:
+    # Issue 16's options are not in the fused loss's chunks yet: a clear error, told to every rank.
+    given = [
+        name
+        for name, is_default in (
+            ("class_weight", class_weight is None),
+            ("z_loss", type(z_loss) in (int, float) and z_loss == 0),
+            ("softcap", softcap is None),
+            ("return_lse", return_lse is False),
+        )
+        if not is_default
+    ]
+    if given:
+        raise NotImplementedError(
+            f"{_NAME}: {', '.join(given)} not supported by the fused vocabulary-parallel loss yet; compute "
+            "this rank's logits (F.linear(hidden, weight, bias)) and call "
+            "smoothce.vocab_parallel_cross_entropy, which takes them"
+        )
 
 
 def vocab_parallel_linear_loss(
@@ -492,8 +521,12 @@ def vocab_parallel_linear_loss(
     reduction,
     normalizer,
     slice_sizes=None,
+    recipe=(None, 0, None, False),
 ):
-    """The fused loss with this rank's rows at ``position`` of ``world``; ``slice_sizes`` where known (DTensor)."""
+    """The fused loss with this rank's rows at ``position`` of ``world``; ``slice_sizes`` where known (DTensor).
+
+    ``recipe``: (class_weight, z_loss, softcap, return_lse), refused unless all at their defaults.
+    """
     for name, value in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
@@ -502,12 +535,15 @@ def vocab_parallel_linear_loss(
         label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
         target = linear.check_linear_arguments(hidden, weight, target, bias, label_smoothing, ignore_index, reduction)
         check_normalizer(normalizer, reduction)
+        _refuse_recipe(*recipe)
         if not torch.compiler.is_compiling():  # (the op's kernel selects it again at run time)
             registry.select(hidden.device)  # a device without a backend: this rank's clear error, told to all
     except TypeError as exc:
         error, code = exc, TYPE_ERROR
     except ValueError as exc:
         error, code = exc, VALUE_ERROR
+    except NotImplementedError as exc:
+        error, code = exc, NOT_IMPLEMENTED
     else:
         code = NO_ERROR
     group_name = group.group_name

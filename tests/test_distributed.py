@@ -33,10 +33,11 @@ def _report(results):
 # ranks running in lockstep. The tensor x data parallel job needs exactly 4 ranks. The fused
 # LM-head loss and the DTensor entry points (issue 18) run at 2 and 3 ranks: 3 splits V = 1003
 # unevenly both ways (the test's 3:4:2 split and DTensor's 335, 335, 333).
+# The recipe options (issue 16) at 2 and 3 ranks: uneven slices [3, 34] and [5, 12, 1].
 _TENSOR_PARALLEL = ["vp_linear", "vp_linear_errors", "dtensor", "dtensor_linear"]
 WORLD_JOBS = {
-    2: ["values", "precision", "comm", "errors", "compile_aot_eager", *_TENSOR_PARALLEL, "example"],
-    3: _TENSOR_PARALLEL,
+    2: ["values", "recipe", "precision", "comm", "errors", "compile_aot_eager", *_TENSOR_PARALLEL, "example"],
+    3: ["recipe", *_TENSOR_PARALLEL],
     4: ["values", "precision", "comm", "errors", "normalizer"],
 }
 
@@ -47,7 +48,10 @@ WORLD_JOBS = {
 def test_gloo(world, tmp_path):
     # values: loss and gradient slice against smoothce.cross_entropy and the float64 reference for
     # every reduction x lam in {0, 0.1} x {fp32, bf16} x {even, uneven} slices with ignored rows;
-    # comm: 3 all-reduces and 12 B/row for two V; errors: bad input raises on every rank, no hang;
+    # recipe: class weights (each rank its slice), z-loss, soft-capping and the lse, alone and all at
+    # once, every reduction, fp32/bf16/fp64, ignored rows, zero target weights, large logits;
+    # comm: 3 all-reduces and 16 B/row for two V (20 with weights); errors: bad input raises on every
+    # rank, no hang (a weight slice of the wrong size, recipe options that differ across ranks);
     # normalizer: count_tokens over a DP group and an accumulation window; compile: fullgraph trace;
     # precision: offsets, confident rows, ties across ranks, a -inf target column, float16 loss scaling;
     # vp_linear, dtensor_linear: the fused loss (plain and through a Shard(0) DTensor weight) against
@@ -73,7 +77,7 @@ def test_nccl(tmp_path):
     # On the GPU bad inputs stop every rank at a device-side assert (no host read): the "errors" job's
     # ValueErrors are CPU's; test_nccl_device_assert checks the GPU's behaviour in processes of its own.
     world = min(2, torch.cuda.device_count())
-    jobs = ["values", "precision", "comm", "sync_free", "compile_inductor"]
+    jobs = ["values", "recipe", "precision", "comm", "sync_free", "compile_inductor"]
     results = _dist_worker.launch(world, jobs, backend="nccl", timeout=280, tmp_path=tmp_path)
     failures = _report(results)
     assert not failures, f"failures on {world} NCCL ranks:\n{failures}"
@@ -107,7 +111,7 @@ def test_uninitialised_group_is_a_clear_error():
 
 def _table(sizes, rows, target):
     # The all-reduced table that rank i would see, built by hand (columns as in smoothce.distributed).
-    table = torch.zeros(len(sizes), 13, dtype=torch.int64)
+    table = torch.zeros(len(sizes), 14, dtype=torch.int64)
     table[:, 12] = -1  # no remembered slice sizes
     table[:, 1] = torch.tensor(sizes)
     table[:, 2] = rows
@@ -151,6 +155,24 @@ def test_local_ops_opcheck(dtype, reduction, compute_grad):
     torch.library.opcheck(torch.ops.smoothce.vp_loss_grad.default, args)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_local_ops_opcheck_with_the_recipe(reduction, compute_grad):
+    # vp_stats and vp_loss_grad with issue 16's arguments: the slice's weights, the cap, the z-loss,
+    # the targets' weights w_k, their sum W and the rows' lse (rank 1 of sizes [5, 7]).
+    target = torch.tensor([5, 11, -100, 0])
+    z = torch.randn(4, 7)
+    offsets = torch.ops.smoothce.vp_offsets(_table([5, 7], 4, target), 1, -100)
+    weight = torch.rand(7) + 0.5
+    torch.library.opcheck(torch.ops.smoothce.vp_stats.default, (z, target, offsets, 0.1, -100, weight, 2.0))
+    stats = torch.ops.smoothce.vp_stats(z, target, offsets, 0.1, -100, weight, 2.0)
+    m, excess, c = stats[0].clone(), stats[1].clone(), -0.1 / 12 * stats[2]  # >= 0, as in a real call
+    w_k, lse = torch.tensor([0.7, 1.2, 0.0, 0.9]), torch.logsumexp(z, 1)
+    args = (z.requires_grad_(compute_grad), target, offsets, m, excess, c, torch.tensor(3.0), 0.1, -100, reduction)
+    recipe = (compute_grad, weight, w_k, torch.tensor(9.0), lse, 1e-2, 2.0)
+    torch.library.opcheck(torch.ops.smoothce.vp_loss_grad.default, (*args, *recipe))
+
+
 @pytest.mark.parametrize(
     ("column", "value", "fragment"),
     [
@@ -161,6 +183,7 @@ def test_local_ops_opcheck(dtype, reduction, compute_grad):
         (9, 12, "out of range"),  # the largest target == V = 5 + 7
         (10, 1, "which loss is called"),
         (12, 18, "changed size"),  # remembered sizes whose fingerprint is not 1 * 5 + 2 * 7 = 19
+        (13, 5, "recipe options"),  # one rank with class weights, z-loss or a cap the others lack
     ],
 )
 def test_device_side_table_check(column, value, fragment):
