@@ -9,7 +9,8 @@ so-many-th block and run its ops single-threaded: no parallel region per op call
 for every thread (a scheduler slice each on a loaded machine). Per-row work (targets, the loss, the
 target column) is done once for all rows, after the blocks. A large gradient is allocated in
 transparent huge pages (Linux): faulting a fresh buffer in 4 KiB at a time costs more than the
-whole computation on it.
+whole computation on it. The recipe options (class weights, z-loss, soft-capping) and the lse out
+take the same blocks in ``cpu_recipe``.
 
 Precision: the loss and the target column are built from terms that carry relative
 rounding errors only, so no cancellation is left in them:
@@ -44,7 +45,8 @@ import mmap
 
 import torch
 
-from smoothce.backends.base import Backend
+from smoothce.backends.base import Backend, Recipe
+from smoothce.backends.cpu_recipe import recipe_rows
 from smoothce.checks import check_targets_on_host
 from smoothce.numerics import kept_factors, loss_dtype
 
@@ -198,12 +200,8 @@ class CpuBackend(Backend):
         lse=None,
     ):
         """``Backend.loss_and_grad`` with the count, the gradient's factor and the reduction read on the
-        host (free on CPU), and the gradient from ``new_gradient``; the recipe options through
-        ``forward_recipe`` (``Backend``'s default)."""
-        if (recipe is not None and not recipe.plain) or lse is not None:
-            return super().loss_and_grad(
-                logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer, recipe, lse
-            )
+        host (free on CPU), and the gradient from ``new_gradient``; the recipe options and the lse
+        through ``cpu_recipe.recipe_rows`` (``forward_recipe``'s rows)."""
         num_classes = logits.shape[1]
         acc = loss_dtype(logits.dtype)
         k, valid, counted = _targets(target, num_classes, ignore_index)
@@ -215,7 +213,12 @@ class CpuBackend(Backend):
             denominator = float(max(counted, 1))  # no counted target: loss 0, not NaN
         grad_scale, factor = kept_factors(denominator, logits.dtype)
         grad = new_gradient(logits) if compute_grad else None
-        rows = self._rows(logits.detach(), k, valid, label_smoothing, grad, grad_scale, acc)
+        if (recipe is None or recipe.plain) and lse is None:
+            rows = self._rows(logits.detach(), k, valid, label_smoothing, grad, grad_scale, acc)
+        else:
+            rows = recipe_rows(
+                self, logits.detach(), k, valid, label_smoothing, grad, grad_scale, recipe or Recipe(), lse
+            )
         if reduction == "none":
             loss = rows
         elif reduction == "sum":
@@ -240,9 +243,29 @@ class CpuBackend(Backend):
         acc = loss_dtype(logits.dtype)
         return self._rows(logits.detach(), k, valid, label_smoothing, grad, float(grad_scale), acc)
 
-    def _run_blocks(self, block, n_rows, num_classes, acc):
+    def forward_recipe(self, logits, target, label_smoothing, ignore_index, grad, grad_scale, recipe, lse=None):
+        """``Backend.forward_recipe`` (whose docstring states the math): ``forward`` where every option is
+        off and no lse is asked for, else ``cpu_recipe.recipe_rows`` (its blocks and roundings)."""
+        if recipe.plain and lse is None:
+            return self.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale)
+        if logits.shape[0] == 0:  # (a fused linear loss's empty chunk)
+            return torch.zeros(0, dtype=loss_dtype(logits.dtype))
+        k, valid, _ = _targets(target, logits.shape[1], ignore_index)
+        return recipe_rows(self, logits.detach(), k, valid, label_smoothing, grad, float(grad_scale), recipe, lse)
+
+    def _block_rows(self, n_rows, num_classes, block_elements=None):
+        """(workers, rows per block) of ``_run_blocks`` for this shape and budget (``self.block_elements``
+        where None): a thread per torch thread where there are four blocks each, else one."""
+        threads = torch.get_num_threads()
+        budget = self.block_elements if block_elements is None else block_elements
+        workers = threads if n_rows * num_classes >= 4 * threads * budget else 1
+        return workers, min(n_rows, max(workers, budget // (workers * num_classes), 1))
+
+    def _run_blocks(self, block, n_rows, num_classes, acc, buffers=None, block_elements=None):
         """``block(start, stop, scratch)`` over the rows in blocks of ``block_elements``; True where any is.
-        ``acc`` is the scratch's dtype, or None to work in place (no scratch).
+        ``acc`` is the scratch's dtype, or None to work in place (no scratch). ``buffers``: None for one
+        (rows, V) scratch; a count for a (count, rows, V) one. ``block_elements``: this call's own budget
+        (``self.block_elements`` where None).
 
         With several torch threads and blocks enough, each of that many Python threads takes every
         so-many-th block with its own scratch (``block_elements`` shared between them) and runs its
@@ -250,16 +273,16 @@ class CpuBackend(Backend):
         machine delays each by a scheduler slice). Otherwise one loop, a parallel region per op.
         """
         threads = torch.get_num_threads()
-        workers = threads if n_rows * num_classes >= 4 * threads * self.block_elements else 1
-        rows_per_block = min(n_rows, max(workers, self.block_elements // (workers * num_classes), 1))
+        workers, rows_per_block = self._block_rows(n_rows, num_classes, block_elements)
         starts = range(0, n_rows, rows_per_block)
+        shape = (rows_per_block, num_classes) if buffers is None else (buffers, rows_per_block, num_classes)
 
         def run(worker):
-            scratch = None if acc is None else torch.empty((rows_per_block, num_classes), dtype=acc)
+            scratch = None if acc is None else torch.empty(shape, dtype=acc)
             confident = False
             for start in starts[worker::workers]:
                 stop = min(start + rows_per_block, n_rows)
-                confident |= block(start, stop, None if scratch is None else scratch[: stop - start])
+                confident |= block(start, stop, None if scratch is None else scratch.narrow(-2, 0, stop - start))
             return confident
 
         if workers == 1:

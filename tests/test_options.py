@@ -28,8 +28,9 @@ OPTION_SETS = {
     "all": dict(weight=True, z_loss=1e-2, softcap=5.0, return_lse=True),
 }
 # 1: a single class; 40: under the Triton test cap three blocks, the last masked; 1000: one long
-# masked row; 4099: odd, above 4096 (the CPU backend's blocks meet it; not under the interpreter).
-VOCAB = [1, 40, 1000] if INTERPRETED_TRITON else [1, 40, 1000, 4099]
+# masked row; 4099: odd, above 4096 (the CPU backend's blocks meet it). Under the interpreter, where
+# every launch costs milliseconds, the rows of up to 40 (test_triton_kernels.py has the kernels' grid).
+VOCAB = [1, 40] if INTERPRETED_TRITON else [1, 40, 1000, 4099]
 
 
 def class_weights(num_classes, seed=3, dtype=torch.float32):
@@ -159,8 +160,6 @@ def assert_as_accurate_as_pytorch(logits, target, loss, grad, lse=None, upstream
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_options_match_float64(dtype, reduction, label_smoothing, options, num_classes, monkeypatch):
-    if INTERPRETED_TRITON and (dtype in (torch.float16, torch.float64) or reduction == "sum") and num_classes > 40:
-        pytest.skip("interpreter: fp16/fp64 and 'sum' at V <= 40 only (seconds per launch)")
     cap_triton_blocks(monkeypatch)
     rows = 6
     logits = make_logits((rows, num_classes), dtype, seed=num_classes)
