@@ -8,6 +8,8 @@
 #   linear/   the fused linear loss against eager, torch.compile and Liger, then smoothce alone with
 #             a 1 GiB chunk and with d weight summed in bf16 (linear-1g/, linear-half/): the
 #             fp32 accumulator's traffic against the chunk size (not in the default steps)
+#   options/  the recipe options (soft-cap 30, z-loss 1e-4, class weights) against the plain loss
+#             and PyTorch composing them, bf16 and fp32 at 8192 x 128256 (not in the default steps)
 # STEPS chooses and orders the steps (default "tune bench tests"); each has its own time limit, and
 # a step that fails or runs long does not stop the next.
 set -uo pipefail
@@ -31,7 +33,11 @@ for step in ${STEPS:-tune bench tests}; do
                     --out "$OUT/linear-1g" 2>&1 | tail -12 >> "$OUT/linear.log"
                 timeout 100 python3 -m smoothce.bench --op linear --no-compile --half-weight-grad \
                     --out "$OUT/linear-half" 2>&1 | tail -12 >> "$OUT/linear.log" ;;
-        *) echo "unknown step $step (tune, bench, tests, linear)" >&2 ;;
+        options) timeout 120 python3 -m smoothce.bench --shapes 8192x128256 --modes fwd+bwd --no-plots \
+                     --out "$OUT/plain" 2>&1 | tail -8 > "$OUT/options.log"
+                 timeout 150 python3 -m smoothce.bench --shapes 8192x128256 --modes fwd+bwd --no-plots \
+                     --softcap 30 --z-loss 1e-4 --class-weights --out "$OUT/options" 2>&1 | tail -8 >> "$OUT/options.log" ;;
+        *) echo "unknown step $step (tune, bench, tests, linear, options)" >&2 ;;
     esac
     echo "[$step done, status ${PIPESTATUS[0]}]" | tee -a "$OUT/steps.txt"
 done
