@@ -72,10 +72,11 @@ def check_tensors_given(logits, target) -> None:
         raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and {type(target).__name__}")
 
 
-def check_weight_given(weight) -> None:
-    """TypeError unless ``weight`` is a tensor or None (the schema would say so with a RuntimeError)."""
+def check_weight_given(weight, name: str = "weight") -> None:
+    """TypeError unless the class weights ``weight`` (called ``name``) are a tensor or None (the schema
+    would say so with a RuntimeError)."""
     if weight is not None and not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a tensor of class weights or None, got {type(weight).__name__}")
+        raise TypeError(f"{name} must be a tensor of class weights or None, got {type(weight).__name__}")
 
 
 def check_option_values(label_smoothing: float, reduction) -> None:

@@ -11,30 +11,48 @@ from smoothce.linear import linear_cross_entropy
 
 class _LossOptions(torch.nn.Module):
     """The options both losses take, checked when the module is built by the rules every entry
-    point shares (smoothce/checks.py), and kept as a plain float, int and str."""
+    point shares (smoothce/checks.py), and kept as a plain float, int and str; the class weights,
+    under ``weight_name``, as a buffer (it follows ``.to()`` and the state dict, as in PyTorch)."""
 
-    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean"):
+    def __init__(
+        self,
+        weight_name: str,
+        weight: torch.Tensor | None,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ):
         super().__init__()
         label_smoothing, ignore_index = option_values(label_smoothing, ignore_index)
         check_option_values(label_smoothing, reduction)
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.z_loss, self.softcap = recipe_values(z_loss, softcap)
+        check_weight_given(weight, weight_name)
+        self.register_buffer(weight_name, weight)
 
     def options(self) -> dict:
-        return {"label_smoothing": self.label_smoothing, "ignore_index": self.ignore_index, "reduction": self.reduction}
+        return {
+            "label_smoothing": self.label_smoothing,
+            "ignore_index": self.ignore_index,
+            "reduction": self.reduction,
+            "z_loss": self.z_loss,
+            "softcap": self.softcap,
+        }
 
     def extra_repr(self) -> str:
-        return f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        return ", ".join(f"{name}={value!r}" for name, value in self.options().items())
 
 
 class CrossEntropyLoss(_LossOptions):
     """Label-smoothed cross-entropy, like ``torch.nn.CrossEntropyLoss`` with class-index targets.
 
-    ``weight`` (V,), class weights, is kept as a buffer (it follows ``.to()`` and the state dict, as
-    in PyTorch); ``z_loss`` and ``softcap``: ``smoothce.cross_entropy``'s. Inputs: logits (..., V)
-    with the class dimension last, target (...) of int64/int32, and optionally ``normalizer``
-    ("mean" only: what the summed loss is divided by).
+    ``weight`` (V,): class weights, kept as a buffer; ``z_loss`` and ``softcap``:
+    ``smoothce.cross_entropy``'s. Inputs: logits (..., V) with the class dimension last, target (...)
+    of int64/int32, and optionally ``normalizer`` ("mean" only: what the summed loss is divided by).
     """
 
     def __init__(
@@ -47,16 +65,7 @@ class CrossEntropyLoss(_LossOptions):
         z_loss: float = 0.0,
         softcap: float | None = None,
     ):
-        super().__init__(label_smoothing, ignore_index, reduction)
-        self.z_loss, self.softcap = recipe_values(z_loss, softcap)
-        check_weight_given(weight)
-        self.register_buffer("weight", weight)
-
-    def options(self) -> dict:
-        return {**super().options(), "z_loss": self.z_loss, "softcap": self.softcap}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, z_loss={self.z_loss}, softcap={self.softcap}"
+        super().__init__("weight", weight, label_smoothing, ignore_index, reduction, z_loss, softcap)
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, normalizer: float | torch.Tensor | None = None
@@ -84,19 +93,7 @@ class LinearCrossEntropyLoss(_LossOptions):
         z_loss: float = 0.0,
         softcap: float | None = None,
     ):
-        super().__init__(label_smoothing, ignore_index, reduction)
-        self.z_loss, self.softcap = recipe_values(z_loss, softcap)
-        if class_weight is not None and not isinstance(class_weight, torch.Tensor):
-            raise TypeError(
-                f"class_weight must be a tensor of class weights or None, got {type(class_weight).__name__}"
-            )
-        self.register_buffer("class_weight", class_weight)
-
-    def options(self) -> dict:
-        return {**super().options(), "z_loss": self.z_loss, "softcap": self.softcap}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, z_loss={self.z_loss}, softcap={self.softcap}"
+        super().__init__("class_weight", class_weight, label_smoothing, ignore_index, reduction, z_loss, softcap)
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
