@@ -34,6 +34,11 @@ class Recipe(NamedTuple):
         return self.weight is None and self.z_loss == 0.0 and self.softcap is None
 
 
+def wants_recipe(recipe: Recipe | None, return_lse: bool) -> bool:
+    """Whether a call takes ``forward_recipe``'s path: an option of ``recipe`` on, or the lse asked for."""
+    return (recipe is not None and not recipe.plain) or return_lse
+
+
 class Backend:
     """Base class: subclass it, set ``name`` and ``device_type``, implement ``forward``.
 
@@ -154,7 +159,7 @@ class Backend:
         count and the reduction into its kernels.
         """
         forward = self.forward
-        if (recipe is not None and not recipe.plain) or lse is not None:
+        if wants_recipe(recipe, lse is not None):
             forward = functools.partial(self.forward_recipe, recipe=recipe or Recipe(), lse=lse)
         return torch_defaults.loss_and_grad(
             forward, logits, target, label_smoothing, ignore_index, reduction, compute_grad, normalizer

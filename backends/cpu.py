@@ -45,7 +45,7 @@ import mmap
 
 import torch
 
-from smoothce.backends.base import Backend, Recipe
+from smoothce.backends.base import Backend, Recipe, wants_recipe
 from smoothce.backends.cpu_recipe import recipe_rows
 from smoothce.checks import check_targets_on_host
 from smoothce.numerics import kept_factors, loss_dtype
@@ -213,7 +213,7 @@ class CpuBackend(Backend):
             denominator = float(max(counted, 1))  # no counted target: loss 0, not NaN
         grad_scale, factor = kept_factors(denominator, logits.dtype)
         grad = new_gradient(logits) if compute_grad else None
-        if (recipe is None or recipe.plain) and lse is None:
+        if not wants_recipe(recipe, lse is not None):
             rows = self._rows(logits.detach(), k, valid, label_smoothing, grad, grad_scale, acc)
         else:
             rows = recipe_rows(
@@ -246,7 +246,7 @@ class CpuBackend(Backend):
     def forward_recipe(self, logits, target, label_smoothing, ignore_index, grad, grad_scale, recipe, lse=None):
         """``Backend.forward_recipe`` (whose docstring states the math): ``forward`` where every option is
         off and no lse is asked for, else ``cpu_recipe.recipe_rows`` (its blocks and roundings)."""
-        if recipe.plain and lse is None:
+        if not wants_recipe(recipe, lse is not None):
             return self.forward(logits, target, label_smoothing, ignore_index, grad, grad_scale)
         if logits.shape[0] == 0:  # (a fused linear loss's empty chunk)
             return torch.zeros(0, dtype=loss_dtype(logits.dtype))

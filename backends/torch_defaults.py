@@ -75,10 +75,7 @@ def forward_recipe(
     scale = grad_scale.to(acc)
     rows = torch.empty(n_rows, dtype=acc, device=logits.device)
     for lo, hi in row_blocks(n_rows, num_classes, logits.device):
-        x = logits[lo:hi].to(acc, copy=True)
-        if cap is not None:
-            t = x.div_(cap).tanh_()  # z' / c
-            x = t * cap
+        x, t = _capped_block(logits, lo, hi, acc, cap)  # z', and z' / c with a cap
         m = x.amax(1, keepdim=True)
         shift = torch.where(torch.isfinite(m), m, 0.0)
         x = x.sub_(shift)  # z' - m~ <= 0

@@ -14,7 +14,7 @@ import torch
 from smoothce import registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
-from smoothce.backends.base import Recipe
+from smoothce.backends.base import Recipe, wants_recipe
 from smoothce.checks import check_arguments, check_normalizer, check_weight, normalizer_tensor, recipe_values
 from smoothce.numerics import kept_factors, loss_dtype, reduce_rows, weighted_count
 
@@ -42,7 +42,7 @@ def cross_entropy_impl(
         weight = weight.to(loss_dtype(logits.dtype)).contiguous()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     # Every option off: the plain forward, whose short schema keeps a small call's overhead as it was.
-    plain = weight is None and z_loss == 0.0 and softcap is None and not return_lse
+    plain = not wants_recipe(Recipe(weight, z_loss, softcap), return_lse)
     # Under torch.func the autograd.Function is applied here, above the dispatcher, where the
     # transforms see it; elsewhere the op's registered autograd records the same pair.
     if torch._C._are_functorch_transforms_active():
@@ -121,7 +121,7 @@ def _recipe_forward(
     # Only what is on is passed: backends written before an option still serve the rest.
     extra = {} if normalizer is None else {"normalizer": normalizer}
     recipe = Recipe(weight, z_loss, softcap)
-    if not recipe.plain or return_lse:
+    if wants_recipe(recipe, return_lse):
         extra.update(recipe=recipe, lse=lse if return_lse else None)
     return (*_loss_and_grad(logits, target, label_smoothing, ignore_index, reduction, compute_grad, extra), lse)
 

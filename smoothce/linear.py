@@ -19,7 +19,7 @@ import torch
 from smoothce import dtensor, registry
 from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
-from smoothce.backends.base import Recipe
+from smoothce.backends.base import Recipe, wants_recipe
 from smoothce.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -474,7 +474,7 @@ def _scales(target, ignore_index, reduction, dtype, device, normalizer, class_we
 def _recipe(class_weight, z_loss, softcap, return_lse):
     # The chunks' Recipe, None where every option is off and no lse is asked for (the plain path).
     recipe = Recipe(class_weight, z_loss, softcap)
-    return None if recipe.plain and not return_lse else recipe
+    return recipe if wants_recipe(recipe, return_lse) else None
 
 
 def _forward(
