@@ -17,6 +17,8 @@ from conftest import DEVICE, DTYPES, INTERPRETED_TRITON, cap_triton_blocks, make
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import smoothce
+from smoothce.backends import torch_defaults
+from smoothce.backends.base import Backend, Recipe
 from smoothce.reference import cross_entropy_reference
 
 # Each option alone and all together; "lse" asks for the log-sum-exp only.
@@ -348,6 +350,59 @@ def test_bad_options_raise_clear_errors(index):
             with pytest.raises(error, match=message):
                 torch.ops.smoothce.cross_entropy(logits, target, weight, **options)
     assert logits.grad is None
+
+
+class _TorchOnly(Backend):
+    """A third party's backend with ``forward`` alone: the options come from ``Backend``'s defaults."""
+
+    name, device_type = "torch-only", "cpu"
+
+    def forward(self, *args):
+        raise AssertionError("the recipe path must not call the plain forward")
+
+
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_default_forward_recipe_in_torch_ops(dtype, options, monkeypatch):
+    # torch_defaults.forward_recipe, what every backend without its own gets, through Backend's
+    # loss_and_grad ("mean", the weighted count as normalizer, as the op passes it) and in blocks of
+    # a few rows; then written over its own logits, as the fused linear loss asks.
+    monkeypatch.setitem(torch_defaults.SHARD_BLOCK_ELEMENTS, "cpu", 3 * 40)
+    logits = make_logits((7, 40), dtype)
+    target = make_target((7,), 40)
+    target[2] = 5
+    logits[2, 5] += 14.0  # a confident row
+    options = resolve(options, 40)
+    weight = options.get("weight")
+    recipe = Recipe(
+        None if weight is None else weight.to(torch.float64 if dtype == torch.float64 else torch.float32),
+        options.get("z_loss", 0.0),
+        options.get("softcap"),
+    )
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    lse = torch.empty(7, dtype=acc)
+    normalizer = None if weight is None else smoothce.numerics.weighted_count(recipe.weight, target, -100)
+    loss, grad, factor = _TorchOnly().loss_and_grad(logits, target, 0.1, -100, "mean", True, normalizer, recipe, lse)
+    exact = cross_entropy_reference(
+        logits,
+        target,
+        weight,
+        label_smoothing=0.1,
+        z_loss=options.get("z_loss", 0.0),
+        softcap=options.get("softcap"),
+        return_lse=True,
+    )
+    grad = (grad.to(acc) * factor).to(dtype)
+    assert_as_accurate_as_pytorch(
+        logits, target, loss, grad, lse, label_smoothing=0.1, **{k: v for k, v in options.items() if k != "return_lse"}
+    )
+    torch.testing.assert_close(lse.double(), exact[2], rtol=1e-6, atol=1e-6)
+    one = torch.tensor(1.0, dtype=acc)
+    separate = torch.empty_like(logits)
+    rows = torch_defaults.forward_recipe(logits, target, 0.1, -100, separate, one, recipe)
+    over = logits.clone()  # the gradient written over its own logits
+    torch.testing.assert_close(torch_defaults.forward_recipe(over, target, 0.1, -100, over, one, recipe), rows)
+    assert torch.equal(over, separate)
 
 
 def test_opcheck_with_options():
