@@ -12,6 +12,7 @@ z-loss, soft-capping or the log-sum-exp asked for, each chunk goes to the backen
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
@@ -302,7 +303,7 @@ def _fp32_out_supported(device: torch.device, op: str) -> bool:
     """Whether ``torch.mm``/``torch.addmm`` take half inputs to an fp32 result in one matmul here.
 
     ``out_dtype=torch.float32`` (CUDA in recent torch); probed once per device type on 2x2 inputs.
-    For "addmm" the fp32 accumulator is also the ``self`` argument, as ``_accumulate_`` uses it.
+    For "addmm" the fp32 accumulator is also the ``self`` argument, as ``accumulate_`` uses it.
     """
     key = (device.type, op)
     if key not in _FP32_OUT:
@@ -319,12 +320,37 @@ def _fp32_out_supported(device: torch.device, op: str) -> bool:
     return _FP32_OUT[key]
 
 
-def _accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused: bool) -> None:
-    """acc += a @ b, with acc possibly fp32 and a, b half: in one matmul where the device can."""
+@functools.cache
+def _cpu_multiplies_bf16() -> bool:
+    # AMX or AVX-512 BF16: oneDNN then runs a "bf16-precision" fp32 matmul on bf16 units.
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+@contextlib.contextmanager
+def _bf16_precision_fp32_matmuls():
+    matmul = torch.backends.mkldnn.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
+def accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused: bool = False) -> None:
+    """acc += a @ b, with acc possibly fp32 and a, b half: in one matmul where the device can.
+
+    Otherwise chunk-sized fp32 copies of a and b. For bf16 on a CPU with bf16 units, their fp32 matmul
+    runs at bf16 precision: each product of two bf16 values is exact in fp32 and the sums stay fp32,
+    so the result is the fp32 matmul's (up to summation order) at about twice its speed.
+    """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif fused:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif a.dtype == torch.bfloat16 and a.device.type == "cpu" and _cpu_multiplies_bf16():
+        with _bf16_precision_fp32_matmuls():
+            acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # chunk-sized upcasts (CPU, XPU)
 
@@ -390,8 +416,8 @@ def _run_chunks(
         return (
             (losses if keep_rows else total),
             d_hidden,
-            _finish(d_weight, dtype, post_scale),
-            _finish(d_bias, dtype, post_scale),
+            finish_accumulated(d_weight, dtype, post_scale),
+            finish_accumulated(d_bias, dtype, post_scale),
         )
 
     target = target.contiguous()
@@ -430,18 +456,18 @@ def _run_chunks(
                 if post_scale is not None:
                     d_hidden[start:stop].mul_(post_scale)
         if grad_weight:
-            _accumulate_(d_weight, z.t(), h, fused)
+            accumulate_(d_weight, z.t(), h, fused)
         if grad_bias:
             d_bias += torch.sum(z, 0, dtype=d_bias.dtype)
     return (
         (losses if keep_rows else total),
         d_hidden,
-        _finish(d_weight, dtype, post_scale),
-        _finish(d_bias, dtype, post_scale),
+        finish_accumulated(d_weight, dtype, post_scale),
+        finish_accumulated(d_bias, dtype, post_scale),
     )
 
 
-def _finish(accumulated, dtype, post_scale):
+def finish_accumulated(accumulated, dtype, post_scale):
     # The one rounding of an accumulated gradient to the parameters' dtype (after post_scale).
     if accumulated is None:
         return None

@@ -295,6 +295,23 @@ def test_weight_grad_accumulation_modes(fp32_weight_grad):
         assert rel_err(ours[2], ref[2]) < 3e-2
 
 
+@pytest.mark.parametrize("bf16_units", [True, False], ids=["bf16_precision_matmul", "fp32_matmul"])
+def test_bf16_weight_grad_accumulates_exact_products(monkeypatch, bf16_units):
+    # acc += a @ b for bf16 a, b and an fp32 acc: on CPUs with bf16 units one fp32 matmul at bf16
+    # precision (the products of bf16 values are exact in fp32), else upcasts: either way the fp32
+    # matmul of the exact values, to fp32 summation; the global matmul precision is left as it was.
+    monkeypatch.setattr(smoothce.linear, "_cpu_multiplies_bf16", lambda: bf16_units)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 96, generator=generator).bfloat16()
+    b = torch.randn(96, 200, generator=generator).bfloat16()
+    acc = torch.randn(300, 200, generator=generator)
+    expected = acc.double() + a.double() @ b.double()
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    smoothce.linear.accumulate_(acc, a, b)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert (acc.double() - expected).abs().max() <= 96 * 2.0**-24 * (a.double().abs() @ b.double().abs()).max()
+
+
 def test_module_matches_function():
     hidden, weight, b, target = make_problem((2, 3), 8, 11, torch.float32, bias=True)
     module = smoothce.LinearCrossEntropyLoss(label_smoothing=0.2, reduction="sum")
