@@ -116,6 +116,14 @@ _NAME = "vocab_parallel_cross_entropy"
 _TABLE_COLUMNS = 14
 NO_ERROR, TYPE_ERROR, VALUE_ERROR, NOT_IMPLEMENTED = 0, 1, 2, 3
 _ERROR_KINDS = {TYPE_ERROR: TypeError, VALUE_ERROR: ValueError, NOT_IMPLEMENTED: NotImplementedError}
+CHECK_ERRORS = tuple(_ERROR_KINDS.values())  # what the argument checks raise, told to every rank
+
+
+def error_code(error: Exception | None) -> int:
+    """The table's code for an argument check's error (NO_ERROR for None), which every rank re-raises."""
+    return next((code for code, kind in _ERROR_KINDS.items() if isinstance(error, kind)), NO_ERROR)
+
+
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 _LAM_SCALE = 2**52  # lam in [0, 1] as an exact-enough int64 for the agreement check
 _CALL_NAMES = {0: _NAME, 1: "vocab_parallel_linear_cross_entropy", 2: "vocab_parallel_linear_cross_entropy"}
@@ -694,14 +702,9 @@ def vocab_parallel_loss(
         z_loss, softcap = recipe_values(z_loss, softcap, return_lse)
         _check_weight_slice(weight, logits_shard)
         recipe = recipe_code(weight is not None, z_loss, softcap)
-    except TypeError as exc:
-        error, code = exc, TYPE_ERROR
-    except ValueError as exc:
-        error, code = exc, VALUE_ERROR
-    except NotImplementedError as exc:
-        error, code = exc, NOT_IMPLEMENTED
-    else:
-        code = NO_ERROR
+    except CHECK_ERRORS as exc:
+        error = exc
+    code = error_code(error)
     row = local_row(
         device=logits_shard.device,
         local_classes=logits_shard.shape[-1] if logits_shard.dim() else 0,

@@ -52,17 +52,17 @@ def _replicated(tensor: torch.Tensor, mesh):
     return DTensor.from_local(tensor, mesh, [Replicate()], run_check=False)
 
 
-def _plain_target(target, mesh, caller: str) -> torch.Tensor:
-    # The same global target ids on every rank: a plain tensor, or a replicated DTensor's local copy.
-    if not is_dtensor(target):
-        return target
-    kind, _ = _layout(target, "target", caller)
-    if kind != "replicate" or target.device_mesh != mesh:
+def _replicated_local(value, what: str, mesh, caller: str, whose: str = "the logits'"):
+    # The same tensor on every rank: a plain tensor as it is, or a replicated DTensor's local copy.
+    if not is_dtensor(value):
+        return value
+    kind, _ = _layout(value, what, caller)
+    if kind != "replicate" or value.device_mesh != mesh:
         raise ValueError(
-            f"{caller}: target must be a plain tensor or a DTensor placed Replicate() on the logits' mesh, "
-            f"got placements {tuple(target.placements)} on mesh {target.device_mesh}"
+            f"{caller}: {what} must be a plain tensor or a DTensor placed Replicate() on {whose} mesh, "
+            f"got placements {tuple(value.placements)} on mesh {value.device_mesh}"
         )
-    return target.to_local()
+    return value.to_local()
 
 
 def _slice_sizes(num_classes: int, world: int) -> list[int]:
@@ -125,7 +125,7 @@ def cross_entropy(
     caller = "smoothce.cross_entropy"
     kind, detail = _layout(logits, "logits", caller)
     mesh = logits.device_mesh
-    target = _plain_target(target, mesh, caller)
+    target = _replicated_local(target, "target", mesh, caller)
     options = {"label_smoothing": label_smoothing, "ignore_index": ignore_index, "reduction": reduction}
     recipe = {"z_loss": z_loss, "softcap": softcap, "return_lse": return_lse}
     if kind == "shard" and detail == logits.ndim - 1:
@@ -145,14 +145,7 @@ def cross_entropy(
     elif kind == "replicate":
         from smoothce.functional import cross_entropy as single
 
-        if is_dtensor(weight):
-            weight_kind, _ = _layout(weight, "weight", caller)
-            if weight_kind != "replicate" or weight.device_mesh != mesh:
-                raise ValueError(
-                    f"{caller}: with replicated logits, weight must be a plain tensor or a DTensor placed "
-                    f"Replicate() on their mesh, got placements {tuple(weight.placements)}"
-                )
-            weight = weight.to_local()
+        weight = _replicated_local(weight, "weight (with replicated logits)", mesh, caller)
         if normalizer is not None:
             options["normalizer"] = normalizer
         loss = single(logits.to_local(), target, weight, **options, **recipe)
@@ -186,15 +179,8 @@ def linear_cross_entropy(
         raise ValueError(f"{caller}: weight must be a DTensor here, got {type(weight).__name__}")
     kind, detail = _layout(weight, "weight", caller)
     mesh = weight.device_mesh
-    target = _plain_target(target, mesh, caller)
-    if is_dtensor(hidden):
-        hidden_kind, _ = _layout(hidden, "hidden", caller)
-        if hidden_kind != "replicate" or hidden.device_mesh != mesh:
-            raise ValueError(
-                f"{caller}: hidden must be a plain tensor or a DTensor placed Replicate() on weight's mesh, "
-                f"got placements {tuple(hidden.placements)}"
-            )
-        hidden = hidden.to_local()
+    target = _replicated_local(target, "target", mesh, caller, whose="weight's")
+    hidden = _replicated_local(hidden, "hidden", mesh, caller, whose="weight's")
     if bias is not None and is_dtensor(bias):
         bias_kind, bias_dim = _layout(bias, "bias", caller)
         if (bias_kind, bias_dim) != (kind, detail) or bias.device_mesh != mesh:

@@ -37,15 +37,14 @@ from smoothce._autograd import register_kept_gradient_autograd
 from smoothce._library import define
 from smoothce.checks import check_normalizer, normalizer_tensor, option_values
 from smoothce.distributed import (
+    CHECK_ERRORS,
     NO_ERROR,
-    NOT_IMPLEMENTED,
-    TYPE_ERROR,
-    VALUE_ERROR,
     VOCAB,
     check_table_on_device,
     check_table_on_host,
     combine,
     contributions,
+    error_code,
     exchange_table,
     local_row,
     resolve_group,
@@ -108,23 +107,6 @@ def _rows_per_chunk(hidden, weight, sizes, chunk_bytes, fp32_acc, grad_weight):
     if fp32_acc and grad_weight and hidden.device.type == "cpu":
         budget = max(1, chunk_bytes * dtype.itemsize // (dtype.itemsize + 4))  # room for the fp32 upcast
     return linear.chunk_rows(hidden.shape[0], max(sizes), hidden.shape[1], dtype, budget)
-
-
-def _accumulate_(acc, a, b):
-    # acc += a @ b with acc fp32 and a, b possibly half: upcast chunk-sized copies where they differ.
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
-def _finish(acc, dtype, post_scale):
-    # The one rounding of an accumulated gradient to the parameters' dtype (after the exact post scale).
-    if acc is None:
-        return None
-    if post_scale is not None:
-        acc = acc * post_scale
-    return acc if acc.dtype == dtype else acc.to(dtype)
 
 
 @torch.no_grad()
@@ -194,14 +176,18 @@ def _chunks(
         if grad_hidden:
             torch.mm(z, weight, out=d_hidden[lo:hi])
         if grad_weight:
-            _accumulate_(d_weight, z.t(), h)
+            linear.accumulate_(d_weight, z.t(), h)
         if grad_bias:
             d_bias += torch.sum(z, 0, dtype=d_bias.dtype)
     if d_hidden is not None:
         if post_scale is not None:
             d_hidden.mul_(post_scale)  # an exact power of two
         dist.all_reduce(d_hidden, group=group)
-    return losses, (d_hidden, _finish(d_weight, dtype, post_scale), _finish(d_bias, dtype, post_scale))
+    return losses, (
+        d_hidden,
+        linear.finish_accumulated(d_weight, dtype, post_scale),
+        linear.finish_accumulated(d_bias, dtype, post_scale),
+    )
 
 
 def _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc, grad_weight):
@@ -538,14 +524,9 @@ def vocab_parallel_linear_loss(
         _refuse_recipe(*recipe)
         if not torch.compiler.is_compiling():  # (the op's kernel selects it again at run time)
             registry.select(hidden.device)  # a device without a backend: this rank's clear error, told to all
-    except TypeError as exc:
-        error, code = exc, TYPE_ERROR
-    except ValueError as exc:
-        error, code = exc, VALUE_ERROR
-    except NotImplementedError as exc:
-        error, code = exc, NOT_IMPLEMENTED
-    else:
-        code = NO_ERROR
+    except CHECK_ERRORS as exc:
+        error = exc
+    code = error_code(error)
     group_name = group.group_name
     _GROUPS[group_name] = group
     grad_on = torch.is_grad_enabled()
