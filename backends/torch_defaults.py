@@ -151,17 +151,17 @@ def shard_stats(
         return stats
     logits = logits.detach()
     k, owned = local_target(target, start, local_classes, ignore_index)
-    if recipe is not None and not recipe.plain:
-        return _shard_stats_recipe(logits, k, owned, label_smoothing, recipe, stats)
-    z_k = logits.gather(1, k.unsqueeze(1)).squeeze(1).to(acc)
-    stats[3] = torch.where(owned, z_k, 0.0)
+    weight, cap = (None, None) if recipe is None else (recipe.weight, recipe.softcap)
     for lo, hi in row_blocks(n_rows, local_classes, logits.device):
-        x = logits[lo:hi].to(acc)
+        # The capped slice z' (z without a cap) and its own z'_k, from the same block: ``shard_grad``
+        # compares it with the max. t = sum_j w_j (z'_j - m~) over the slice's weights w (ones without).
+        x, _ = _capped_block(logits, lo, hi, acc, cap)
+        stats[3, lo:hi] = torch.where(owned[lo:hi], x.gather(1, k[lo:hi].unsqueeze(1)).squeeze(1), 0.0)
         m, first = x.max(dim=1, keepdim=True)  # a (the first) column holding the max
         shift = torch.where(torch.isfinite(m), m, 0.0)
-        x = x - shift
+        x = x.sub_(shift)
         if label_smoothing > 0.0:
-            stats[2, lo:hi] = x.sum(dim=1)
+            stats[2, lo:hi] = (x @ weight) if weight is not None else x.sum(dim=1)
         e = x.exp_()
         e.scatter_(1, first, 0.0)
         stats[0, lo:hi] = m.squeeze(1)
@@ -176,26 +176,6 @@ def _capped_block(logits: torch.Tensor, lo: int, hi: int, acc: torch.dtype, cap)
         return x, None
     t = x.div_(cap).tanh_()
     return t * cap, t
-
-
-def _shard_stats_recipe(logits, k, owned, label_smoothing, recipe, stats):
-    # The rows of the capped slice z' (its own z'_k, from the same block: ``shard_grad`` compares it
-    # with the max), and t = sum_j w_j (z'_j - m~) over the slice's weights w (``recipe.weight``).
-    n_rows, local_classes = logits.shape
-    weight = recipe.weight
-    for lo, hi in row_blocks(n_rows, local_classes, logits.device):
-        x, _ = _capped_block(logits, lo, hi, stats.dtype, recipe.softcap)
-        stats[3, lo:hi] = torch.where(owned[lo:hi], x.gather(1, k[lo:hi].unsqueeze(1)).squeeze(1), 0.0)
-        m, first = x.max(dim=1, keepdim=True)
-        shift = torch.where(torch.isfinite(m), m, 0.0)
-        x = x.sub_(shift)
-        if label_smoothing > 0.0:
-            stats[2, lo:hi] = (x @ weight) if weight is not None else x.sum(dim=1)
-        e = x.exp_()
-        e.scatter_(1, first, 0.0)
-        stats[0, lo:hi] = m.squeeze(1)
-        stats[1, lo:hi] = e.sum(dim=1)
-    return stats
 
 
 def shard_grad(

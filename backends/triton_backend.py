@@ -110,25 +110,25 @@ class TritonBackend(Backend):
         """The kernel, columns per program (``block``), num_warps and compile options for rows of V values."""
         table = self.LAUNCH_TABLE[dtype.itemsize]
         _, kernel, block, num_warps = next((row for row in table if num_classes <= row[0]), table[-1])
-        if block == 0:
-            block = next_power_of_2(num_classes)
-        if self.max_block_v:
-            block = min(block, self.max_block_v)
-        block = max(self.MIN_BLOCK_V, block)
+        block = self._clamp_block(next_power_of_2(num_classes) if block == 0 else block)
         if num_warps == 0:
             num_warps = min(self.MAX_NUM_WARPS, max(1, block // self.VALUES_PER_WARP))
         kernel = self.kernel or kernel
         if kernel == "split" and not self.chunks_resident(-(-num_classes // block), device):
             kernel = "loop"
         keep, drop = self.EVICTION
-        config = {
-            "kernel": kernel,
-            "block": block,
-            "num_warps": num_warps,
-            "keep": keep,
-            "drop": drop,
-            "fast_exp": self.FAST_EXP,
-        }
+        return self._device_config(kernel=kernel, block=block, num_warps=num_warps, keep=keep, drop=drop)
+
+    def _clamp_block(self, block: int) -> int:
+        """``block`` columns capped by ``max_block_v`` and raised to ``MIN_BLOCK_V``."""
+        if self.max_block_v:
+            block = min(block, self.max_block_v)
+        return max(self.MIN_BLOCK_V, block)
+
+    def _device_config(self, **config) -> dict:
+        """A launch's ``config`` with this device's ``fast_exp`` and ``compile_options`` (under "options",
+        where it has any)."""
+        config["fast_exp"] = self.FAST_EXP
         options = self.compile_options()
         if options:
             config["options"] = options
@@ -206,15 +206,8 @@ class TritonBackend(Backend):
         ``options`` for slices of V_i columns: the loop kernel's block and warps (the table's last
         row), fewer for a slice shorter than one block, capped by ``max_block_v``."""
         _, _, block_v, num_warps = self.LAUNCH_TABLE[dtype.itemsize][-1]
-        block = min(block_v, next_power_of_2(local_classes))
-        if self.max_block_v:
-            block = min(block, self.max_block_v)
-        block = max(self.MIN_BLOCK_V, block)
-        config = {"block": block, "num_warps": max(1, num_warps * block // block_v), "fast_exp": self.FAST_EXP}
-        options = self.compile_options()
-        if options:
-            config["options"] = options
-        return config
+        block = self._clamp_block(min(block_v, next_power_of_2(local_classes)))
+        return self._device_config(block=block, num_warps=max(1, num_warps * block // block_v))
 
     def shard_stats(self, logits, target, start, label_smoothing, ignore_index, recipe=None):
         from smoothce.backends import triton_shard_kernels

@@ -43,6 +43,53 @@ def to_acc(z, ACC_DTYPE: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def wide(hi, lo, ACC_DTYPE: tl.constexpr):
+    # A float passed as two float32 halves (``split_float``; Triton passes Python floats as float32):
+    # all of it in float64 accumulation, its float32 rounding otherwise.
+    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+
+
+@triton.jit
+def col_offsets(BLOCK: tl.constexpr, WIDE_COLS: tl.constexpr):
+    # A block's column offsets 0 .. BLOCK - 1, in int64 where (V - 1) x a column stride passes int32.
+    offsets = tl.arange(0, BLOCK)
+    if WIDE_COLS:
+        offsets = offsets.to(tl.int64)
+    return offsets
+
+
+@triton.jit
+def sum_ref(z):
+    # The logit a row's sums are taken relative to (sum (z_j - ref): a common offset cancels): z, or
+    # 0 where z is not finite or 2**64 or more in size (a class masked with the dtype's lowest
+    # value, where z_j - ref could overflow).
+    return tl.where(tl.abs(z) < 1.8446744073709552e19, z, 0.0)
+
+
+@triton.jit
+def cap_values(cap_hi, cap_lo, icap_hi, icap_lo, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr):
+    # (c, 1 / c) of the soft cap in the accumulation dtype, from their float32 halves; without
+    # SOFTCAP the arguments' Nones, unused.
+    if SOFTCAP:
+        return wide(cap_hi, cap_lo, ACC_DTYPE), wide(icap_hi, icap_lo, ACC_DTYPE)
+    else:
+        return cap_hi, icap_hi
+
+
+@triton.jit
+def block_weights(weight_ptr, cols, mask, MASKED: tl.constexpr, ACC_DTYPE: tl.constexpr, WEIGHTED: tl.constexpr):
+    # The class weights of a block's columns in the accumulation dtype (0 on masked lanes where
+    # MASKED); without WEIGHTED the argument's None, unused.
+    if WEIGHTED:
+        if MASKED:
+            return tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+        else:
+            return tl.load(weight_ptr + cols).to(ACC_DTYPE)
+    else:
+        return weight_ptr
+
+
+@triton.jit
 def softcap(z, cap, inv_cap, FAST_EXP: tl.constexpr):
     """(z', 1 - (z' / c)^2) of the soft-capped logits z' = c tanh(z / c), to a few ulps (``cap`` = c,
     ``inv_cap`` = 1 / c in the accumulation dtype).
@@ -172,24 +219,18 @@ def row_stats(
         z = to_acc(tl.load(row_ptr + offsets * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
         for start in range(BLOCK, n_full, BLOCK):
             z_next = to_acc(tl.load(row_ptr + (start + offsets) * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
-            w = weight_ptr  # (None, unused, without WEIGHTED)
-            if WEIGHTED:
-                w = tl.load(weight_ptr + (start - BLOCK + offsets)).to(ACC_DTYPE)
+            w = block_weights(weight_ptr, start - BLOCK + offsets, None, False, ACC_DTYPE, WEIGHTED)
             z = capped(z, cap, inv_cap, None, False, SOFTCAP, FAST_EXP)
             m, r, s = lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP, w, WEIGHTED)
             z = z_next
-        w_last = weight_ptr  # (None, unused, without WEIGHTED)
-        if WEIGHTED:
-            w_last = tl.load(weight_ptr + (n_full - BLOCK + offsets)).to(ACC_DTYPE)
+        w_last = block_weights(weight_ptr, n_full - BLOCK + offsets, None, False, ACC_DTYPE, WEIGHTED)
         z = capped(z, cap, inv_cap, None, False, SOFTCAP, FAST_EXP)
         m, r, s = lane_step(z, m, r, s, ref, None, False, SMOOTHING, FAST_EXP, w_last, WEIGHTED)
     if n_full < n_cols:
         cols = n_full + offsets
         mask = cols < n_cols
         z = tl.load(row_ptr + cols * stride, mask=mask, other=NEG_INF, eviction_policy=EVICT).to(ACC_DTYPE)
-        w_tail = weight_ptr  # (None, unused, without WEIGHTED)
-        if WEIGHTED:
-            w_tail = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+        w_tail = block_weights(weight_ptr, cols, mask, True, ACC_DTYPE, WEIGHTED)
         z = capped(z, cap, inv_cap, mask, True, SOFTCAP, FAST_EXP)
         m, r, s = lane_step(z, m, r, s, ref, mask, True, SMOOTHING, FAST_EXP, w_tail, WEIGHTED)
     lanes = tl.arange(0, BLOCK)
@@ -249,9 +290,7 @@ def grad_sweep(
         cols = n_full + offsets
         mask = cols < n_cols
         z = tl.load(row_ptr + cols * stride, mask=mask, other=NEG_INF, eviction_policy=EVICT)
-        w_tail = weight_ptr  # (None, unused, without WEIGHTED)
-        if WEIGHTED:
-            w_tail = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+        w_tail = block_weights(weight_ptr, cols, mask, True, ACC_DTYPE, WEIGHTED)
         g = grad_value(to_acc(z, ACC_DTYPE, FAST_EXP), w_tail, shift, a, b, cap, inv_cap, SOFTCAP, WEIGHTED, FAST_EXP)
         tl.store(grad_row + cols * grad_stride, round_to(g, out), mask=mask)
     if n_full > 0:
@@ -259,15 +298,11 @@ def grad_sweep(
         z = to_acc(tl.load(row_ptr + cols * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
         for _ in range(1, n_full // BLOCK):
             z_next = to_acc(tl.load(row_ptr + (cols - BLOCK) * stride, eviction_policy=EVICT), ACC_DTYPE, FAST_EXP)
-            w = weight_ptr  # (None, unused, without WEIGHTED)
-            if WEIGHTED:
-                w = tl.load(weight_ptr + cols).to(ACC_DTYPE)
+            w = block_weights(weight_ptr, cols, None, False, ACC_DTYPE, WEIGHTED)
             g = grad_value(z, w, shift, a, b, cap, inv_cap, SOFTCAP, WEIGHTED, FAST_EXP)
             tl.store(grad_row + cols * grad_stride, round_to(g, out))
             z, cols = z_next, cols - BLOCK
-        w_last = weight_ptr  # (None, unused, without WEIGHTED)
-        if WEIGHTED:
-            w_last = tl.load(weight_ptr + cols).to(ACC_DTYPE)
+        w_last = block_weights(weight_ptr, cols, None, False, ACC_DTYPE, WEIGHTED)
         g = grad_value(z, w_last, shift, a, b, cap, inv_cap, SOFTCAP, WEIGHTED, FAST_EXP)
         tl.store(grad_row + cols * grad_stride, round_to(g, out))
 

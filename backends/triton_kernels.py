@@ -14,7 +14,10 @@ import triton.language as tl
 from smoothce.backends.triton_common import (
     INTERPRETED,
     NEG_INF,
+    block_weights,
+    cap_values,
     check_device,
+    col_offsets,
     device_guard,
     exp,
     grad_sweep,
@@ -23,7 +26,9 @@ from smoothce.backends.triton_common import (
     row_stats,
     softcap,
     split_float,
+    sum_ref,
     to_acc,
+    wide,
     zero_row,
 )
 from smoothce.checks import check_targets, check_targets_on_host
@@ -71,10 +76,12 @@ def _log1p(x):
 
 
 @triton.jit
-def _wide(hi, lo, ACC_DTYPE: tl.constexpr):
-    # A constant passed as two float32 halves (Triton passes Python floats as float32): all of it
-    # in float64 accumulation, its float32 rounding otherwise.
-    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+def _row_target(target_ptr, row, ignore_index, num_classes):
+    # (valid, k): whether the row counts (its target is not ignore_index, nor out of range, which the
+    # prologue reports), and the target's column (0 where not valid: never out of bounds).
+    target = tl.load(target_ptr + row).to(tl.int64)
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    return valid, tl.where(valid, target, 0)
 
 
 @triton.jit
@@ -98,24 +105,55 @@ def _block_stats(z, mask, SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr, w=Non
 
 
 @triton.jit
-def _row_loss(R, M, z_k, s_rel, oml, lov, SMOOTHING: tl.constexpr):
-    """loss = log1p(R) + (1 - lam) (M - z_k) + (lam / V) (-s_rel); oml = 1 - lam, lov = lam / V."""
-    loss = _log1p(R)
+def _target_weights(weight_ptr, scalars_ptr, k, valid, num_classes, ACC_DTYPE: tl.constexpr, WEIGHTED: tl.constexpr):
+    # (w_k, W): the target's class weight and the sum of all V (the prologue's third scalar); 1 and V
+    # without WEIGHTED.
+    if WEIGHTED:
+        return tl.load(weight_ptr + k, mask=valid, other=0.0).to(ACC_DTYPE), tl.load(scalars_ptr + 2).to(ACC_DTYPE)
+    else:
+        return 1.0, tl.cast(num_classes, ACC_DTYPE)
+
+
+@triton.jit
+def _z_loss(lse, valid, w_k, zl_hi, zl_lo, ACC_DTYPE: tl.constexpr, ZLOSS: tl.constexpr):
+    # (zl, the loss's term): the z-loss's 2 s w_k lse of the gradient and s w_k lse^2 of the loss (0 and
+    # 0 without ZLOSS). An ignored row's lse (-inf where nothing was read) counts as 0: no inf x 0.
+    if ZLOSS:
+        lse_k = tl.where(valid, lse, 0.0)
+        zl = 2.0 * wide(zl_hi, zl_lo, ACC_DTYPE) * w_k * lse_k
+        return zl, 0.5 * zl * lse_k
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _row_loss(
+    R, M, z_k, s_rel, oml, lov, w_k, W, z_term, SMOOTHING: tl.constexpr, WEIGHTED: tl.constexpr, ZLOSS: tl.constexpr
+):
+    """loss = log1p(R) + (1 - lam) (M - z_k) + (lam / V) (-s_rel); oml = 1 - lam, lov = lam / V.
+    WEIGHTED: (oml w_k + lov W) log1p(R) + oml w_k (M - z_k) + lov (-s_rel), s_rel = sum_j w_j (z_j - M).
+    ZLOSS: plus ``z_term`` (``_z_loss``'s s w_k lse^2)."""
+    if WEIGHTED:
+        loss = (oml * w_k + lov * W) * _log1p(R)
+        oml_k = oml * w_k
+    else:
+        loss = _log1p(R)
+        oml_k = oml
     # (1 - lam) (M - z_k) is left out at lam = 1, where z_k = -inf would make it 0 * inf.
-    loss += tl.where(oml == 0.0, 0.0, oml * tl.where(oml == 0.0, 0.0, M - z_k))
+    loss += tl.where(oml == 0.0, 0.0, oml_k * tl.where(oml == 0.0, 0.0, M - z_k))
     if SMOOTHING:
         loss += lov * (-s_rel)
+    if ZLOSS:
+        loss += z_term
     return loss
 
 
 @triton.jit
-def _row_loss_weighted(R, M, z_k, s_rel, oml, lov, w_k, W, SMOOTHING: tl.constexpr):
-    """loss = (oml w_k + lov W) log1p(R) + oml w_k (M - z_k) + lov (-s_rel), s_rel = sum_j w_j (z_j - M)."""
-    loss = (oml * w_k + lov * W) * _log1p(R)
-    loss += tl.where(oml == 0.0, 0.0, oml * w_k * tl.where(oml == 0.0, 0.0, M - z_k))
-    if SMOOTHING:
-        loss += lov * (-s_rel)
-    return loss
+def _write_row(rows_ptr, lse_ptr, row, valid, loss, lse, LSE: tl.constexpr):
+    # The row's loss (0 on an ignored row) and, with LSE, its lse (ignored rows too).
+    tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
+    if LSE:
+        tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -303,23 +341,18 @@ def split_kernel(
     pid = tl.program_id(0).to(tl.int64)
     row = pid // num_chunks
     chunk = pid - row * num_chunks
-    target = tl.load(target_ptr + row).to(tl.int64)
-    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
-    k = tl.where(valid, target, 0)
+    valid, k = _row_target(target_ptr, row, ignore_index, num_classes)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     # Ignored rows read nothing, unless their lse is asked for (LSE).
     mask = cols < (num_classes if LSE else tl.where(valid, num_classes, 0))
     logits_row = logits_ptr + row * stride_lr
     z = to_acc(tl.load(logits_row + cols * stride_lc, mask=mask, other=NEG_INF), ACC_DTYPE, FAST_EXP)
+    cap, inv_cap = cap_values(cap_hi, cap_lo, icap_hi, icap_lo, ACC_DTYPE, SOFTCAP)
     if SOFTCAP:
-        cap = _wide(cap_hi, cap_lo, ACC_DTYPE)
-        inv_cap = _wide(icap_hi, icap_lo, ACC_DTYPE)
         z, chain = softcap(z, cap, inv_cap, FAST_EXP)
         z = tl.where(mask, z, NEG_INF)
     n_stats: tl.constexpr = 4 if WEIGHTED and SMOOTHING else 3  # per chunk: m, rem, s (and its weights' sum)
-    w = weight_ptr  # (None, unused, without WEIGHTED)
-    if WEIGHTED:
-        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+    w = block_weights(weight_ptr, cols, mask, True, ACC_DTYPE, WEIGHTED)
     M, R, s_rel = _block_stats(z, mask, SMOOTHING, FAST_EXP, w, WEIGHTED)
     # The program holding column k writes the row's loss, with z_k from its registers (the
     # gradient may overwrite the logits in place, so nobody reads another chunk's columns).
@@ -375,39 +408,16 @@ def split_kernel(
 
     if PHASE != 1:
         shift = tl.where(M == NEG_INF, 0.0, M)
-        oml = _wide(oml_hi, oml_lo, ACC_DTYPE)  # (unused by the plain forms: compiled away there)
-        lov = _wide(lov_hi, lov_lo, ACC_DTYPE)
-        w_k = 1.0
-        W = tl.cast(num_classes, ACC_DTYPE)
-        if WEIGHTED:
-            w_k = tl.load(weight_ptr + k, mask=valid, other=0.0).to(ACC_DTYPE)
-            W = tl.load(scalars_ptr + 2).to(ACC_DTYPE)
+        oml = wide(oml_hi, oml_lo, ACC_DTYPE)
+        lov = wide(lov_hi, lov_lo, ACC_DTYPE)
+        w_k, W = _target_weights(weight_ptr, scalars_ptr, k, valid, num_classes, ACC_DTYPE, WEIGHTED)
         lse = _row_lse(M, R)
-        zl = 0.0
-        if ZLOSS:
-            lse_k = tl.where(valid, lse, 0.0)  # (an ignored row's may be -inf: no inf x 0 from it)
-            zl = 2.0 * _wide(zl_hi, zl_lo, ACC_DTYPE) * w_k * lse_k  # the z-loss's 2 s w_k lse
+        zl, z_term = _z_loss(lse, valid, w_k, zl_hi, zl_lo, ACC_DTYPE, ZLOSS)
         if writer:
             # Ignored rows (M = z_k = -inf where nothing was read): 0 for both keeps their loss from NaN.
-            if WEIGHTED:
-                loss = _row_loss_weighted(
-                    R, tl.where(valid, M, 0.0), tl.where(valid, z_k, 0.0), s_rel, oml, lov, w_k, W, SMOOTHING
-                )
-            else:
-                loss = _row_loss(
-                    R,
-                    tl.where(valid, M, 0.0),
-                    tl.where(valid, z_k, 0.0),
-                    s_rel,
-                    _wide(oml_hi, oml_lo, ACC_DTYPE),
-                    _wide(lov_hi, lov_lo, ACC_DTYPE),
-                    SMOOTHING,
-                )
-            if ZLOSS:
-                loss += 0.5 * zl * lse_k  # s w_k lse^2
-            tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
-            if LSE:
-                tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
+            M_v, z_v = tl.where(valid, M, 0.0), tl.where(valid, z_k, 0.0)
+            loss = _row_loss(R, M_v, z_v, s_rel, oml, lov, w_k, W, z_term, SMOOTHING, WEIGHTED, ZLOSS)
+            _write_row(rows_ptr, lse_ptr, row, valid, loss, lse, LSE)
         if COMPUTE_GRAD:
             scale = tl.where(valid, tl.load(scalars_ptr).to(ACC_DTYPE), 0.0)
             if WEIGHTED or ZLOSS:
@@ -430,7 +440,7 @@ def split_kernel(
                     lov_lo,
                     tgt_hi,
                     tgt_lo,
-                    _wide(lamk_hi, lamk_lo, ACC_DTYPE),
+                    wide(lamk_hi, lamk_lo, ACC_DTYPE),
                     FAST_EXP,
                 )
             if SOFTCAP:
@@ -506,24 +516,15 @@ def loop_kernel(
     and sweep 2 writes scale (A p_j - lov w_j) chain_j.
     """
     row = tl.program_id(0).to(tl.int64)
-    target = tl.load(target_ptr + row).to(tl.int64)
-    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
-    k = tl.where(valid, target, 0)
+    valid, k = _row_target(target_ptr, row, ignore_index, num_classes)
     n_read = num_classes if LSE else tl.where(valid, num_classes, 0)  # ignored rows: nothing, but for their lse
     logits_row = logits_ptr + row * stride_lr
-    offsets = tl.arange(0, BLOCK)
-    if WIDE_COLS:
-        offsets = offsets.to(tl.int64)
+    offsets = col_offsets(BLOCK, WIDE_COLS)
     z_k = tl.load(logits_row + k * stride_lc, mask=valid, other=0.0).to(ACC_DTYPE)
-    cap = cap_hi  # (None, unused, without SOFTCAP)
-    inv_cap = icap_hi
+    cap, inv_cap = cap_values(cap_hi, cap_lo, icap_hi, icap_lo, ACC_DTYPE, SOFTCAP)
     if SOFTCAP:
-        cap = _wide(cap_hi, cap_lo, ACC_DTYPE)
-        inv_cap = _wide(icap_hi, icap_lo, ACC_DTYPE)
         z_k, chain_k = softcap(z_k, cap, inv_cap, FAST_EXP)  # (the sweeps' exp: z'_k == M where it holds the max)
-    # s is summed relative to a logit of the row: the target's, unless it is not finite or passes
-    # 2**64 in size (a class masked with the dtype's lowest value), where z - ref could overflow.
-    ref = tl.where(tl.abs(z_k) < 1.8446744073709552e19, z_k, 0.0)
+    ref = sum_ref(z_k)  # s is summed relative to the target's logit
 
     # Sweep 1 (row_stats); s_rel = sum (z - M) = S + n (ref - M) (W in place of n where WEIGHTED).
     M, R, S = row_stats(
@@ -544,43 +545,17 @@ def loop_kernel(
         WEIGHTED and SMOOTHING,  # (the weights enter sweep 1 only through s)
     )
     shift = tl.where(M == NEG_INF, 0.0, M)
-    w_k = 1.0
-    W = tl.cast(num_classes, ACC_DTYPE)
+    oml = wide(oml_hi, oml_lo, ACC_DTYPE)
+    lov = wide(lov_hi, lov_lo, ACC_DTYPE)
+    w_k, W = _target_weights(weight_ptr, scalars_ptr, k, valid, num_classes, ACC_DTYPE, WEIGHTED)
+    n = tl.cast(n_read, ACC_DTYPE)
     if WEIGHTED:
-        w_k = tl.load(weight_ptr + k, mask=valid, other=0.0).to(ACC_DTYPE)
-        W = tl.load(scalars_ptr + 2).to(ACC_DTYPE)
-        s_rel = S + W * (ref - shift)
-        loss = _row_loss_weighted(
-            R,
-            tl.where(valid, M, 0.0),
-            z_k,
-            s_rel,
-            _wide(oml_hi, oml_lo, ACC_DTYPE),
-            _wide(lov_hi, lov_lo, ACC_DTYPE),
-            w_k,
-            W,
-            SMOOTHING,
-        )
-    else:
-        s_rel = S + tl.cast(n_read, ACC_DTYPE) * (ref - shift)
-        loss = _row_loss(
-            R,
-            tl.where(valid, M, 0.0),
-            z_k,
-            s_rel,
-            _wide(oml_hi, oml_lo, ACC_DTYPE),
-            _wide(lov_hi, lov_lo, ACC_DTYPE),
-            SMOOTHING,
-        )
+        n = W
+    s_rel = S + n * (ref - shift)
     lse = _row_lse(M, R)
-    zl = 0.0
-    if ZLOSS:
-        lse_k = tl.where(valid, lse, 0.0)  # (an ignored row's may be -inf: no inf x 0 from it)
-        zl = 2.0 * _wide(zl_hi, zl_lo, ACC_DTYPE) * w_k * lse_k  # the z-loss's 2 s w_k lse
-        loss += 0.5 * zl * lse_k  # s w_k lse^2
-    tl.store(rows_ptr + row, tl.where(valid, loss, 0.0).to(rows_ptr.dtype.element_ty))
-    if LSE:
-        tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
+    zl, z_term = _z_loss(lse, valid, w_k, zl_hi, zl_lo, ACC_DTYPE, ZLOSS)
+    loss = _row_loss(R, tl.where(valid, M, 0.0), z_k, s_rel, oml, lov, w_k, W, z_term, SMOOTHING, WEIGHTED, ZLOSS)
+    _write_row(rows_ptr, lse_ptr, row, valid, loss, lse, LSE)
 
     if COMPUTE_GRAD:
         grad_row = grad_ptr + row * stride_gr
@@ -591,9 +566,9 @@ def loop_kernel(
             scale = tl.load(scalars_ptr).to(ACC_DTYPE)
             a = inv_d * scale
             if WEIGHTED or ZLOSS:
-                A = _wide(oml_hi, oml_lo, ACC_DTYPE) * w_k + _wide(lov_hi, lov_lo, ACC_DTYPE) * W + zl
+                A = oml * w_k + lov * W + zl
                 a = A * a
-            b = _wide(lov_hi, lov_lo, ACC_DTYPE) * scale
+            b = lov * scale
             grad_sweep(
                 logits_row,
                 stride_lc,
@@ -624,8 +599,8 @@ def loop_kernel(
                     inv_d,
                     scale,
                     A,
-                    _wide(oml_hi, oml_lo, ACC_DTYPE),
-                    _wide(lov_hi, lov_lo, ACC_DTYPE),
+                    oml,
+                    lov,
                     w_k,
                     W,
                     zl,
@@ -643,7 +618,7 @@ def loop_kernel(
                     lov_lo,
                     tgt_hi,
                     tgt_lo,
-                    _wide(lamk_hi, lamk_lo, ACC_DTYPE),
+                    wide(lamk_hi, lamk_lo, ACC_DTYPE),
                     False,
                 )
             if SOFTCAP:

@@ -15,7 +15,9 @@ import triton
 import triton.language as tl
 
 from smoothce.backends.triton_common import (
+    cap_values,
     check_device,
+    col_offsets,
     device_guard,
     grad_sweep,
     kernel_switches,
@@ -23,6 +25,8 @@ from smoothce.backends.triton_common import (
     row_stats,
     softcap,
     split_float,
+    sum_ref,
+    wide,
     zero_row,
 )
 from smoothce.numerics import loss_dtype
@@ -38,9 +42,13 @@ def _scalar(value, IN_MEMORY: tl.constexpr):
 
 
 @triton.jit
-def _wide(hi, lo, ACC_DTYPE: tl.constexpr):
-    # A float passed as two float32 halves (``split_float``), in the accumulation dtype.
-    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+def _slice_target(target_ptr, row, start, ignore_index, local_classes, START_IN_MEMORY: tl.constexpr):
+    # (valid, k, owned): whether the row's target is not ignore_index, its column in the slice, and
+    # whether the slice holds it.
+    target = tl.load(target_ptr + row).to(tl.int64)
+    valid = target != ignore_index
+    k = target - _scalar(start, START_IN_MEMORY)
+    return valid, k, valid & (k >= 0) & (k < local_classes)
 
 
 @triton.jit
@@ -87,25 +95,17 @@ def shard_stats_kernel(
     """
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
-    offsets = tl.arange(0, BLOCK_V)
-    if WIDE_COLS:
-        offsets = offsets.to(tl.int64)
-    target = tl.load(target_ptr + row).to(tl.int64)
-    k = target - _scalar(start, START_IN_MEMORY)
-    owned = (target != ignore_index) & (k >= 0) & (k < local_classes)
+    offsets = col_offsets(BLOCK_V, WIDE_COLS)
+    _, k, owned = _slice_target(target_ptr, row, start, ignore_index, local_classes, START_IN_MEMORY)
     # One scalar read: z_k where the slice holds the target, else column 0, a logit of the row that
-    # the per-lane sums s are taken from (a common offset cancels in z - ref); 0 where it is not
-    # finite or 2**64 or more in size (a class masked with the dtype's lowest value: z - ref overflows).
+    # the per-lane sums s are taken from (``sum_ref``: a common offset cancels in z - ref).
     z_ref = tl.load(logits_row + tl.where(owned, k, 0) * stride_logits_col, mask=local_classes > 0, other=0.0)
     z_ref = z_ref.to(ACC_DTYPE)
-    cap = cap_hi  # (None, unused, without SOFTCAP)
-    inv_cap = icap_hi
+    cap, inv_cap = cap_values(cap_hi, cap_lo, icap_hi, icap_lo, ACC_DTYPE, SOFTCAP)
     if SOFTCAP:
-        cap = _wide(cap_hi, cap_lo, ACC_DTYPE)
-        inv_cap = _wide(icap_hi, icap_lo, ACC_DTYPE)
         z_ref, _ = softcap(z_ref, cap, inv_cap, FAST_EXP)  # as the sweep caps it: shard_grad compares it with M
     z_k = tl.where(owned, z_ref, 0.0)
-    ref = tl.where(tl.abs(z_ref) < 1.8446744073709552e19, z_ref, 0.0)
+    ref = sum_ref(z_ref)
 
     row_max, r_row, s_row = row_stats(
         logits_row,
@@ -202,18 +202,13 @@ def shard_grad_kernel(
     c (B p_k - (lam / V) w_k - (1 - lam) w_k (1 - p_k)) (1 - (z'_k / cap)^2), B = (lam / V) W + 2 s w_k lse.
     """
     row = tl.program_id(0).to(tl.int64)
-    target = tl.load(target_ptr + row).to(tl.int64)
-    valid = target != ignore_index
-    k = target - _scalar(start, START_IN_MEMORY)
-    owned = valid & (k >= 0) & (k < local_classes)
+    valid, k, owned = _slice_target(target_ptr, row, start, ignore_index, local_classes, START_IN_MEMORY)
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
-    offsets = tl.arange(0, BLOCK_V)
-    if WIDE_COLS:
-        offsets = offsets.to(tl.int64)
+    offsets = col_offsets(BLOCK_V, WIDE_COLS)
     out = grad_ptr.dtype.element_ty
     if valid:
-        lam = tl.cast(lam_hi, ACC_DTYPE) + tl.cast(lam_lo, ACC_DTYPE)
+        lam = wide(lam_hi, lam_lo, ACC_DTYPE)
         smooth = lam / _scalar(num_classes, V_IN_MEMORY).to(ACC_DTYPE)
         row_max = tl.load(row_max_ptr + row * stride_row_max).to(ACC_DTYPE)
         excess = tl.load(excess_ptr + row * stride_excess).to(ACC_DTYPE)
@@ -226,11 +221,7 @@ def shard_grad_kernel(
         b = tl.zeros((), ACC_DTYPE)
         if SMOOTHING:
             b = smooth * scale
-        cap = cap_hi  # (None, unused, without SOFTCAP)
-        inv_cap = icap_hi
-        if SOFTCAP:
-            cap = _wide(cap_hi, cap_lo, ACC_DTYPE)
-            inv_cap = _wide(icap_hi, icap_lo, ACC_DTYPE)
+        cap, inv_cap = cap_values(cap_hi, cap_lo, icap_hi, icap_lo, ACC_DTYPE, SOFTCAP)
         if SOFTCAP or WEIGHTED or ZLOSS:
             # A = (1 - lam) w_k + B, B = (lam / V) W + 2 s w_k lse (w_k = 1 and W = V without weights).
             w_k = tl.full((), 1.0, ACC_DTYPE)
@@ -241,7 +232,7 @@ def shard_grad_kernel(
                 if SMOOTHING:
                     b_row = smooth * tl.load(total_weight_ptr).to(ACC_DTYPE)
             if ZLOSS:
-                b_row += 2.0 * _wide(zl_hi, zl_lo, ACC_DTYPE) * w_k * tl.load(lse_ptr + row).to(ACC_DTYPE)
+                b_row += 2.0 * wide(zl_hi, zl_lo, ACC_DTYPE) * w_k * tl.load(lse_ptr + row).to(ACC_DTYPE)
             a = ((1.0 - lam) * w_k + b_row) * a
         grad_sweep(
             logits_row,
