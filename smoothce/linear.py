@@ -46,6 +46,9 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # 512 MiB ones 0.97x.
 DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20}
 DEFAULT_ACCELERATOR_CHUNK_BYTES = 256 << 20
+# Where d weight is summed in fp32 from half chunks without a mixed-dtype matmul (CPU, XPU), each
+# chunk's gradient is upcast this many pieces at a time (of its classes), so the copy is small.
+UPCAST_PIECES = 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,19 +343,29 @@ def _bf16_precision_fp32_matmuls():
 def accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused: bool = False) -> None:
     """acc += a @ b, with acc possibly fp32 and a, b half: in one matmul where the device can.
 
-    Otherwise chunk-sized fp32 copies of a and b. For bf16 on a CPU with bf16 units, their fp32 matmul
-    runs at bf16 precision: each product of two bf16 values is exact in fp32 and the sums stay fp32,
-    so the result is the fp32 matmul's (up to summation order) at about twice its speed.
+    Otherwise fp32 copies of b and of a (a's rows in ``UPCAST_PIECES`` pieces). For bf16 on a CPU
+    with bf16 units, their fp32 matmul runs at bf16 precision: each product of two bf16 values is
+    exact in fp32 and the sums stay fp32, so the result is the fp32 matmul's (up to summation
+    order) at about twice its speed.
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif fused:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    elif a.dtype == torch.bfloat16 and a.device.type == "cpu" and _cpu_multiplies_bf16():
-        with _bf16_precision_fp32_matmuls():
-            acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # chunk-sized upcasts (CPU, XPU)
+        bf16_units = a.dtype == torch.bfloat16 and a.device.type == "cpu" and _cpu_multiplies_bf16()
+        b = b.to(acc.dtype)
+        step = -(-a.shape[0] // UPCAST_PIECES)
+        with _bf16_precision_fp32_matmuls() if bf16_units else contextlib.nullcontext():
+            for lo in range(0, a.shape[0], step):
+                acc[lo : lo + step].addmm_(a[lo : lo + step].to(acc.dtype), b)
+
+
+def chunk_budget(chunk_bytes: int, dtype: torch.dtype, fp32_upcast: bool) -> int:
+    """The bytes a chunk's logits may take, leaving room for ``accumulate_``'s fp32 upcast where it makes one."""
+    if not fp32_upcast:
+        return chunk_bytes
+    return max(1, chunk_bytes * UPCAST_PIECES * dtype.itemsize // (UPCAST_PIECES * dtype.itemsize + 4))
 
 
 @torch.no_grad()
@@ -400,9 +413,7 @@ def _run_chunks(
     fused = fp32_acc and grad_weight and _fp32_out_supported(device, "addmm")
     # float16 "mean": d hidden to fp32, scaled, rounded once, where the device can (else two roundings).
     hidden_fp32 = post_scale is not None and grad_hidden and _fp32_out_supported(device, "mm")
-    budget = chunk_bytes
-    if fp32_acc and not fused and grad_weight:
-        budget = max(1, chunk_bytes * dtype.itemsize // (dtype.itemsize + 4))  # room for the fp32 upcast
+    budget = chunk_budget(chunk_bytes, dtype, fp32_acc and not fused and grad_weight)
     rows_per_chunk = chunk_rows(n_rows, num_classes, dim, dtype, budget)
 
     d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else None

@@ -103,9 +103,7 @@ def _fp32_weight_grad() -> bool:
 def _rows_per_chunk(hidden, weight, sizes, chunk_bytes, fp32_acc, grad_weight):
     # From the largest slice, so every rank cuts the rows alike (each chunk is a collective).
     dtype = hidden.dtype
-    budget = chunk_bytes
-    if fp32_acc and grad_weight and hidden.device.type == "cpu":
-        budget = max(1, chunk_bytes * dtype.itemsize // (dtype.itemsize + 4))  # room for the fp32 upcast
+    budget = linear.chunk_budget(chunk_bytes, dtype, fp32_acc and grad_weight and hidden.device.type == "cpu")
     return linear.chunk_rows(hidden.shape[0], max(sizes), hidden.shape[1], dtype, budget)
 
 
