@@ -1,5 +1,4 @@
-"""What one benchmark case is (N tokens, V classes, dtype, mode, λ and the loss's options), its inputs and its
-float64 loss."""
+"""One benchmark case (N tokens, V classes, dtype, mode, λ, the loss's options), its inputs and its float64 loss."""
 
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ class Case:
         return self.n * self.v * DTYPES[self.dtype].itemsize
 
     @property
-    def bytes_moved(self) -> int:
-        """The least traffic of BYTES_MODEL."""
+    def bytes_moved(self) -> int:  # BYTES_MODEL
         return self.logits_bytes * (2 if self.mode == FWD_BWD else 1)
 
     def options(self, weight=None) -> dict:
@@ -50,14 +48,13 @@ class Case:
         return names + ["weighted z_loss"] * (self.class_weights and self.z_loss != 0)
 
 
-def grid(shapes, dtypes, modes, label_smoothing: float = 0.1, **options) -> list[Case]:
+def grid(shapes, dtypes, modes, label_smoothing: float = 0.1) -> list[Case]:
     """Every (shape, dtype, mode), shape by shape, so each shape's logits are made once per dtype."""
-    return [Case(n, v, d, m, label_smoothing, **options) for n, v in shapes for d in dtypes for m in modes]
+    return [Case(n, v, d, m, label_smoothing) for n, v in shapes for d in dtypes for m in modes]
 
 
 def make_inputs(n: int, v: int, dtype: str, device: torch.device, seed: int, ignore_every: int = 0):
-    """Logits ~ N(0, 1) of shape (N, V) and int64 targets uniform in [0, V), from ``seed``; with
-    ``ignore_every = k > 0`` every k-th target (rows k-1, 2k-1, ...) is IGNORE_INDEX."""
+    """Logits (N, V) ~ N(0, 1) and int64 targets uniform in [0, V) from ``seed``, every k-th IGNORE_INDEX (k > 0)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(n, v, generator=generator, device=device, dtype=DTYPES[dtype])
     target = torch.randint(0, v, (n,), generator=generator, device=device, dtype=torch.int64)

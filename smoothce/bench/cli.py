@@ -1,13 +1,12 @@
-"""The command line of ``python -m smoothce.bench`` (``--help`` lists the options): presets, the loss's options,
-and where results go: benchmarks/results/<device>/[<preset>][-tiny][-<the options>]/ (``--op linear``: .../linear/).
-Say ``--quick``, ``--preset gpu-targets``, ``--shapes 2048x32000 --dtypes bf16``, ``--softcap 30 --z-loss 1e-4``."""
+"""Time and peak memory of smoothce's cross-entropy (--op linear: its fused linear loss) against PyTorch and, on GPUs
+where installed, other libraries' kernels; results in benchmarks/results/<device>/[<preset>][-tiny][-<options>]/
+(--op linear: .../linear/). Say --quick, --preset gpu-targets, --shapes 2048x32000 --dtypes bf16, --softcap 30."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -26,9 +25,8 @@ PRESETS = {  # token counts on CPU, on accelerators, vocabulary sizes, rounds on
 
 
 def gpu_target_cases() -> list[cases.Case]:
-    """fwd+bwd and fwd, λ = 0.1, bf16 and fp32, at TARGET_SHAPES, the default sweep's 1024-row shapes and
-    HOST_SHAPE (the host's launch overhead); plus fwd+bwd at λ = 0 on TARGET_SHAPES for quack (which has no label
-    smoothing; without torch.compile, to keep within the time limit). Grouped by V so each V compiles once."""
+    """fwd+bwd and fwd, λ = 0.1, bf16 and fp32 at TARGET_SHAPES, 1024 × each V and HOST_SHAPE (launch overhead);
+    fwd+bwd at λ = 0 on TARGET_SHAPES for quack, without torch.compile (time). Grouped by V: each V compiles once."""
     shapes = [*TARGET_SHAPES, *((1024, v) for v in cases.VOCAB_SIZES), HOST_SHAPE]
     unsmoothed = ("smoothce", "torch-eager", "liger", "flash-attn", "quack")
     out = []
@@ -40,8 +38,7 @@ def gpu_target_cases() -> list[cases.Case]:
 
 
 def _arg(kind, name: str, ok=lambda value: 0 < value < float("inf"), many: bool = False):
-    """An argparse type: ``kind`` of the text (of each comma-separated item with ``many``) where ``ok``, else a
-    ValueError, which argparse reports as "invalid <name> value: '<text>'"."""
+    """An argparse type: ``kind`` of the text (of each comma-separated item: ``many``), a ValueError unless ``ok``."""
 
     def parse(text: str):
         items = [kind(item.strip()) for item in text.split(",")] if many else [kind(text)]
@@ -55,11 +52,7 @@ def _arg(kind, name: str, ok=lambda value: 0 < value < float("inf"), many: bool 
 
 def build_parser(op: str = "cross_entropy") -> argparse.ArgumentParser:
     linear_op = op == "linear"
-    parser = argparse.ArgumentParser(
-        prog="python -m smoothce.bench",
-        description="Time and peak memory of smoothce's cross-entropy (--op linear: its fused linear loss) against "
-        "PyTorch and, on GPUs where installed, other libraries' kernels.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m smoothce.bench", description=__doc__)
     add = parser.add_argument
     add("--op", choices=["cross_entropy", "linear"], default="cross_entropy")
     size = parser.add_mutually_exclusive_group()
@@ -138,15 +131,12 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     if targets and custom:
         parser.error("--preset gpu-targets runs fixed shapes: leave out --shapes/--tokens/--vocab")
     sizes = PRESETS.get(args.preset, PRESETS["default"])
-    if targets:
-        case_list = gpu_target_cases()
-    else:
-        shapes = args.shapes or [(n, v) for n in args.tokens or sizes[not on_cpu] for v in args.vocab or sizes[2]]
-        case_list = cases.grid(shapes, args.dtypes or ["fp32", "bf16"], args.modes, args.label_smoothing)
-    if args.tiny:
-        case_list = [dataclasses.replace(c, n=max(2, c.n // 256), v=max(2, c.v // 256)) for c in case_list]
+    shapes = args.shapes or [(n, v) for n in args.tokens or sizes[not on_cpu] for v in args.vocab or sizes[2]]
+    case_list = cases.grid(shapes, args.dtypes or ["fp32", "bf16"], args.modes, args.label_smoothing)
+    case_list = gpu_target_cases() if targets else case_list
     options = {"softcap": args.softcap, "z_loss": args.z_loss, "class_weights": args.class_weights}
-    case_list = [dataclasses.replace(c, **options) for c in case_list]
+    tiny = lambda c: {"n": max(2, c.n // 256), "v": max(2, c.v // 256)} if args.tiny else {}
+    case_list = [dataclasses.replace(c, **options, **tiny(c)) for c in case_list]
     why_not = {}  # per implementation: None where it can run one of the cases, else why not
     for name in args.impls or IMPLEMENTATIONS:
         reasons = [IMPLEMENTATIONS[name].unavailable_reason(device.type, case.option_names) for case in case_list]
@@ -189,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, out = settings_from_args(args, parser)
     out.mkdir(parents=True, exist_ok=True)
     record = runner.run(settings, checkpoint=lambda partial: report.write(partial, out, []))
-    pngs, why_no_plots = ([], None) if args.no_plots else report.write_plots(record, out)
-    if why_no_plots:
-        print(why_no_plots, file=sys.stderr)
+    pngs = [] if args.no_plots else report.write_plots(record, out)
     written = report.write(record, out, pngs) + [out / name for name in pngs]
     print("\n".join(report.summary_lines(record)))
     print("\nwrote " + ", ".join(str(path) for path in written))

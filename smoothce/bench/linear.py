@@ -1,7 +1,4 @@
-"""The fused linear loss's sweep (``python -m smoothce.bench --op linear``): forward + backward of the LM
-head's loss, hidden (N, D) through weight (V, D), timed against PyTorch's ways to compute it, with peak
-memory and the gradients' error against float64.
-"""
+"""``--op linear``: the fused LM-head loss's forward + backward against PyTorch's: time, memory, gradient error."""
 
 from __future__ import annotations
 
@@ -48,10 +45,7 @@ def _partial(function=eager, chunked=False, compiled=False):
 LINEAR_CE = getattr(F, "linear_cross_entropy", None)  # PyTorch 2.13's own fused loss
 IMPLEMENTATIONS = {  # name: (what it is, (label_smoothing) -> loss function (hidden, weight, target) -> scalar)
     "smoothce": ("smoothce.linear_cross_entropy", _partial(smoothce.linear_cross_entropy)),
-    "torch-eager": (
-        "F.cross_entropy(F.linear(hidden, weight), target): the (N, V) logits and gradient made",
-        _partial(),
-    ),
+    "torch-eager": ("F.cross_entropy(F.linear(hidden, weight), target): (N, V) logits and gradient made", _partial()),
     "torch-compile": ("the same under torch.compile (compilation not timed)", _partial(compiled=True)),
     "torch-linear-ce": ("torch.nn.functional.linear_cross_entropy, default options=None", _partial(LINEAR_CE)),
     "torch-linear-ce-chunked": ("the same, chunked: LinearCrossEntropyOptions(), λ = 0", _partial(LINEAR_CE, True)),
@@ -87,10 +81,8 @@ class Step:
     """One forward + backward of an implementation on fixed inputs; ``run`` leaves the gradients."""
 
     def __init__(self, name, hidden, weight, target, label_smoothing=LABEL_SMOOTHING):
-        self.hidden = hidden.detach().clone().requires_grad_(True)
-        self.weight = weight.detach().clone().requires_grad_(True)
-        self.target = target
-        self.fn = None if name == "matmuls" else IMPLEMENTATIONS[name][1](label_smoothing)
+        self.hidden, self.weight = (t.detach().clone().requires_grad_(True) for t in (hidden, weight))
+        self.target, self.fn = target, None if name == "matmuls" else IMPLEMENTATIONS[name][1](label_smoothing)
 
     def release(self):
         self.hidden.grad = self.weight.grad = None
@@ -110,10 +102,10 @@ class Step:
         return measure.peak_extra(self, device) - sum(t.numel() * t.element_size() for t in (self.hidden, self.weight))
 
 
-def cpu_peak_extra(impl, shape, dtype, *, threads=None, chunk_bytes=None) -> dict:
+def cpu_peak_extra(impl, shape, dtype, *, threads=None) -> dict:
     """``Step.peak_extra`` of ``impl`` on the CPU at ``shape`` (N, D, V), after a warm-up run, as a dict."""
     step = Step(impl, *make_inputs(*shape, DTYPES[dtype], torch.device("cpu")))
-    with set_torch_threads(threads or torch.get_num_threads()), smoothce.linear.settings(chunk_bytes=chunk_bytes):
+    with set_torch_threads(threads or torch.get_num_threads()):
         step.run()  # warm-up: libraries, thread pools, compilation
         return {"peak_extra_bytes": step.peak_extra(torch.device("cpu"))}
 
@@ -164,17 +156,13 @@ def markdown(record: dict) -> str:
         eager_ms, ours = (case["results"].get(name, {}).get("ms") for name in ("torch-eager", "smoothce"))
         floor, size = case["results"]["matmuls"]["ms"], case["logits_bytes"]
         for name, r in case["results"].items():
-            peak = r.get("peak_extra_bytes")
-            mem = r.get("error", "n/a") if peak is None else f"{peak / 2**20:.0f} MiB ({peak / size:.2f}x)"
-            errs = [f"{r[key]:.2e}" if key in r else "" for key in ("d_hidden", "d_weight")]
-            vs_eager, speedup = (
-                (f"{eager_ms / r['ms']:.2f}x" if eager_ms else ""),
-                (f"{r['ms'] / ours:.2f}x" if ours else ""),
-            )
-            lines.append(
-                f"| {case['n']}x{case['d']}x{case['v']} | {case['dtype']} | {name} | {r['ms']:.1f} | {r['ms_min']:.1f} "
-                f"| {vs_eager} | {speedup} | {r['ms'] / floor:.2f} | {r['tflops']:.2f} | {mem} | {' | '.join(errs)} |"
-            )
+            peak, ms = r.get("peak_extra_bytes"), r["ms"]
+            cells = [f"{case['n']}x{case['d']}x{case['v']}", case["dtype"], name, f"{ms:.1f}", f"{r['ms_min']:.1f}"]
+            cells += [f"{eager_ms / ms:.2f}x" if eager_ms else "", f"{ms / ours:.2f}x" if ours else ""]
+            cells += [f"{ms / floor:.2f}", f"{r['tflops']:.2f}"]
+            cells += [r.get("error", "n/a") if peak is None else f"{peak / 2**20:.0f} MiB ({peak / size:.2f}x)"]
+            cells += [f"{r[key]:.2e}" if key in r else "" for key in ("d_hidden", "d_weight")]
+            lines.append("| " + " | ".join(cells) + " |")
     method = measure.CPU_METHOD if record["environment"]["device_type"] == "cpu" else measure.ACCELERATOR_METHOD
     lines.append(
         "\nvs eager: eager's median time / this one's (above 1 is faster); smoothce's speed-up: this one's / "
@@ -186,8 +174,7 @@ def markdown(record: dict) -> str:
 
 
 def main(args: argparse.Namespace, device: torch.device, out: Path) -> dict:
-    """The sweep ``python -m smoothce.bench --op linear`` asks for (``args``), written to ``out``/linear.md and
-    linear.json; ``--chunk-mib`` and ``--half-weight-grad``: ``smoothce.linear.settings`` for smoothce's runs."""
+    """The sweep ``args`` asks for, written to ``out``/linear.md and linear.json."""
     cpu, quick, lam = device.type == "cpu", args.preset == "quick", args.label_smoothing
     if args.threads and cpu:
         torch.set_num_threads(args.threads)

@@ -1,5 +1,4 @@
-"""Where and with what a benchmark ran: ``torch.utils.collect_env`` plus the device, the peers' versions,
-smoothce's backend and commit, the date and the load; and the sentences every results file opens with."""
+"""Where and with what a benchmark ran (``collect_env``, device, versions, backend, commit, date, load), as text."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ GIT_DESCRIBE += ["--dirty=+dirty", "--exclude=*"]
 
 def cpu_model(cpu_info: str | None = None) -> str:
     """The CPU's model name, from collect_env's ``lscpu`` output."""
-    if cpu_info is None:
-        cpu_info = collect_env.get_cpu_info(collect_env.run) or ""
+    cpu_info = (collect_env.get_cpu_info(collect_env.run) or "") if cpu_info is None else cpu_info
     found = re.search(r"^Model name:\s*(.+)$", cpu_info, re.MULTILINE)
     return found.group(1).strip() if found else "unknown CPU"
 
@@ -78,14 +76,12 @@ def describe(device: torch.device) -> dict:
 
 
 def text(env: dict) -> str:
-    """``describe``'s record in two sentences: when and on what (device, cores, threads), then the versions,
-    commit, smoothce's backend and the load average at the start (and the end where recorded)."""
+    """``describe``'s record in two sentences: when and on what, then versions, commit, backend and load."""
     memory = f", {env['device_memory_bytes'] / 2**30:.0f} GiB" if env.get("device_memory_bytes") else ""
     host = f"; host CPU {env['cpu']}" if env["device_type"] != "cpu" else ""
     backend = env["smoothce_backend"] + (" (set by SMOOTHCE_BACKEND)" if env.get("smoothce_backend_env") else "")
-    load = f"{env['load_average_at_start']:.2f} at the start" + (
-        f", {env['load_average_at_end']:.2f} at the end" if env.get("load_average_at_end") is not None else ""
-    )
+    end = f", {env['load_average_at_end']:.2f} at the end" if env.get("load_average_at_end") is not None else ""
+    load = f"{env['load_average_at_start']:.2f} at the start{end}"
     return (
         f"Measured {env['date']} on **{env['device_name']}{memory}{host}; {env['logical_cores']} logical cores, "
         f"{env['torch_threads']} torch threads; {env['platform']}**. Versions: "

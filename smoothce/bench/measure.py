@@ -1,17 +1,14 @@
-"""Measuring one ``Step`` (``prepare`` untimed, then ``run``): its time, and the memory it needs beyond its inputs.
-
-Time: on CPU ``torch.utils.benchmark.Timer.blocked_autorange`` (an untimed warm-up run per round, then runs for
-``rep_ms``); on GPUs ``triton.testing.do_bench``. Rounds of several steps are interleaved (``time_rounds``). Memory:
-ACCELERATOR_METHOD and CPU_METHOD, which the reports quote; for fwd+bwd it includes the returned gradient.
-"""
+"""A ``Step``'s time (``torch.utils.benchmark`` on CPU, ``triton.testing.do_bench`` on GPUs) and peak memory."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
+import re
 import statistics
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch.utils import benchmark
@@ -44,8 +41,7 @@ class Timer:
         else:
             from triton.testing import do_bench
 
-            leaf = getattr(step, "logits", None)
-            leaves = [leaf] if leaf is not None and leaf.requires_grad else None
+            leaves = [step.logits] if getattr(getattr(step, "logits", None), "requires_grad", False) else None
             with getattr(torch, self.device.type).device(self.device):
                 ms = do_bench(step.run, self.warmup_ms, self.rep_ms, grad_to_none=leaves, return_mode="median")
             seconds = ms / 1e3
@@ -54,8 +50,7 @@ class Timer:
 
 
 class Limit:
-    """The least work of a case, timed like a ``Step``: ``copy`` (read the logits, write a gradient-sized buffer:
-    the floor of forward+backward) or ``read`` (``torch.amax``, every logit read once: the floor of a forward)."""
+    """The least work, timed like a ``Step``: ``copy`` the logits (fwd+bwd's floor) or ``read`` them (fwd's)."""
 
     def __init__(self, logits: torch.Tensor, kind: str):
         if kind not in ("copy", "read"):
@@ -77,10 +72,8 @@ def summarize(times: list[float]) -> dict:
 
 
 def time_rounds(steps: Mapping[str, object], measure: Callable[[object], float], rounds: int):
-    """``rounds`` rounds of ``measure(step)`` for every step, the start rotating by one each round, so slow
-    drifts of the machine fall on all alike. Returns (seconds per round per name, error per name that failed,
-    the order of the measurements); a step that raises is dropped and its error recorded.
-    """
+    """``rounds`` rounds of ``measure(step)`` for every step, the start rotating each round so drifts fall on all
+    alike: (seconds per round per name, error per name of a step that raised and was dropped, the order measured)."""
     alive, errors, order = list(steps), {}, []
     times: dict[str, list[float]] = {name: [] for name in alive}
     for r in range(rounds):
@@ -95,15 +88,8 @@ def time_rounds(steps: Mapping[str, object], measure: Callable[[object], float],
     return {name: times[name] for name in alive}, errors, order
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
 def rss_growth(run) -> int:
-    """Bytes by which the resident set peaks above its current size while ``run()`` runs (Linux). Meanwhile glibc's
-    malloc gives blocks over 64 KiB back to the system on free; afterwards the thresholds its own dynamic rule
-    reaches in a process that frees large buffers (32 MiB mmap, 64 MiB trim). Another malloc: measured as it is."""
+    """Bytes the resident set peaks above its size in ``run()`` (Linux; glibc meanwhile frees blocks over 64 KiB)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if glibc := hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
@@ -113,9 +99,10 @@ def rss_growth(run) -> int:
         gc.collect()
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # the high-water mark VmHWM := the current resident set
-        base = _status_kib("VmRSS")
+        kib = lambda field: int(re.search(rf"^{field}:\s*(\d+)", Path("/proc/self/status").read_text(), re.M)[1])
+        base = kib("VmRSS")
         run()
-        return (_status_kib("VmHWM") - base) * 1024
+        return (kib("VmHWM") - base) * 1024
     finally:
         if glibc:
             libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)

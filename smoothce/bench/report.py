@@ -1,14 +1,11 @@
-"""Writing a sweep's record: results.json (raw numbers), results.md (tables), summary.md, PNG plots.
-
-Ratios compare smoothce with each baseline of the same run: speed-up = baseline time / smoothce's; memory
-saving = baseline peak beyond the logits / smoothce's (peaks under 1 MiB count as 1 MiB, so a saving may be
-a bound, "≥" or "≤"); of limit = the case's limit time / the implementation's. Above 1: smoothce is better.
-"""
+"""A sweep's record as results.json, results.md, summary.md and PNGs. Ratios against each baseline of the same run:
+its time / smoothce's, its peak memory / smoothce's (≥, ≤: a peak under 1 MiB counted as 1 MiB); above 1: better."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 from smoothce.bench import machine
@@ -37,10 +34,8 @@ def plot_name(mode: str, dtype: str, label_smoothing: float = 0.1) -> str:
 
 def groups(record: dict) -> dict[tuple[str, str, float], list[dict]]:
     """The record's cases by (mode, dtype, λ), in order of appearance: one table and one plot each."""
-    out: dict[tuple[str, str, float], list[dict]] = {}
-    for case in record["cases"]:
-        out.setdefault((case["mode"], case["dtype"], case["label_smoothing"]), []).append(case)
-    return out
+    key = lambda case: (case["mode"], case["dtype"], case["label_smoothing"])
+    return {k: [c for c in record["cases"] if key(c) == k] for k in dict.fromkeys(map(key, record["cases"]))}
 
 
 def ratios(case: dict) -> dict:
@@ -59,17 +54,18 @@ def ratios(case: dict) -> dict:
     return out
 
 
-def _time(seconds: float) -> str:
-    """Three significant digits in s, ms or µs, whichever keeps the number in [1, 1000)."""
+def _time(seconds: float | None) -> str:
+    """Three significant digits in s, ms or µs, whichever keeps the number in [1, 1000); "—" for none."""
+    if not seconds:
+        return "—"
     for unit, scale in (("s", 1.0), ("ms", 1e3)):
         if float(digits := f"{seconds * scale:#.3g}".rstrip(".")) >= 1.0:
             return f"{digits} {unit}"
     return f"{seconds * 1e6:#.3g}".rstrip(".") + " µs"
 
 
-def _cell(entry: dict, key: str = "median_s", logits_bytes: int = 0) -> str:
-    """A table cell of one implementation's ``entry``: its time (± half the interquartile range, ⚠ for a loss off
-    the reference), share of the limit and bandwidth ("of_limit"), or peak memory ("peak_extra_bytes")."""
+def cell(entry: dict, key: str = "median_s", logits_bytes: int = 0) -> str:
+    """One implementation's ``entry`` as its time (± half the IQR, ⚠: loss off), "of_limit" or "peak_extra_bytes"."""
     if "not_supported" in entry:
         return "not supported"
     if key not in entry or entry[key] is None:
@@ -85,11 +81,8 @@ def _cell(entry: dict, key: str = "median_s", logits_bytes: int = 0) -> str:
 
 def _ratios(case: dict, baselines: list[str], key: str) -> list[str]:
     """The ``key`` ratio against each baseline: three significant digits, trailing zeros kept (3.00×, 0.640×)."""
-    cells = []
-    for ratio in (case.get("ratios", {}).get(b, {}) for b in baselines):
-        bound = {"lower": "≥ ", "upper": "≤ ", None: ""}[ratio.get(key + "_bound")]
-        cells.append("—" if ratio.get(key) is None else bound + f"{ratio[key]:#.3g}".rstrip(".") + "×")
-    return cells
+    bound, of = {"lower": "≥ ", "upper": "≤ ", None: ""}, [case.get("ratios", {}).get(b, {}) for b in baselines]
+    return ["—" if r.get(key) is None else f"{bound[r.get(key + '_bound')]}{r[key]:#.3g}".rstrip(".") + "×" for r in of]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -107,22 +100,17 @@ def summary_lines(record: dict) -> list[str]:
     if not (baselines := _baselines(record)):
         return ["(smoothce and at least one baseline are needed for ratios.)"]
     rows = []
-    for case in record["cases"]:
-        ours, speed, saving = (
-            case["results"].get(OURS, {}),
-            *(_ratios(case, baselines, k) for k in ("speedup", "memory_saving")),
-        )
-        cells = [case["skipped"], *["—"] * (1 + 2 * len(baselines))] if case.get("skipped") else None
-        host = " (host-bound)" if _host_bound(record, case) else ""
-        rows.append([label(case) + host, *(cells or [_cell(ours), _cell(ours, "of_limit"), *speed, *saving])])
+    for case in record["cases"]:  # a skipped case has no results: "—" but for its first cell
+        ours, host = case["results"].get(OURS, {}), " (host-bound)" if _host_bound(record, case) else ""
+        speed, saving = (_ratios(case, baselines, key) for key in ("speedup", "memory_saving"))
+        rows.append([label(case) + host, case.get("skipped") or cell(ours), cell(ours, "of_limit"), *speed, *saving])
     header = ["case", "smoothce time", "of limit", *(f"speed-up vs {b}" for b in baselines)]
     return _table(header + [f"memory saving vs {b}" for b in baselines], rows)
 
 
 def _baselines(record: dict) -> list[str]:
     """The implementations smoothce is compared with (none without smoothce)."""
-    names = list(record["implementations"])
-    return [n for n in names if n != OURS] if OURS in names else []
+    return [n for n in record["implementations"] if n != OURS] if OURS in record["implementations"] else []
 
 
 def markdown(record: dict, plots: list[str]) -> str:
@@ -148,47 +136,44 @@ def markdown(record: dict, plots: list[str]) -> str:
     lines += ["", "Implementations:", "", *(f"- **{name}**: {text}" for name, text in names.items())]
     lines += [f"- not run: **{name}**, {why}" for name, why in record.get("not_run", {}).items()]
     lines += ["", "## Summary", "", *summary_lines(record)]
+
+    def row(case: dict, key: str, *first: str, ratio: str | None = None) -> list[str]:
+        """N × V, ``first``, every implementation's ``cell`` of ``key``, then the ``ratio`` against each baseline."""
+        cells = [cell(case["results"].get(name, {}), key, case["logits_bytes"]) for name in names]
+        return [f"{case['n']} × {case['v']}", *first, *cells, *(_ratios(case, baselines, ratio) if ratio else [])]
+
     for (mode, dtype, lam), group in groups(record).items():
         kind, done = ("copy" if mode == "fwd+bwd" else "read"), [c for c in group if not c.get("skipped")]
         time_rows = [[f"{c['n']} × {c['v']}", c["skipped"]] for c in group if c.get("skipped")]
-        limit_rows, memory_rows = [], []
-        for case in done:
-            results, limit, size = case["results"], case["limit"]["median_s"], case["logits_bytes"]
-            shape = f"{case['n']} × {case['v']}"
-            time_rows.append([shape, _time(limit) if limit else "—", *(_cell(results.get(n, {})) for n in names)])
-            time_rows[-1] += _ratios(case, baselines, "speedup")
-            limit_rows.append([shape, *(_cell(results.get(n, {}), "of_limit", size) for n in names)])
-            memory_rows.append([shape, f"{size / MIB:.3g} MiB"])
-            memory_rows[-1] += [_cell(results.get(n, {}), "peak_extra_bytes", size) for n in names]
-            memory_rows[-1] += _ratios(case, baselines, "memory_saving")
+        time_rows += [row(c, "median_s", _time(c["limit"]["median_s"]), ratio="speedup") for c in done]
         lines += ["", f"## {mode}, {dtype}, λ = {lam:g}", "", "Time per call and smoothce's speed-up:", ""]
         lines += _table(["N × V", f"{kind} limit", *names] + [f"speed-up vs {b}" for b in baselines], time_rows)
-        lines += ["", f"Share of the {kind} limit (limit time / time) and effective bandwidth, bytes = "]
-        lines[-1] += settings["bytes_model"][mode] + ":"
-        lines += ["", *_table(["N × V", *names], limit_rows)] if done else []
+        bytes_model = settings["bytes_model"][mode]
+        lines += ["", f"Share of the {kind} limit (limit time / time) and effective bandwidth, bytes = {bytes_model}:"]
+        lines += ["", *_table(["N × V", *names], [row(c, "of_limit") for c in done])] if done else []
         if settings["memory"] and done:
+            memory_rows = [
+                row(c, "peak_extra_bytes", f"{c['logits_bytes'] / MIB:.3g} MiB", ratio="memory_saving") for c in done
+            ]
             lines += ["", "Peak memory beyond the logits (in brackets: as a multiple of the logits' size):", ""]
             lines += _table(["N × V", "logits", *names] + [f"memory saving vs {b}" for b in baselines], memory_rows)
         if plot_name(mode, dtype, lam) in plots:
             lines += ["", f"![time and memory against V, {mode} {dtype} λ={lam:g}]({plot_name(mode, dtype, lam)})"]
     lines += ["", "## Notes", ""]
-    lines.append(
+    lines += [
         "- Limits, timed in the same rounds: copy = `out.copy_(logits)` (the least any forward+backward moves), "
         "read = `torch.amax(logits)` (the least any forward moves). Effective bandwidth counts that least traffic; "
         "b = bytes per logit. fwd+bwd runs `loss.backward()` on logits that require grad, the previous gradient "
         "dropped first (`grad = None`, as a training step's `zero_grad` does; on GPUs outside the timed events); fwd "
-        "runs under `torch.no_grad()`."
-    )
-    lines.append(
+        "runs under `torch.no_grad()`.",
         "- Every implementation's loss is checked against a float64 reference; ⚠ marks a loss off by more than the "
         "dtype's tolerance (fp32 1e-4, bf16 2e-2, fp16 5e-3, relative). not supported: the implementation lacks an "
-        "option of the case."
-    )
-    if settings["memory"]:
-        lines.append(
-            f"- Peak memory beyond the logits: {settings['memory_method']}. For fwd+bwd it includes the gradient "
-            "(N·V·b, 1.00× the logits), which every implementation returns."
-        )
+        "option of the case.",
+    ]
+    lines += [
+        f"- Peak memory beyond the logits: {settings['memory_method']}. For fwd+bwd it includes the gradient "
+        "(N·V·b, 1.00× the logits), which every implementation returns."
+    ] * settings["memory"]
     if host := [label(c) for c in record["cases"] if _host_bound(record, c)]:
         lines.append(
             f"- Host-bound rows ({'; '.join(host)}): the limit takes under {HOST_BOUND_S * 1e6:.0f} µs, so these "
@@ -215,23 +200,18 @@ def write(record: dict, directory: Path, plots: list[str]) -> list[Path]:
     return [results, summary, raw]
 
 
-def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
-    """PNGs of time (left) and peak memory beyond the logits (right) against V, one line per implementation and N,
-    one figure per (mode, dtype, λ). Returns the names written, or why none could be."""
+def write_plots(record: dict, directory: Path) -> list[str]:
+    """A PNG per (mode, dtype, λ), time and memory against V per implementation and N; the names written."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, never a window
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # files only: no pyplot, no window
     except ImportError:
-        return ([], "matplotlib is not installed (pip install 'smoothce[bench]'), so no plots were drawn")
+        print("matplotlib is not installed (pip install 'smoothce[bench]'), so no plots were drawn", file=sys.stderr)
+        return []
     metrics = [("median_s", 1e3, "time per call (ms)")]
-    if record["settings"]["memory"]:
-        metrics.append(("peak_extra_bytes", 1 / MIB, "peak memory beyond the logits (MiB)"))
-    written = []
+    metrics += [("peak_extra_bytes", 1 / MIB, "peak memory beyond the logits (MiB)")] * record["settings"]["memory"]
     for (mode, dtype, lam), group in groups(record).items():
-        fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.8), squeeze=False)
-        for ax, (key, scale, ylabel) in zip(axes[0], metrics, strict=True):
+        fig = Figure(figsize=(6.4 * len(metrics), 4.8))
+        for ax, (key, scale, ylabel) in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
             for name, n in itertools.product(record["implementations"], sorted({c["n"] for c in group})):
                 at = [(c["v"], c["results"].get(name, {}).get(key)) for c in group if c["n"] == n]
                 if points := sorted((v, value * scale) for v, value in at if value is not None):
@@ -245,6 +225,4 @@ def write_plots(record: dict, directory: Path) -> tuple[list[str], str | None]:
         fig.suptitle(f"{record['environment']['device_name']}, {record['environment']['date']}", fontsize=9)
         fig.tight_layout()
         fig.savefig(directory / plot_name(mode, dtype, lam), dpi=110)
-        plt.close(fig)
-        written.append(plot_name(mode, dtype, lam))
-    return written, None
+    return [plot_name(*key) for key in groups(record)]

@@ -1,7 +1,5 @@
-"""The cross-entropy sweep: per case, every implementation checked against a float64 loss, timed in
-interleaved rounds with the case's limit, and its peak memory measured. Shapes that do not fit in the free
-memory, and cases left after ``time_limit_s``, are skipped and marked. One progress line per case on stderr.
-"""
+"""The cross-entropy sweep: every implementation's loss checked against float64, timed in interleaved rounds with
+the case's limit, its peak memory measured; cases too big for free memory or past ``time_limit_s`` marked skipped."""
 
 from __future__ import annotations
 
@@ -45,9 +43,8 @@ class Settings:
     skipped_impls: dict[str, str] = field(default_factory=dict)  # name -> why it is not run
 
 
-def _time_case(settings: Settings, case: Case, logits, target, options: dict, reference: float, timer, limit) -> dict:
-    """Check and time every implementation that can run ``case`` (with ``options``, its keywords); measure their
-    memory too. An implementation without one of the case's options gets {"not_supported": why}."""
+def _time_case(settings: Settings, case: Case, logits, target, options: dict, reference: float, timer, limits) -> dict:
+    """Check, time and measure every implementation of ``case`` (an option it lacks: {"not_supported": why})."""
     steps, errors, losses, results = {}, {}, {}, {}
     for name in [n for n in settings.impls if case.impls is None or n in case.impls]:
         if why := IMPLEMENTATIONS[name].unavailable_reason(settings.device.type, case.option_names):
@@ -61,6 +58,7 @@ def _time_case(settings: Settings, case: Case, logits, target, options: dict, re
             steps[name] = step
         except Exception as error:
             errors[name] = describe_error(error)
+    limit = limits[case.mode]
     times, timing_errors, order = time_rounds({**steps, LIMIT: limit}, timer.measure, settings.rounds)
     errors.update(timing_errors)
     limit_s = summarize(times.pop(LIMIT))["median_s"] if LIMIT in times else None
@@ -101,9 +99,8 @@ def _record(settings: Settings, environment: dict, done: list[dict]) -> dict:
 
 
 def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: None) -> dict:
-    """Measure everything ``settings`` asks for; the record ``report`` writes. ``checkpoint(record)`` sees the record
-    so far after every shape and dtype, so a run cut short still leaves its results."""
-    device, done, last_v = settings.device, [], None
+    """The record of everything ``settings`` asks for; ``checkpoint`` gets it after every shape and dtype."""
+    device, done = settings.device, []
     with set_torch_threads(settings.threads):
         environment, timer = machine.describe(device), Timer(device, settings.warmup_ms, settings.rep_ms)
         started = time.perf_counter()
@@ -119,29 +116,21 @@ def run(settings: Settings, checkpoint: Callable[[dict], None] = lambda record: 
                 done += [{**record, "skipped": f"skipped: {why}", "results": {}} for record in base]
                 print(f"[{len(done)}/{len(settings.cases)}] {n}x{v} {dtype}: skipped, {why}", file=sys.stderr)
                 continue
-            if v != last_v:
-                torch.compiler.reset()  # compiled code per vocabulary size; no recompile limit across the sweep
-                last_v = v
+            if not done or done[-1]["v"] != v:  # compiled code per vocabulary size: no recompile limit in the sweep
+                torch.compiler.reset()
             logits, target = cases.make_inputs(n, v, dtype, device, settings.seed, settings.ignore_every)
             weight = cases.class_weights(v, dtype, device, settings.seed)
             limits = {mode: Limit(logits, "copy" if mode == FWD_BWD else "read") for mode in {c.mode for c in group}}
             references = {}  # float64 losses by (λ, options): the same for fwd and fwd+bwd
             for i, (case, record) in enumerate(zip(group, base, strict=True), 1):
-                key, options = (
-                    (case.label_smoothing, case.softcap, case.z_loss, case.class_weights),
-                    case.options(weight),
-                )
+                options = case.options(weight)
+                key = (case.label_smoothing, case.softcap, case.z_loss, case.class_weights)
                 if key not in references:
                     references[key] = cases.reference_loss(logits, target, case.label_smoothing, **options)
                 record.update(reference_loss=references[key], ignored_rows=int((target == IGNORE_INDEX).sum()))
-                record.update(
-                    _time_case(settings, case, logits, target, options, references[key], timer, limits[case.mode])
-                )
-                cells = [
-                    f"{n} " + (f"{e['median_s'] * 1e3:.3g} ms ({e['of_limit'] or 0:.2f})" if "median_s" in e else "✗")
-                    for n, e in record["results"].items()
-                    if "not_supported" not in e
-                ]
+                record.update(_time_case(settings, case, logits, target, options, references[key], timer, limits))
+                ran = {name: e for name, e in record["results"].items() if "not_supported" not in e}
+                cells = [f"{name} {report.cell(e)} ({report.cell(e, 'of_limit')})" for name, e in ran.items()]
                 progress = f"[{len(done) + i}/{len(settings.cases)} {time.perf_counter() - started:.0f} s]"
                 print(f"{progress} {report.label(record)}: {', '.join(cells)}", file=sys.stderr, flush=True)
             del logits, target, weight, limits

@@ -1,7 +1,5 @@
-"""``python -m smoothce.bench.vocab_parallel [--vocab ...] [--rows ...] [--world 2] [--backend gloo|nccl]
-[--out PATH]``: the bytes the vocabulary-parallel loss all-reduces (recorded, not assumed), and its time on rank 0
-against ``smoothce.cross_entropy`` on the full logits in one process. ``launch`` starts the ranks.
-"""
+"""``python -m smoothce.bench.vocab_parallel``: the bytes the vocabulary-parallel loss all-reduces (recorded, not
+assumed) and its time on rank 0 against ``smoothce.cross_entropy`` on the full logits; ``launch`` starts the ranks."""
 
 from __future__ import annotations
 
@@ -14,12 +12,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.benchmark import Timer
 
+import smoothce
 from smoothce.bench import machine
+from smoothce.distributed import vocab_parallel_cross_entropy
 
 COLLECTIVES = {"all_reduce", "all_reduce_", "all_reduce_coalesced", "all_gather_into_tensor", "broadcast"}
 COLLECTIVES |= {"all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "all_to_all_single"}
@@ -46,8 +47,6 @@ class CollectiveRecorder(TorchDispatchMode):
 
 def _rank_main(rank, fn, world, port, backend, args, results):
     """One rank: join the group (gloo over loopback on the CPU, NCCL on GPU ``rank``), run ``fn``, report."""
-    import torch.distributed as dist
-
     if "lo" in {name for _, name in socket.if_nameindex()}:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's pairs on loopback, not only its store
     device, extra = torch.device("cpu"), {}
@@ -63,8 +62,7 @@ def _rank_main(rank, fn, world, port, backend, args, results):
 
 
 def launch(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 600.0) -> list:
-    """``[fn(rank, world, device, *args) for rank in range(world)]``, each rank in a process of its own (``fn`` and
-    ``args`` picklable). A rank that raises or dies, or ranks past ``timeout_s``: a RuntimeError naming the rank."""
+    """``[fn(rank, world, device, *args) for rank in range(world)]``, a process per rank; a failed one: RuntimeError."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -74,8 +72,7 @@ def launch(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 600.
     try:
         while len(values) < world:
             try:
-                rank, value = results.get(timeout=1.0)
-                values[rank] = value
+                values.update([results.get(timeout=1.0)])  # (rank, value)
             except queue.Empty:
                 ranks.join(timeout=0)  # raises when a rank failed
                 if time.monotonic() > deadline:
@@ -85,55 +82,42 @@ def launch(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 600.
         raise RuntimeError(f"rank {error.error_index} failed:\n{error}") from None
     finally:
         for process in ranks.processes:
-            if process.is_alive():
-                process.kill()
+            process.kill()  # nothing where it has exited
     return [values[r] for r in range(world)]
 
 
-def _fwd_bwd(loss, logits, target):
-    """One forward + backward step of ``loss`` (the previous gradient dropped first)."""
+def _seconds_per_step(loss, logits, target, repeat: int) -> float:
+    """Mean seconds per forward + backward of ``loss``, gradient dropped first: ``repeat`` runs after 2 warm-ups."""
 
     def step():
         logits.grad = None
         loss(logits, target, label_smoothing=LABEL_SMOOTHING).backward()
 
-    return step
+    return Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).timeit(repeat).mean
 
 
-def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_name: str, repeat: int) -> list:
-    import torch.distributed as dist
-
-    import smoothce
-    from smoothce.distributed import vocab_parallel_cross_entropy
-
+def _rank(rank: int, world: int, device: torch.device, args: argparse.Namespace) -> list:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    # Seconds per step() over ``repeat`` back-to-back runs after two warm-up runs, synchronised at both ends.
-    threads = torch.get_num_threads()
-    seconds_per_step = lambda step: Timer("step()", globals={"step": step}, num_threads=threads).timeit(repeat).mean
-    dtype = getattr(torch, dtype_name)
-    out = []
-    for num_classes in vocab:
-        for rows in rows_list:
+    dtype, repeat, out = getattr(torch, args.dtype), args.repeat, []
+    for num_classes in args.vocab:
+        for rows in args.rows:
             generator = torch.Generator().manual_seed(1234)
             full = torch.randn(rows, num_classes, generator=generator).to(device, dtype)
             target = torch.randint(0, num_classes, (rows,), generator=generator).to(device)
             shard = full.tensor_split(world, dim=1)[rank].clone().requires_grad_()  # an even slice of the vocabulary
             full.requires_grad_()
-
             recorders = {n: CollectiveRecorder() for n in (1, rows)}  # bytes = fixed + per row * rows
             for n, recorder in recorders.items():
                 with recorder:
                     vocab_parallel_cross_entropy(shard[:n], target[:n], label_smoothing=LABEL_SMOOTHING).backward()
             per_row = (recorders[rows].total_bytes - recorders[1].total_bytes) / max(rows - 1, 1)
-            t_ours = seconds_per_step(_fwd_bwd(vocab_parallel_cross_entropy, shard, target))
+            t_ours = _seconds_per_step(vocab_parallel_cross_entropy, shard, target, repeat)
             dist.barrier()
-            t_single = seconds_per_step(_fwd_bwd(smoothce.cross_entropy, full, target)) if rank == 0 else float("nan")
+            t_single = _seconds_per_step(smoothce.cross_entropy, full, target, repeat) if rank == 0 else float("nan")
             dist.barrier()
             fixed, calls = recorders[rows].total_bytes - per_row * rows, len(recorders[rows].calls)
-            gather, mib = (
-                (num_classes - shard.shape[1]) * full.element_size(),
-                full.numel() * full.element_size() / 2**20,
-            )
+            gather = (num_classes - shard.shape[1]) * full.element_size()  # bytes per row from the other ranks
+            mib = full.numel() * full.element_size() / 2**20
             out.append(  # one row of main's table
                 f"| {num_classes} | {rows} | {calls} | {per_row:.0f} | {fixed:.0f} | {gather} | {mib:.1f} "
                 f"| {t_ours * 1e3:.3g} | {t_single * 1e3:.3g} |"
@@ -142,9 +126,7 @@ def _rank(rank: int, world: int, device: torch.device, vocab, rows_list, dtype_n
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(
-        prog="python -m smoothce.bench.vocab_parallel", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m smoothce.bench.vocab_parallel", description=__doc__)
     for name, default in (("vocab", [32000, 128256, 262144]), ("rows", [64, 256]), ("world", 2), ("repeat", 3)):
         parser.add_argument(f"--{name}", type=int, nargs="+" if isinstance(default, list) else None, default=default)
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
@@ -158,9 +140,7 @@ def main(argv=None) -> str:
         parser.error(f"--backend nccl --world {args.world} needs {args.world} GPUs, {torch.cuda.device_count()} here")
     env = machine.describe(torch.device("cpu" if args.backend == "gloo" else "cuda"))
     env["torch_threads"] = max(1, (os.cpu_count() or 1) // args.world)  # each rank's, as _rank sets them
-    ranks = launch(
-        _rank, args.world, args.vocab, args.rows, args.dtype, args.repeat, backend=args.backend, timeout_s=args.timeout
-    )
+    ranks = launch(_rank, args.world, args, backend=args.backend, timeout_s=args.timeout)
     header = "| V | rows | all-reduces | stats B/row | fixed B/call | gather B/row | full logits MiB/rank "
     header += "| vocab-parallel ms | full logits, one process, ms |\n" + "|---:" * 9 + "|"
     text = (
