@@ -119,8 +119,8 @@ _ERROR_KINDS = {TYPE_ERROR: TypeError, VALUE_ERROR: ValueError, NOT_IMPLEMENTED:
 CHECK_ERRORS = tuple(_ERROR_KINDS.values())  # what the argument checks raise, told to every rank
 
 
-def error_code(error: Exception | None) -> int:
-    """The table's code for an argument check's error (NO_ERROR for None), which every rank re-raises."""
+def _error_code(error: Exception | None) -> int:
+    # The table's code for an argument check's error (NO_ERROR for None), which every rank re-raises.
     return next((code for code, kind in _ERROR_KINDS.items() if isinstance(error, kind)), NO_ERROR)
 
 
@@ -191,7 +191,7 @@ def _int64_row(values, device) -> torch.Tensor:
     return row
 
 
-def local_row(
+def _local_row(
     *,
     device,
     local_classes,
@@ -256,11 +256,23 @@ def recipe_code(weighted: bool, z_loss: float, softcap: float | None) -> int:
     return 1 + int(weighted) + 2 * (z_part + 2**30 * cap_part)
 
 
-def exchange_table(row: torch.Tensor, position: int, world: int, group) -> torch.Tensor:
+def _exchange_table(row: torch.Tensor, position: int, world: int, group) -> torch.Tensor:
     """The (world, 14) table: every rank's row at its position, by one SUM all-reduce."""
     table = torch.zeros(world, _TABLE_COLUMNS, dtype=torch.int64, device=row.device)
     table[position] = row
     return _all_reduce(table, "sum", group)
+
+
+def agreed_table(error: Exception | None, position: int, world: int, group, *, target, **facts) -> torch.Tensor:
+    """The exchanged table, with this rank's row made of its argument check's ``error`` (an exception
+    or None) or, where the check passed, of its call's ``facts`` (``_local_row``'s keywords); then
+    this rank's own error is raised: every rank joins the exchange, so none waits for another."""
+    code = _error_code(error)
+    row = _local_row(n_rows=target.numel() if error is None else 0, target=target, error_code=code, **facts)
+    table = _exchange_table(row, position, world, group)
+    if error is not None:
+        raise error
+    return table
 
 
 def sizes_fingerprint(sizes) -> int:
@@ -704,22 +716,20 @@ def vocab_parallel_loss(
         recipe = recipe_code(weight is not None, z_loss, softcap)
     except CHECK_ERRORS as exc:
         error = exc
-    code = error_code(error)
-    row = local_row(
+    table = agreed_table(
+        error,
+        position,
+        world,
+        group,
+        target=target,
         device=logits_shard.device,
         local_classes=logits_shard.shape[-1] if logits_shard.dim() else 0,
-        n_rows=target.numel() if code == NO_ERROR else 0,
         dtype=logits_shard.dtype,
-        target=target,
         label_smoothing=label_smoothing,
         ignore_index=ignore_index,
         reduction=reduction,
-        error_code=code,
         recipe=recipe,
     )
-    table = exchange_table(row, position, world, group)
-    if error is not None:
-        raise error
     offsets = vp_offsets(table, position, ignore_index)
 
     local_classes = logits_shard.shape[-1]

@@ -38,15 +38,12 @@ from smoothce._library import define
 from smoothce.checks import check_normalizer, normalizer_tensor, option_values
 from smoothce.distributed import (
     CHECK_ERRORS,
-    NO_ERROR,
     VOCAB,
+    agreed_table,
     check_table_on_device,
     check_table_on_host,
     combine,
     contributions,
-    error_code,
-    exchange_table,
-    local_row,
     resolve_group,
     sizes_fingerprint,
     unpack_offsets,
@@ -524,35 +521,33 @@ def vocab_parallel_linear_loss(
             registry.select(hidden.device)  # a device without a backend: this rank's clear error, told to all
     except CHECK_ERRORS as exc:
         error = exc
-    code = error_code(error)
     group_name = group.group_name
     _GROUPS[group_name] = group
     grad_on = torch.is_grad_enabled()
     grad_hidden = grad_on and hidden.requires_grad
     device = hidden.device
     seen = -1
-    if code == NO_ERROR and device.type != "cpu":
+    if error is None and device.type != "cpu":
         if slice_sizes is not None:
             _SLICE_SIZES[(group_name, weight.shape[0])] = list(slice_sizes)
         remembered = _SLICE_SIZES.get((group_name, weight.shape[0]))
         seen = -1 if remembered is None else sizes_fingerprint(remembered)
-    row = local_row(
+    table = agreed_table(
+        error,
+        position,
+        world,
+        group,
+        target=target,
         device=device,
         local_classes=weight.shape[0] if weight.dim() else 0,
-        n_rows=target.numel() if code == NO_ERROR else 0,
         dtype=hidden.dtype,
-        target=target,
         label_smoothing=label_smoothing,
         ignore_index=ignore_index,
         reduction=reduction,
-        error_code=code,
         call=1 + grad_hidden,
         dim=hidden.shape[-1] if hidden.dim() else 0,
         seen=seen,
     )
-    table = exchange_table(row, position, world, group)
-    if error is not None:
-        raise error
     acc = loss_dtype(hidden.dtype)
     flat_target = target.reshape(-1)
     denominator = loss_denominator(reduction, normalizer_tensor(normalizer, hidden), flat_target, ignore_index, acc)
