@@ -361,7 +361,7 @@ def accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused: bool
                 acc[lo : lo + step].addmm_(a[lo : lo + step].to(acc.dtype), b)
 
 
-def chunk_budget(chunk_bytes: int, dtype: torch.dtype, fp32_upcast: bool) -> int:
+def _chunk_budget(chunk_bytes: int, dtype: torch.dtype, fp32_upcast: bool) -> int:
     """The bytes a chunk's logits may take, leaving room for ``accumulate_``'s fp32 upcast where it makes one."""
     if not fp32_upcast:
         return chunk_bytes
@@ -413,7 +413,7 @@ def _run_chunks(
     fused = fp32_acc and grad_weight and _fp32_out_supported(device, "addmm")
     # float16 "mean": d hidden to fp32, scaled, rounded once, where the device can (else two roundings).
     hidden_fp32 = post_scale is not None and grad_hidden and _fp32_out_supported(device, "mm")
-    budget = chunk_budget(chunk_bytes, dtype, fp32_acc and not fused and grad_weight)
+    budget = _chunk_budget(chunk_bytes, dtype, fp32_acc and not fused and grad_weight)
     rows_per_chunk = chunk_rows(n_rows, num_classes, dim, dtype, budget)
 
     d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else None

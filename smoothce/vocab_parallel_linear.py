@@ -54,10 +54,12 @@ __all__ = ["forget_slice_sizes", "vocab_parallel_linear_cross_entropy"]
 
 _NAME = "vocab_parallel_linear_cross_entropy"
 
-# Chunk budget by device type. CPU: a quarter of the single-process loss's 32 MiB: 120 rows of
-# V_i = 16000 fp32, 2.9% of a rank's fp32 logits at 4096 rows, so that with the backend's
-# block-sized fp32 temporaries the loss needs under 10% of them beyond its inputs and gradients.
-DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20}
+# Chunk budget by device type. CPU: 320 rows of V_i = 16000 fp32 (7.8% of a rank's logits at 4096
+# rows), so that with the shard functions' block temporaries an fp32 loss needs under 10% of its
+# logits beyond its inputs and gradients. Each chunk reads W_i twice, reads and writes d weight,
+# and waits on two collectives, so fewer, larger chunks are faster:
+# benchmarks/results/cpu/vocab_parallel_linear.
+DEFAULT_CHUNK_BYTES = {"cpu": 22 << 20}
 
 # Process groups by name: the ops' schemas carry the name, the collectives need the group.
 _GROUPS: dict[str, object] = {}
@@ -97,11 +99,12 @@ def _fp32_weight_grad() -> bool:
 # The chunk loop (device kernels of the two ops below).
 
 
-def _rows_per_chunk(hidden, weight, sizes, chunk_bytes, fp32_acc, grad_weight):
-    # From the largest slice, so every rank cuts the rows alike (each chunk is a collective).
-    dtype = hidden.dtype
-    budget = linear.chunk_budget(chunk_bytes, dtype, fp32_acc and grad_weight and hidden.device.type == "cpu")
-    return linear.chunk_rows(hidden.shape[0], max(sizes), hidden.shape[1], dtype, budget)
+def _rows_per_chunk(hidden, sizes, chunk_bytes):
+    # From the largest slice, so every rank cuts the rows alike (each chunk is a collective). On CPU
+    # counted as fp32 rows whatever the dtype: a half chunk and the quarter of it that d weight's
+    # fp32 sum upcasts at a time (``linear.accumulate_``) fit in one fp32 chunk's bytes.
+    dtype = torch.float32 if hidden.device.type == "cpu" else hidden.dtype
+    return linear.chunk_rows(hidden.shape[0], max(sizes), hidden.shape[1], dtype, chunk_bytes)
 
 
 @torch.no_grad()
@@ -174,6 +177,7 @@ def _chunks(
             linear.accumulate_(d_weight, z.t(), h)
         if grad_bias:
             d_bias += torch.sum(z, 0, dtype=d_bias.dtype)
+    buffer = z = None  # freed before d weight is rounded, which holds both of its copies at once
     if d_hidden is not None:
         if post_scale is not None:
             d_hidden.mul_(post_scale)  # an exact power of two
@@ -185,7 +189,7 @@ def _chunks(
     )
 
 
-def _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc, grad_weight):
+def _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes):
     """The table checked, and (offsets [start, V], rows per chunk): the same rows on every rank."""
     local_classes = weight.shape[0]
     if table.device.type == "cpu":
@@ -197,7 +201,7 @@ def _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes
         sizes = _SLICE_SIZES.get(key)
         if sizes is None:  # this group's first call with this slice: one host read, remembered
             sizes = _SLICE_SIZES[key] = table[:, VOCAB].tolist()
-    return offsets, _rows_per_chunk(hidden, weight, sizes, chunk_bytes, fp32_acc, grad_weight)
+    return offsets, _rows_per_chunk(hidden, sizes, chunk_bytes)
 
 
 def _forward(
@@ -225,10 +229,7 @@ def _forward(
     """
     keep = reduction != "none"
     acc = loss_dtype(hidden.dtype)
-    fp32_acc = hidden.dtype in linear.HALF_DTYPES and fp32_weight_grad
-    offsets, rows = _plan(
-        hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc, keep and grad_weight
-    )
+    offsets, rows = _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes)
     denominator = denominator.to(acc)
     grad_scale, factor = kept_factors(denominator, hidden.dtype)
     post_scale = None
@@ -311,8 +312,7 @@ def _backward_none(
     dO (N,) before the matmuls. Returns (d_hidden summed over the ranks, d_weight, d_bias), empty where not
     asked for."""
     acc = loss_dtype(hidden.dtype)
-    fp32_acc = hidden.dtype in linear.HALF_DTYPES and fp32_weight_grad
-    offsets, rows = _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes, fp32_acc, grad_weight)
+    offsets, rows = _plan(hidden, weight, table, position, ignore_index, group_name, chunk_bytes)
     _, grads = _chunks(
         hidden,
         weight,
