@@ -1,19 +1,23 @@
 """The "cpu" backend's rows with the recipe options (class weights, z-loss, soft-capping) and the lse out.
 
 ``CpuBackend.forward_recipe`` and its ``loss_and_grad`` call ``recipe_rows``; the plain loss keeps
-``CpuBackend._rows``. The work is ``CpuBackend._run_blocks``'s: blocks of rows (``BLOCK_SCALE`` times
-as large), one Python thread per torch thread, in fp32 (fp64 for fp64 logits), a contiguous fp32/fp64
-gradient worked in place (it may be the logits themselves), other gradients through an fp32 scratch
-block, each element rounded to the gradient's dtype once. Per block, with t = tanh(z / c) kept in a second scratch
-block where there is a cap: the row max m of z', d = z' - m (c t - m in one fused op), sum_j w_j d_j
-(a matrix-vector product; all terms <= 0), e = exp(d), q = sum_{j != k} e_j (the target column zeroed
+``CpuBackend._rows``. The work is ``CpuBackend._run_blocks``'s: blocks of rows (``block_budget``), one
+Python thread per torch thread; in fp32 (fp64 for fp64 logits); a contiguous fp32/fp64 gradient worked in
+place (it may be the logits themselves), other gradients through an fp32 scratch block, each element
+rounded to the gradient's dtype once. Per block, with t = tanh(z / c) kept in a scratch block where
+there is a cap: the row max m of z', d = z' - m (c t - m in one fused op), sum_j w_j d_j (a
+matrix-vector product; all terms <= 0), e = exp(d), q = sum_{j != k} e_j (the target column zeroed
 first), and the gradient's finishing pass a e_j - b_j, times 1 - t_j^2 (``tanh_backward``). The
 per-row rest (the loss, lse, the target column) is done once for all rows after the blocks, in fp64.
 Inputs of up to ``SMALL_ELEMENTS`` logits run the same code on a float64 copy.
 
+Scratch, per worker: none for an fp32/fp64 gradient without a cap, else one or two blocks (a cap's t; the
+fp32 block of a half gradient), each at most the plain loss's one fp32 block for half logits.
+
 Cost: the plain loss streams a block through three passes (a sum, ATen's fused softmax, one affine
 pass); the cap adds three (z / c, tanh, the chain rule), tanh is the dearest elementwise op after exp,
-and every op is a Python call per block, so small blocks pay their overhead. Weights and z-loss alone
+and every op is a Python call per block (about twenty; a scalar operand as a 0-d tensor, since a Python
+number is wrapped in a new tensor on every call), whose share grows as blocks shrink. Weights and z-loss alone
 cost about what the plain loss does (the weighted sum is a matrix-vector product, the z-loss a few
 ops per block on the rows).
 """
@@ -27,10 +31,11 @@ from smoothce.numerics import loss_dtype
 # Up to this many logits the rows are computed on a float64 copy: per-call overhead dominates there.
 SMALL_ELEMENTS = 1 << 13
 _TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input  # g (1 - t^2), written into g
-# The blocks hold this multiple of the backend's block_elements. Each block costs two dozen Python calls,
-# which hold the GIL the worker threads share: blocks kept in L2 (1/4, 1/8) were faster on one thread
-# but slower on two, and 2 was 5-10% faster than 1 on two cores (a scratch of 8 MiB per worker with a cap).
-BLOCK_SCALE = 2
+# On one thread the blocks hold block_elements / BLOCK_DIVISOR logits (256K, 1 MiB of fp32): a block and a
+# cap's t block stay in the core's L2 cache. With several workers they are the plain loss's, since each of a
+# block's twenty Python calls may wait for the GIL the workers share, and smaller blocks were slower there
+# (benchmarks/results/cpu/recipe).
+BLOCK_DIVISOR = 4
 
 
 def recipe_rows(backend, logits, k, valid, lam, grad, scale, recipe, lse):
@@ -68,6 +73,13 @@ def recipe_rows(backend, logits, k, valid, lam, grad, scale, recipe, lse):
     return rows.to(acc)
 
 
+def block_budget(backend):
+    """The logits per round of blocks (one block a worker) that ``_run_blocks`` shares between the workers."""
+    if torch.get_num_threads() == 1:
+        return backend.block_elements // BLOCK_DIVISOR
+    return backend.block_elements
+
+
 def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
     """``recipe_rows``'s work at the logits' own precision (fp32, fp64 for fp64)."""
     n_rows, num_classes = logits.shape
@@ -84,7 +96,7 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
     # Per row: z_k (before the blocks: the gradient may be written over the logits), and from the
     # blocks -m, e_k, q, S and sum_j w_j d_j.
     z_k = logits.gather(1, k).double().squeeze(1)
-    stats = torch.empty((5, n_rows, 1), dtype=acc)
+    stats = torch.empty((7, n_rows, 1), dtype=acc)
     # The gradient's finishing pass a e - b: the row's a = (coeff + z_coeff lse) / S, coeff = scale ((1 - lam)
     # w_k + (lam / V) W), z_coeff = scale 2 s w_k, and the column's b = scale (lam / V) w_j.
     coeff = z_coeff = column = None
@@ -101,8 +113,10 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
 
     in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
     buffers = (0 if in_place else 1) + (0 if cap is None else 1)
-    inverse_cap = None if cap is None else 1.0 / cap
-    elements = backend.block_elements * BLOCK_SCALE
+    # Scalar operands as 0-d tensors (a Python number in a tensor's place is wrapped anew on every call).
+    inverse_cap = None if cap is None else torch.tensor(1.0 / cap, dtype=acc)
+    neg_cap = None if cap is None else torch.tensor(-cap, dtype=acc)
+    elements = block_budget(backend)
     # Each block's views, made once (a Python slice per tensor and block costs microseconds).
     rows = backend._block_rows(n_rows, num_classes, elements)[1]
     n_blocks = -(-n_rows // rows)
@@ -110,7 +124,9 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
     def split(v):
         return [v] * n_blocks if v is None or v.dim() == 0 else v.split(rows)
 
-    neg_max, e_k, rest, total, spread = stats.unbind(0)
+    # Per row: -m, e_k, q, S, the smoothing sum, the finishing pass's a, and 0 (scatter_'s source).
+    neg_max, e_k, rest, total, spread, row_coeff, zeros = stats.unbind(0)
+    zeros.zero_()
     views = list(
         zip(
             logits.split(rows),
@@ -120,6 +136,8 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
             rest.split(rows),
             total.split(rows),
             split(spread if weight is None else spread.squeeze(1)),
+            row_coeff.split(rows),
+            zeros.split(rows),
             split(grad),
             split(coeff),
             split(z_coeff),
@@ -130,7 +148,7 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
     def block(start, stop, scratch):
         """The rows [start, stop): e in the gradient block (in place) or a scratch block. (False: no
         confident row to report, ``_run_blocks``'s return; q is summed in every block.)"""
-        x, k_block, shift, e_block, q_block, s_block, spread_block, g, a, z_block = views[start // rows]
+        x, k_block, shift, e_block, q_block, s_block, spread_block, a, zero, g, c_block, z_block = views[start // rows]
         scratch = () if scratch is None else scratch.unbind(0)
         work = g if in_place else scratch[0]
         if cap is not None:
@@ -140,7 +158,7 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
             else:  # half logits: upcast, then scale (a half product would be rounded to half)
                 t.copy_(x).mul_(inverse_cap)
             t.tanh_()
-            torch.amax(t, 1, keepdim=True, out=shift).mul_(-cap)  # -m, the row max of z' = c t
+            torch.amax(t, 1, keepdim=True, out=shift).mul_(neg_cap)  # -m, the row max of z' = c t
             torch.add(shift, t, alpha=cap, out=work)  # d = c t - m, rounded once
         else:
             if x.dtype != acc:
@@ -154,14 +172,16 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
                 torch.mv(work, weight, out=spread_block)
         work.exp_()
         torch.gather(work, 1, k_block, out=e_block)
-        work.scatter_(1, k_block, 0.0)  # q without the target; its gradient is written after the blocks
+        work.scatter_(1, k_block, zero)  # q without the target; its gradient is written after the blocks
         torch.sum(work, 1, keepdim=True, out=q_block)
         torch.add(q_block, e_block, out=s_block)
         if g is None:
             return False
-        if z_block is not None:  # + 2 s w_k lse, lse = m + log S
-            a = torch.addcmul(a, z_block, torch.log(s_block).sub_(shift))
-        a = torch.div(a, s_block)
+        if z_block is None:
+            torch.div(c_block, s_block, out=a)
+        else:  # + 2 s w_k lse, lse = m + log S
+            torch.log(s_block, out=a).sub_(shift)
+            torch.addcmul(c_block, z_block, a, out=a).div_(s_block)
         if column is None:
             work.mul_(a)
         else:
@@ -175,7 +195,7 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
     backend._run_blocks(block, n_rows, num_classes, acc if buffers else None, buffers, elements)
 
     # Per row, in fp64: z'_k - m from z_k, t_k = tanh(z_k / c).
-    m, e, q, s, spread = stats.squeeze(2).double()
+    m, e, q, s, spread = stats[:5].squeeze(2).double()
     m = m.neg_()
     t_k = None if cap is None else torch.tanh(z_k / cap)
     d = z_k - m if cap is None else cap * t_k - m

@@ -18,7 +18,7 @@ from conftest import DTYPES, make_logits, make_target
 import smoothce
 from smoothce.backends.base import Recipe
 from smoothce.backends.cpu import CpuBackend
-from smoothce.backends.cpu_recipe import BLOCK_SCALE
+from smoothce.backends.cpu_recipe import BLOCK_DIVISOR, block_budget
 from smoothce.numerics import loss_dtype
 from smoothce.reference import cross_entropy_reference
 
@@ -44,9 +44,9 @@ def class_weight(num_classes, dtype, seed=2):
 def blocked_backend(n_rows, num_classes, rows_per_block, workers):
     """A CpuBackend whose recipe blocks hold ``rows_per_block`` rows (1: fewer elements than a row) and
     are shared by ``workers`` threads (with that many torch threads)."""
-    elements = rows_per_block * num_classes * workers - (num_classes // 2 if rows_per_block == 1 else 0)
-    backend = CpuBackend(block_elements=-(-elements // BLOCK_SCALE))
-    assert backend._block_rows(n_rows, num_classes, backend.block_elements * BLOCK_SCALE) == (workers, rows_per_block)
+    budget = rows_per_block * num_classes * workers - (num_classes // 2 if rows_per_block == 1 else 0)
+    backend = CpuBackend(block_elements=budget * (BLOCK_DIVISOR if workers == 1 else 1))
+    assert backend._block_rows(n_rows, num_classes, block_budget(backend)) == (workers, rows_per_block)
     return backend
 
 
@@ -276,6 +276,39 @@ def test_no_rows():
         logits, torch.empty(0, dtype=torch.long), 0.1, -100, logits, torch.tensor(1.0), Recipe(None, 1e-3, 5.0)
     )
     assert loss.shape == (0,)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_scratch_blocks_no_larger_than_the_plain_loss(monkeypatch, dtype, threads):
+    # With every option on, each scratch block _run_blocks allocates holds no more values than the plain
+    # loss's one block for bfloat16 logits, and there are at most two (a cap's t, a half gradient's block).
+    allocated = []
+    run_blocks = CpuBackend._run_blocks
+
+    def recording(self, block, n_rows, num_classes, acc, buffers=None, block_elements=None):
+        workers, rows = self._block_rows(n_rows, num_classes, block_elements)
+        allocated.append((0 if acc is None else buffers or 1, workers * rows * num_classes))
+        return run_blocks(self, block, n_rows, num_classes, acc, buffers, block_elements)
+
+    monkeypatch.setattr(CpuBackend, "_run_blocks", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        backend = CpuBackend(block_elements=1 << 14)  # (blocks of a few rows, two workers on two threads)
+        target = make_target((256,), 1000)
+        scale = torch.tensor(SCALE)
+        plain = make_logits((256, 1000), torch.bfloat16)
+        backend.forward(plain, target, 0.1, -100, torch.empty_like(plain), scale)
+        logits = make_logits((256, 1000), dtype)
+        recipe = recipe_of(OPTIONS["all"], 1000, dtype)
+        backend.forward_recipe(logits, target, 0.1, -100, torch.empty_like(logits), scale.to(logits.dtype), recipe)
+    finally:
+        torch.set_num_threads(before)
+    (plain_buffers, plain_block), (buffers, block) = allocated
+    assert plain_buffers == 1
+    assert buffers == (2 if dtype == torch.bfloat16 else 1)
+    assert block <= plain_block
 
 
 def test_plain_recipe_is_the_plain_path():
