@@ -355,7 +355,7 @@ def accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fused: bool
     else:
         bf16_units = a.dtype == torch.bfloat16 and a.device.type == "cpu" and _cpu_multiplies_bf16()
         b = b.to(acc.dtype)
-        step = -(-a.shape[0] // UPCAST_PIECES)
+        step = max(1, -(-a.shape[0] // UPCAST_PIECES))  # (a slice with no classes: one empty matmul)
         with _bf16_precision_fp32_matmuls() if bf16_units else contextlib.nullcontext():
             for lo in range(0, a.shape[0], step):
                 acc[lo : lo + step].addmm_(a[lo : lo + step].to(acc.dtype), b)
