@@ -28,10 +28,12 @@ from smoothce.checks import (
     INT32_MIN,
     check_normalizer,
     check_option_values,
+    check_targets,
     check_weight,
     normalizer_tensor,
     option_values,
     recipe_values,
+    targets_checked,
 )
 from smoothce.dtensor import is_dtensor
 from smoothce.numerics import kept_factors, loss_denominator, loss_dtype, reduce_rows, weighted_count
@@ -432,44 +434,46 @@ def _run_chunks(
         )
 
     target = target.contiguous()
+    check_targets(target, num_classes, ignore_index)  # once a call: the chunks' backend calls skip it
     weight_t = weight.t()
     buffer = torch.empty((rows_per_chunk, num_classes), dtype=dtype, device=device)
-    for start in range(0, n_rows, rows_per_chunk):
-        stop = min(start + rows_per_chunk, n_rows)
-        h = hidden[start:stop]
-        z = buffer[: stop - start]
-        if bias is None:
-            torch.mm(h, weight_t, out=z)
-        else:
-            torch.addmm(bias, h, weight_t, out=z)
-        # The backend writes the chunk's gradient over its logits (in place).
-        grad = z if compute_grad else None
-        if recipe is None and lse is None:
-            rows = backend.forward(z, target[start:stop], label_smoothing, ignore_index, grad, scale)
-        else:
-            chunk_lse = None if lse is None else lse[start:stop]
-            rows = backend.forward_recipe(
-                z, target[start:stop], label_smoothing, ignore_index, grad, scale, recipe or Recipe(), chunk_lse
-            )
-        if keep_rows:
-            losses[start:stop] = rows
-        else:
-            total += rows.sum()
-        if not compute_grad:
-            continue
-        if row_scale is not None:
-            z.mul_(row_scale[start:stop, None])
-        if grad_hidden:
-            if hidden_fp32:
-                d_hidden[start:stop] = torch.mm(z, weight, out_dtype=torch.float32).mul_(post_scale)
+    with targets_checked():
+        for start in range(0, n_rows, rows_per_chunk):
+            stop = min(start + rows_per_chunk, n_rows)
+            h = hidden[start:stop]
+            z = buffer[: stop - start]
+            if bias is None:
+                torch.mm(h, weight_t, out=z)
             else:
-                torch.mm(z, weight, out=d_hidden[start:stop])
-                if post_scale is not None:
-                    d_hidden[start:stop].mul_(post_scale)
-        if grad_weight:
-            accumulate_(d_weight, z.t(), h, fused)
-        if grad_bias:
-            d_bias += torch.sum(z, 0, dtype=d_bias.dtype)
+                torch.addmm(bias, h, weight_t, out=z)
+            # The backend writes the chunk's gradient over its logits (in place).
+            grad = z if compute_grad else None
+            if recipe is None and lse is None:
+                rows = backend.forward(z, target[start:stop], label_smoothing, ignore_index, grad, scale)
+            else:
+                chunk_lse = None if lse is None else lse[start:stop]
+                rows = backend.forward_recipe(
+                    z, target[start:stop], label_smoothing, ignore_index, grad, scale, recipe or Recipe(), chunk_lse
+                )
+            if keep_rows:
+                losses[start:stop] = rows
+            else:
+                total += rows.sum()
+            if not compute_grad:
+                continue
+            if row_scale is not None:
+                z.mul_(row_scale[start:stop, None])
+            if grad_hidden:
+                if hidden_fp32:
+                    d_hidden[start:stop] = torch.mm(z, weight, out_dtype=torch.float32).mul_(post_scale)
+                else:
+                    torch.mm(z, weight, out=d_hidden[start:stop])
+                    if post_scale is not None:
+                        d_hidden[start:stop].mul_(post_scale)
+            if grad_weight:
+                accumulate_(d_weight, z.t(), h, fused)
+            if grad_bias:
+                d_bias += torch.sum(z, 0, dtype=d_bias.dtype)
     return (
         (losses if keep_rows else total),
         d_hidden,

@@ -207,6 +207,24 @@ def test_chunk_boundaries(rows, reduction):
         torch.testing.assert_close(got, again, rtol=0, atol=0)  # deterministic
 
 
+def test_targets_checked_once_per_call(monkeypatch):
+    # Ten chunks, one target check (on an accelerator each is a handful of kernel launches); a bad
+    # target in the last chunk still raises, naming it.
+    if DEVICE.type != "cpu":
+        pytest.skip("counted through the host check, which CPU tensors take")
+    calls = []
+    check = smoothce.checks.check_targets_on_host
+    monkeypatch.setattr(smoothce.checks, "check_targets_on_host", lambda *a: calls.append(1) or check(*a))
+    hidden, weight, b, target = make_problem((10,), 24, 50, torch.float32, bias=True)
+    hidden.requires_grad_()
+    with smoothce.linear.settings(chunk_bytes=chunk_of(1, 50, 24, torch.float32)):
+        smoothce.linear_cross_entropy(hidden, weight, target, bias=b, label_smoothing=0.1).backward()
+        assert len(calls) == 1
+        target[-1] = 50
+        with pytest.raises(ValueError, match="target value 50 is out of range"):
+            smoothce.linear_cross_entropy(hidden, weight, target, bias=b)
+
+
 def test_chunk_rows_from_budget():
     assert chunk_rows(10, 50, 24, torch.bfloat16, chunk_of(3, 50, 24, torch.bfloat16)) == 3
     assert chunk_rows(10, 50, 24, torch.bfloat16, 1) == 1  # never zero rows
