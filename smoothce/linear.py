@@ -49,8 +49,10 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20}
 DEFAULT_ACCELERATOR_CHUNK_BYTES = 256 << 20
 # Where d weight is summed in fp32 from half chunks without a mixed-dtype matmul (CPU, XPU), each
-# chunk's gradient is upcast this many pieces at a time (of its classes), so the copy is small.
-UPCAST_PIECES = 4
+# chunk's gradient is upcast this many pieces at a time (of its classes), so the copy is small. On
+# the AMX Xeon at 4096 x 1024 -> 32000 bf16, 16 pieces took the loss from 881 to 813 ms against 4:
+# a piece's fp32 copy and its rows of the sum stay nearer the core.
+UPCAST_PIECES = 16
 
 
 # ---------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def _fp32_weight_grad() -> bool:
 
 def _rows_per_chunk(hidden, sizes, chunk_bytes):
     # From the largest slice, so every rank cuts the rows alike (each chunk is a collective). On CPU
-    # counted as fp32 rows whatever the dtype: a half chunk and the quarter of it that d weight's
+    # counted as fp32 rows whatever the dtype: a half chunk and the piece of it that d weight's
     # fp32 sum upcasts at a time (``linear.accumulate_``) fit in one fp32 chunk's bytes.
     dtype = torch.float32 if hidden.device.type == "cpu" else hidden.dtype
     return linear.chunk_rows(hidden.shape[0], max(sizes), hidden.shape[1], dtype, chunk_bytes)
