@@ -40,13 +40,17 @@ from smoothce.numerics import kept_factors, loss_denominator, loss_dtype, reduce
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-# Bytes for one chunk's logits (plus its fp32 row temporaries), by device type. CPU: 224
-# rows at V = 32000 fp32, enough for the matmuls, and 6% of the logits at N = 4096.
-# Accelerators: the d weight matmul has K = the chunk's rows and reads and writes the (V, D)
-# accumulator once per chunk, so small chunks are bandwidth-bound: on an H200 at V = 128256,
+# Bytes for one chunk's logits (plus its fp32 row temporaries), by device type. Each chunk's d weight
+# matmul has K = the chunk's rows and reads and writes the (V, D) sum once, so small chunks are bound
+# by that traffic. CPU: 32 MiB, 224 rows at V = 32000 fp32, enough for its matmuls and 6% of the
+# logits at N = 4096. Half logits on CPU: 64 MiB, about 900 rows at V = 32000 (their matmuls are
+# faster, the sum's traffic weighs more): at 4096 x 1024 -> 32000 bf16 on the AMX Xeon 761 ms
+# against 800 ms at 32 MiB (96 and 128 MiB no faster), with a peak of the fp32 sum (125 MiB) and
+# one chunk, under F.linear_cross_entropy's 680 MiB. Accelerators: on an H200 at V = 128256,
 # D = 4096 bf16 (960 rows at 256 MiB), 128 MiB chunks took 1.30x the time of 256 MiB ones,
 # 512 MiB ones 0.97x.
 DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20}
+DEFAULT_HALF_CHUNK_BYTES = {"cpu": 64 << 20}
 DEFAULT_ACCELERATOR_CHUNK_BYTES = 256 << 20
 # Where d weight is summed in fp32 from half chunks without a mixed-dtype matmul (CPU, XPU), each
 # chunk's gradient is upcast this many pieces at a time (of its classes), so the copy is small. On
@@ -67,7 +71,8 @@ def settings(*, chunk_bytes: int | None = None, fp32_weight_grad: bool | None = 
     """Override how ``linear_cross_entropy`` chunks its work, for calls made inside the block.
 
     chunk_bytes: memory for one chunk of logits (and its fp32 row temporaries); default
-        ``DEFAULT_CHUNK_BYTES`` for CPU tensors, ``DEFAULT_ACCELERATOR_CHUNK_BYTES`` otherwise.
+        ``DEFAULT_CHUNK_BYTES`` for CPU tensors (``DEFAULT_HALF_CHUNK_BYTES`` for float16/bfloat16
+        ones), ``DEFAULT_ACCELERATOR_CHUNK_BYTES`` otherwise.
         Rows per chunk = chunk_bytes // (V * itemsize + 4 * D), at least 1.
     fp32_weight_grad: accumulate d weight and d bias over the chunks in fp32 and round once
         (the default, True), or, for float16/bfloat16 weights, accumulate d weight in the
@@ -90,12 +95,13 @@ def settings(*, chunk_bytes: int | None = None, fp32_weight_grad: bool | None = 
         _settings.chunk_bytes, _settings.fp32_weight_grad = previous
 
 
-def chunk_bytes_for(device: torch.device) -> int:
-    """The chunk budget in effect for tensors on ``device``."""
+def chunk_bytes_for(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+    """The chunk budget in effect for ``dtype`` tensors on ``device``."""
     chosen = getattr(_settings, "chunk_bytes", None)
     if chosen is not None:
         return chosen
-    return DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_ACCELERATOR_CHUNK_BYTES)
+    defaults = DEFAULT_HALF_CHUNK_BYTES if dtype in HALF_DTYPES else DEFAULT_CHUNK_BYTES
+    return defaults.get(device.type, DEFAULT_ACCELERATOR_CHUNK_BYTES)
 
 
 def chunk_rows(n_rows: int, num_classes: int, dim: int, dtype: torch.dtype, chunk_bytes: int) -> int:
@@ -207,7 +213,7 @@ def _linear_cross_entropy(
         float(label_smoothing),
         ignore_index,
         reduction,
-        chunk_bytes_for(hidden.device),
+        chunk_bytes_for(hidden.device, hidden.dtype),
         getattr(_settings, "fp32_weight_grad", True),
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,

@@ -20,7 +20,7 @@ import torch
 from conftest import DEVICE
 
 from smoothce import bench
-from smoothce.bench import cli, impls, measure, report, runner, vocab_parallel
+from smoothce.bench import cli, impls, machine, measure, report, runner, vocab_parallel
 from smoothce.bench.cases import VOCAB_SIZES, Case, class_weights, grid, make_inputs, reference_loss
 from smoothce.bench.impls import IMPLEMENTATIONS, Implementation
 from smoothce.bench.measure import Limit, Timer, time_rounds
@@ -561,6 +561,7 @@ def test_linear_sweep_from_the_cli_has_pytorch_linear_cross_entropy_as_a_peer(tm
     text = (tmp_path / "linear.md").read_text()
     assert "| 64x8x300 | bf16 | torch-linear-ce |" in text
     assert "not run: **torch-linear-ce-chunked**" in text  # λ = 0.1: PyTorch's chunked path cannot run
+    assert "chunk budget: fp32 32 MiB, bf16 64 MiB;" in text  # each dtype's own default
     assert text.strip() in capsys.readouterr().out
 
 
@@ -738,3 +739,12 @@ def test_every_implementation_computes_the_same_loss_with_the_options(options, d
     markdown = report.markdown(full, plots=[])
     assert "| not supported |" in markdown
     assert report.options_text(record) in markdown
+
+
+@pytest.mark.parametrize(("start", "end", "competed"), [(0.4, None, False), (2.5, None, True), (0.4, 3.1, True)])
+def test_machine_text_says_other_work_competed_only_above_the_core_count(start, end, competed):
+    env = machine.describe(torch.device("cpu"))
+    env.update(logical_cores=2, load_average_at_start=start, load_average_at_end=end)
+    text = machine.text(env)
+    assert f"{start:.2f} at the start" in text
+    assert ("other work competed" in text) is competed

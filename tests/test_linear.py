@@ -237,6 +237,28 @@ def test_chunk_rows_from_budget():
         pass
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_default_chunk_budget_by_dtype(monkeypatch, dtype):
+    # The op gets the default of the logits' dtype (half logits on CPU: twice fp32's), and
+    # settings(chunk_bytes=...) overrides it for every dtype.
+    budgets = []
+    run_chunks = smoothce.linear._run_chunks
+    monkeypatch.setattr(
+        smoothce.linear, "_run_chunks", lambda *a, **k: budgets.append(k["chunk_bytes"]) or run_chunks(*a, **k)
+    )
+    hidden, weight, _, target = make_problem((5,), 8, 11, dtype, bias=False)
+    smoothce.linear_cross_entropy(hidden, weight, target)
+    with smoothce.linear.settings(chunk_bytes=12345):
+        smoothce.linear_cross_entropy(hidden, weight, target)
+    half = dtype in (torch.float16, torch.bfloat16)
+    default = smoothce.linear.chunk_bytes_for(hidden.device, dtype)
+    if hidden.device.type == "cpu":
+        assert default == (64 << 20 if half else 32 << 20)
+    else:
+        assert default == smoothce.linear.DEFAULT_ACCELERATOR_CHUNK_BYTES
+    assert budgets == [default, 12345]
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_ignored(reduction):
     hidden, weight, b, target = make_problem((6,), 8, 11, torch.float32, bias=True)

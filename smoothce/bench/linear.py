@@ -141,9 +141,10 @@ def run_case(device, shape, dtype_name, *, reps, impls, accuracy, label_smoothin
 def markdown(record: dict) -> str:
     descriptions = {"matmuls": MATMULS, **{name: text for name, (text, _) in IMPLEMENTATIONS.items()}}
     lines = [f"# Fused linear + cross-entropy, forward + backward, {record['environment']['device_name']}", ""]
+    budgets = ", ".join(f"{d} {b / 2**20:.0f} MiB" for d, b in record["chunk_bytes"].items())
     lines.append(
         f"label_smoothing={record['label_smoothing']:g}, every 16th target ignored; medians of {record['reps']} "
-        f"interleaved rounds. smoothce's chunk budget: {record['chunk_bytes'] / 2**20:.0f} MiB; d weight summed "
+        f"interleaved rounds. smoothce's chunk budget: {budgets}; d weight summed "
         f"{'in fp32' if record['fp32_weight_grad'] else 'in its own dtype'}. {machine.text(record['environment'])}"
     )
     names = (record["cases"] or [{"results": {}}])[0]["results"]
@@ -179,11 +180,12 @@ def main(args: argparse.Namespace, device: torch.device, out: Path) -> dict:
     if args.threads and cpu:
         torch.set_num_threads(args.threads)
     chunk_bytes, fp32_weight_grad = args.chunk_mib and args.chunk_mib << 20, False if args.half_weight_grad else None
+    dtypes = args.dtypes or (["fp32"] if cpu else ["bf16"])
     record = {
         "environment": machine.describe(device),
         "label_smoothing": lam,
         "reps": args.rounds or (1 if quick else 3 if cpu else 10),
-        "chunk_bytes": chunk_bytes or smoothce.linear.chunk_bytes_for(device),
+        "chunk_bytes": {d: chunk_bytes or smoothce.linear.chunk_bytes_for(device, DTYPES[d]) for d in dtypes},
         "fp32_weight_grad": fp32_weight_grad is not False,
         "not_run": {n: why for n in IMPLEMENTATIONS if (why := unavailable_reason(n, device, lam))},
     }
@@ -194,7 +196,7 @@ def main(args: argparse.Namespace, device: torch.device, out: Path) -> dict:
         record["cases"] = [
             run_case(device, shape, dtype, reps=record["reps"], accuracy=accuracy, label_smoothing=lam, impls=impls)
             for shape in shapes
-            for dtype in args.dtypes or (["fp32"] if cpu else ["bf16"])
+            for dtype in dtypes
         ]
     out.mkdir(parents=True, exist_ok=True)
     Path(out, "linear.md").write_text(markdown(record) + "\n")

@@ -82,9 +82,12 @@ def text(env: dict) -> str:
     backend = env["smoothce_backend"] + (" (set by SMOOTHCE_BACKEND)" if env.get("smoothce_backend_env") else "")
     end = f", {env['load_average_at_end']:.2f} at the end" if env.get("load_average_at_end") is not None else ""
     load = f"{env['load_average_at_start']:.2f} at the start{end}"
+    busiest = max(env["load_average_at_start"], env.get("load_average_at_end") or 0.0)
+    if env["logical_cores"] and busiest > env["logical_cores"]:
+        load += " (above the core count: other work competed)"
     return (
         f"Measured {env['date']} on **{env['device_name']}{memory}{host}; {env['logical_cores']} logical cores, "
         f"{env['torch_threads']} torch threads; {env['platform']}**. Versions: "
         f"{', '.join(f'{k} {v}' for k, v in env['versions'].items())}; smoothce commit {env['commit']}; smoothce "
-        f"backend `{backend}`. Load average (1 minute): {load} (above the core count: other work competed)."
+        f"backend `{backend}`. Load average (1 minute): {load}."
     )
