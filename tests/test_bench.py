@@ -748,3 +748,24 @@ def test_machine_text_says_other_work_competed_only_above_the_core_count(start, 
     text = machine.text(env)
     assert f"{start:.2f} at the start" in text
     assert ("other work competed" in text) is competed
+
+
+@pytest.mark.compile
+def test_loops_benchmark_runs_every_loop_with_the_eager_gradient(tmp_path):
+    # benchmarks/loops.py, the training loops' timing for a GPU session, run tiny on CPU.
+    path = Path(__file__).parents[1] / "benchmarks" / "loops.py"
+    spec = importlib.util.spec_from_file_location("loops_benchmark", path)
+    loops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loops)
+    record = loops.main(["--out", str(tmp_path), "--device", "cpu", "--shapes", "40x300", "--rounds", "1"])
+    assert [(case["shape"], case["dtype"]) for case in record["cases"]] == [([40, 300], "bf16"), ([40, 300], "fp32")]
+    for case in record["cases"]:
+        assert case["errors"] == {}
+        names = {"eager", "eager-window", "eager-scaled", "compile", "compile-scaled", "torch-compile"}
+        assert set(case["results"]) == names  # no CUDA graphs on a CPU
+        for name, result in case["results"].items():
+            # smoothce's loops give the eager gradient (a power-of-two scale divides out exactly)
+            assert result["grad_error"] <= (0.0 if name != "torch-compile" else 1e-2), (name, result)
+            assert result["ms"] > 0
+            assert result["of_copy_limit"] > 0
+    assert "| 40x300 | fp32 | compile-scaled |" in (tmp_path / "loops.md").read_text()
