@@ -131,9 +131,17 @@ def scale_grad(
     # product is taken in float32 and rounded once into the result.
     scale = grad_out * factor
     scale = scale.unsqueeze(-1) if per_row else scale.reshape(1)
-    if inplace:
-        return grad.mul_(scale)
-    return torch.mul(grad, scale, out=torch.empty_like(grad))
+    out = grad if inplace else torch.empty_like(grad)
+    if grad.device.type == "cpu" and grad.dtype != scale.dtype and grad.dim() > 0 and grad.is_contiguous():
+        # On CPU a mixed-dtype multiply makes float32 copies of the whole gradient and of the product
+        # (4x a half gradient's bytes, 4x the time): block by block through a float32 block instead.
+        rows, scale = grad.view(-1, grad.shape[-1]), scale.reshape(-1, 1)
+        product = out.view(rows.shape)
+        for lo, hi in row_blocks(*rows.shape, grad.device):
+            block = rows[lo:hi].to(scale.dtype).mul_(scale[lo:hi] if per_row else scale)
+            product[lo:hi] = block
+        return out
+    return torch.mul(grad, scale, out=out)
 
 
 def shard_stats(

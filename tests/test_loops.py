@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import DEVICE, assert_grad_close, make_logits, make_target
@@ -9,9 +11,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import smoothce
 from smoothce import registry
+from smoothce._ops import cross_entropy_fwd
+from smoothce.bench.measure import rss_growth
 from smoothce.reference import cross_entropy_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+LINUX_RSS = os.access("/proc/self/clear_refs", os.W_OK)  # the resettable peak resident set
 
 
 def reference_over(logits, target, normalizer, label_smoothing=0.1):
@@ -130,6 +135,26 @@ def test_fused_loss_applies_upstream_in_fp32(dtype, upstream):
         exact = unit * upstream
         big = exact.abs() > 1e-4  # away from float16's subnormals
         assert ((scaled - exact).abs()[big] / exact.abs()[big]).max() <= ulp / 2 * (1 + 1e-6)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or not LINUX_RSS, reason="resident-set growth of a CPU backward (Linux)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_gradient_scaled_on_cpu_in_place_without_copies(dtype, reduction):
+    # dO != 1 (a loss scale, (loss / k).backward()) on a half gradient: the kept gradient times dO x factor,
+    # the product in fp32 rounded once, where the kept gradient lies. ATen's mixed-dtype multiply on CPU
+    # gives those values but first makes fp32 copies of the whole gradient and of the product (4x its
+    # bytes, about 4x the time).
+    logits, target = make_logits((4096, 8192), dtype, seed=3), make_target((4096,), 8192)  # 64 MiB
+    upstream = torch.full((4096,), 0.3) if reduction == "none" else torch.tensor(0.3)
+    _, kept, factor = cross_entropy_fwd(logits, target, 0.1, -100, reduction, True)
+    scale = upstream * factor
+    expected = torch.mul(kept, scale.unsqueeze(-1) if reduction == "none" else scale.reshape(1)).to(dtype)
+    leaf = logits.clone().requires_grad_(True)
+    loss = smoothce.cross_entropy(leaf, target, label_smoothing=0.1, reduction=reduction)
+    growth = rss_growth(lambda: loss.backward(upstream))
+    assert torch.equal(leaf.grad, expected)
+    assert growth <= 0.25 * leaf.grad.nbytes, growth
 
 
 class ScaleSpy:
