@@ -470,7 +470,8 @@ def _run_chunks(
             if not compute_grad:
                 continue
             if row_scale is not None:
-                z.mul_(row_scale[start:stop, None])
+                # dO per row in fp32, each entry rounded once, in place (a half chunk: no fp32 copies on CPU)
+                backend.scale_grad(z, row_scale[start:stop], row_scale.new_ones(()), True, True)
             if grad_hidden:
                 if hidden_fp32:
                     d_hidden[start:stop] = torch.mm(z, weight, out_dtype=torch.float32).mul_(post_scale)

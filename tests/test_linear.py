@@ -4,6 +4,7 @@ edge cases, errors, opcheck, torch.compile, and peak memory in a fresh process."
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -1101,6 +1102,23 @@ def test_recipe_bad_input(change, error, match):
 # ---------------------------------------------------------------------------------------
 # Memory, in a fresh process
 # ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or not os.access("/proc/self/clear_refs", os.W_OK), reason="CPU RSS probe")
+@pytest.mark.skipif(INTERPRETED_TRITON, reason="minutes in Triton's interpreter; the chunking is backend-independent")
+def test_half_none_backward_scales_chunks_without_copies():
+    # "none"'s backward multiplies each recomputed bf16 chunk by dO per row in fp32: in place, no fp32
+    # copies of the chunk (ATen's mixed-dtype multiply on CPU would hold four chunks' worth more).
+    from smoothce.bench.measure import rss_growth
+
+    hidden, weight, _, target = make_problem((4096,), 64, 8000, torch.bfloat16)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    chunk = 16 << 20
+    with smoothce.linear.settings(chunk_bytes=chunk):
+        loss = smoothce.linear_cross_entropy(hidden, weight, target, label_smoothing=0.1, reduction="none")
+        growth = rss_growth(lambda: loss.backward(torch.rand(4096)))
+    assert growth <= 3 * chunk, growth  # a chunk, d weight's fp32 sum (2 MiB), the gradients; was 6x
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the resident-set probe measures CPU memory")
