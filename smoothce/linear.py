@@ -470,7 +470,7 @@ def _run_chunks(
             if not compute_grad:
                 continue
             if row_scale is not None:
-                # dO per row in fp32, each entry rounded once, in place (a half chunk: no fp32 copies on CPU)
+                # dO per row applied in fp32 to the kept chunk, in place (a half chunk: no fp32 copies on CPU)
                 backend.scale_grad(z, row_scale[start:stop], row_scale.new_ones(()), True, True)
             if grad_hidden:
                 if hidden_fp32:

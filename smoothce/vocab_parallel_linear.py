@@ -170,7 +170,7 @@ def _chunks(
             continue
         backend.shard_grad(z, t, start, num_classes, row_max, excess, lam, ignore_index, scale, z)  # over its logits
         if row_scale is not None:
-            # dO per row in fp32, each entry rounded once, in place (a half chunk: no fp32 copies on CPU)
+            # dO per row applied in fp32 to the kept chunk, in place (a half chunk: no fp32 copies on CPU)
             backend.scale_grad(z, row_scale[lo:hi], row_scale.new_ones(()), True, True)
         if grad_hidden:
             torch.mm(z, weight, out=d_hidden[lo:hi])
