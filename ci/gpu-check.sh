@@ -28,7 +28,7 @@ for step in ${STEPS:-tune bench loops tests}; do
         tune) timeout 150 python3 benchmarks/tune_cuda.py --out "$OUT/tune" 2>&1 | tee "$OUT/tune.log" ;;
         bench) timeout 240 python3 -m smoothce.bench --preset gpu-targets --time-limit 180 --no-plots \
                    --out "$OUT/bench" 2>&1 | tail -40 > "$OUT/bench.log" ;;
-        loops) timeout 180 python3 benchmarks/loops.py --out "$OUT/loops" 2>&1 | tail -40 > "$OUT/loops.log" ;;
+        loops) timeout 150 python3 benchmarks/loops.py --out "$OUT/loops" 2>&1 | tail -40 > "$OUT/loops.log" ;;
         tests) SMOOTHCE_TEST_DEVICE=cuda timeout 290 python3 -m pytest tests -q -p no:cacheprovider \
                    -p no:benchmark -n 14 --timeout 250 2>&1 | tail -80 > "$OUT/tests.log" ;;
         linear) timeout 200 python3 -m smoothce.bench --op linear --out "$OUT/linear" 2>&1 | tail -12 > "$OUT/linear.log"
