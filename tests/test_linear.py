@@ -248,6 +248,7 @@ def test_default_chunk_budget_by_dtype(monkeypatch, dtype):
         smoothce.linear, "_run_chunks", lambda *a, **k: budgets.append(k["chunk_bytes"]) or run_chunks(*a, **k)
     )
     hidden, weight, _, target = make_problem((5,), 8, 11, dtype, bias=False)
+    hidden, weight, target = hidden.to(DEVICE), weight.to(DEVICE), target.to(DEVICE)
     smoothce.linear_cross_entropy(hidden, weight, target)
     with smoothce.linear.settings(chunk_bytes=12345):
         smoothce.linear_cross_entropy(hidden, weight, target)
