@@ -34,6 +34,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 INTERPRETED_TRITON = interpreter_enabled() and os.environ.get("SMOOTHCE_BACKEND", "").endswith("triton")
 # The device the value tests run on: cpu here; the cuda and xpu nox sessions set it.
 DEVICE = torch.device(os.environ.get("SMOOTHCE_TEST_DEVICE", "cpu"))
+LINUX_RSS = os.access("/proc/self/clear_refs", os.W_OK)  # the resettable peak resident set (Linux)
 # Columns per block of the Triton backends in tests of small rows (see cap_triton_blocks).
 TRITON_TEST_BLOCK_V = 16
 

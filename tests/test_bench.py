@@ -10,14 +10,13 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, LINUX_RSS
 
 from smoothce import bench
 from smoothce.bench import cli, impls, machine, measure, report, runner, vocab_parallel
@@ -26,7 +25,6 @@ from smoothce.bench.impls import IMPLEMENTATIONS, Implementation
 from smoothce.bench.measure import Limit, Timer, time_rounds
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-LINUX_RSS = os.access("/proc/self/clear_refs", os.W_OK)  # the resettable peak resident set
 
 
 class _Captured(Exception):

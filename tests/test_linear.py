@@ -4,13 +4,12 @@ edge cases, errors, opcheck, torch.compile, and peak memory in a fresh process."
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, INTERPRETED_TRITON, make_target
+from conftest import DEVICE, INTERPRETED_TRITON, LINUX_RSS, make_target
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import smoothce
@@ -252,7 +251,7 @@ def test_default_chunk_budget_by_dtype(monkeypatch, dtype):
     smoothce.linear_cross_entropy(hidden, weight, target)
     with smoothce.linear.settings(chunk_bytes=12345):
         smoothce.linear_cross_entropy(hidden, weight, target)
-    half = dtype in (torch.float16, torch.bfloat16)
+    half = dtype in smoothce.linear.HALF_DTYPES
     default = smoothce.linear.chunk_bytes_for(hidden.device, dtype)
     if hidden.device.type == "cpu":
         assert default == (64 << 20 if half else 32 << 20)
@@ -1105,7 +1104,7 @@ def test_recipe_bad_input(change, error, match):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu" or not os.access("/proc/self/clear_refs", os.W_OK), reason="CPU RSS probe")
+@pytest.mark.skipif(DEVICE.type != "cpu" or not LINUX_RSS, reason="the resident-set probe measures CPU memory")
 @pytest.mark.skipif(INTERPRETED_TRITON, reason="minutes in Triton's interpreter; the chunking is backend-independent")
 def test_half_none_backward_scales_chunks_without_copies():
     # "none"'s backward multiplies each recomputed bf16 chunk by dO per row in fp32: in place, no fp32

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import DEVICE, assert_grad_close, make_logits, make_target
+from conftest import DEVICE, LINUX_RSS, assert_grad_close, make_logits, make_target
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import smoothce
@@ -16,7 +14,6 @@ from smoothce.bench.measure import rss_growth
 from smoothce.reference import cross_entropy_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-LINUX_RSS = os.access("/proc/self/clear_refs", os.W_OK)  # the resettable peak resident set
 
 
 def reference_over(logits, target, normalizer, label_smoothing=0.1):
