@@ -40,7 +40,8 @@ def cpu(session: nox.Session) -> None:
     """The op on the vectorized CPU backend: values, gradients, errors, compile, packaging, bench, transformers.
 
     transformers is installed, and its tests required (SMOOTHCE_REQUIRE_TRANSFORMERS), so they run
-    here rather than skip; then the Trainer example.
+    here rather than skip, as are the tests of the compiled CPU recipe kernel (SMOOTHCE_REQUIRE_CPU_KERNEL:
+    the machine's C++ compiler builds it); then the Trainer example.
     """
     _install(session, "test,bench")
     session.install(TRANSFORMERS, ACCELERATE)  # after torch, so accelerate's torch requirement is met
@@ -50,7 +51,7 @@ def cpu(session: nox.Session) -> None:
         "--ignore=tests/test_triton_kernels.py",
         "--ignore=tests/test_distributed.py",
         *session.posargs,
-        env={"SMOOTHCE_BACKEND": "", "SMOOTHCE_REQUIRE_TRANSFORMERS": "1"},
+        env={"SMOOTHCE_BACKEND": "", "SMOOTHCE_REQUIRE_TRANSFORMERS": "1", "SMOOTHCE_REQUIRE_CPU_KERNEL": "1"},
     )
     session.run("python", "examples/transformers_trainer.py")
 

@@ -1,31 +1,36 @@
 """The "cpu" backend's rows with the recipe options (class weights, z-loss, soft-capping) and the lse out.
 
 ``CpuBackend.forward_recipe`` and its ``loss_and_grad`` call ``recipe_rows``; the plain loss keeps
-``CpuBackend._rows``. The work is ``CpuBackend._run_blocks``'s: blocks of rows (``block_budget``), one
-Python thread per torch thread; in fp32 (fp64 for fp64 logits); a contiguous fp32/fp64 gradient worked in
-place (it may be the logits themselves), other gradients through an fp32 scratch block, each element
-rounded to the gradient's dtype once. Per block, with t = tanh(z / c) kept in a scratch block where
-there is a cap: the row max m of z', d = z' - m (c t - m in one fused op), sum_j w_j d_j (a
-matrix-vector product; all terms <= 0), e = exp(d), q = sum_{j != k} e_j (the target column zeroed
-first), and the gradient's finishing pass a e_j - b_j, times 1 - t_j^2 (``tanh_backward``). The
-per-row rest (the loss, lse, the target column) is done once for all rows after the blocks, in fp64.
-Inputs of up to ``SMALL_ELEMENTS`` logits run the same code on a float64 copy.
+``CpuBackend._rows``. Per row, in fp32 (fp64 for fp64 logits), with t = tanh(z / c) where there is a cap:
+the row max m of z', d = z' - m, sum_j w_j d_j (all terms <= 0), e = exp(d), q = sum_{j != k} e_j, and
+the gradient's finishing pass (a e_j - b_j)(1 - t_j^2), each element rounded to the gradient's dtype
+once. The per-row rest (the loss, lse, the target column) is done once for all rows afterwards, in fp64.
+Inputs of up to ``SMALL_ELEMENTS`` logits run on a float64 copy.
 
-Scratch, per worker: none for an fp32/fp64 gradient without a cap, else one or two blocks (a cap's t; the
-fp32 block of a half gradient), each at most the plain loss's one fp32 block for half logits.
+Two implementations of those per-row sums and the gradient:
 
-Cost: the plain loss streams a block through three passes (a sum, ATen's fused softmax, one affine
-pass); the cap adds three (z / c, tanh, the chain rule), tanh is the dearest elementwise op after exp,
-and every op is a Python call per block (about twenty; a scalar operand as a 0-d tensor, since a Python
-number is wrapped in a new tensor on every call), whose share grows as blocks shrink. Weights and z-loss alone
-cost about what the plain loss does (the weighted sum is a matrix-vector product, the z-loss a few
-ops per block on the rows).
+* the compiled kernel (``cpu_kernel``, ``cpu_recipe_kernel.cpp``), for fp32/bf16/fp16 logits and
+  gradients with unit column strides, where a C++ compiler built it: one fused loop per row, the row
+  read from memory once, a row or two of fp32 scratch per worker thread (a cap's t; e for a half
+  gradient). Soft-capping, z-loss and weights cost about what the plain loss does.
+* the vectorized-torch blocks (``_torch_blocks``), for the rest (fp64, column strides, no compiler,
+  ``SMOOTHCE_CPU_KERNEL=0``): ``CpuBackend._run_blocks``'s blocks of rows (``block_budget``), one Python
+  thread per torch thread; a contiguous fp32/fp64 gradient worked in place (it may be the logits
+  themselves), other gradients through an fp32 scratch block; t kept in a scratch block where there is a
+  cap; c t - m in one fused op, sum_j w_j d_j as a matrix-vector product, the target column zeroed
+  before q, 1 - t^2 by ``tanh_backward``. Scratch, per worker: none for an fp32/fp64 gradient without a
+  cap, else one or two blocks, each at most the plain loss's one fp32 block for half logits. Cost: the
+  plain loss streams a block through three passes (a sum, ATen's fused softmax, one affine pass); the
+  cap adds three (z / c, tanh, the chain rule), tanh is the dearest elementwise op after exp, and every
+  op is a Python call per block (about twenty; a scalar operand as a 0-d tensor, since a Python number
+  is wrapped in a new tensor on every call): about 1.4-1.5x the plain loss with every option on.
 """
 
 from __future__ import annotations
 
 import torch
 
+from smoothce.backends import cpu_kernel
 from smoothce.numerics import loss_dtype
 
 # Up to this many logits the rows are computed on a float64 copy: per-call overhead dominates there.
@@ -111,6 +116,56 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
             if weight is not None:
                 column.mul_(weight)
 
+    lib = cpu_kernel.library() if cpu_kernel.takes(logits, grad) else None
+    if lib is not None:  # the compiled rows: one fused loop per row, the column term b_j = -scale (lam / V) w_j
+        kernel_args = (k.contiguous(), grad, weight, -scale * smooth, coeff, z_coeff, cap, stats[:5].unbind(0))
+        cpu_kernel.recipe_rows(lib, logits, *kernel_args, smooth != 0.0)
+    else:
+        _torch_blocks(backend, logits, k, grad, weight, cap, smooth, acc, stats, coeff, z_coeff, column)
+
+    # Per row, in fp64: z'_k - m from z_k, t_k = tanh(z_k / c).
+    m, e, q, s, spread = stats[:5].squeeze(2).double()
+    m = m.neg_()
+    t_k = None if cap is None else torch.tanh(z_k / cap)
+    d = z_k - m if cap is None else cap * t_k - m
+    log_total = s.log()
+    row_lse = m + log_total
+    if lse is not None:
+        lse.copy_(row_lse)
+    target_weight = 1.0 if w_k is None else w_k.squeeze(1).double()
+    loss = torch.zeros(n_rows, dtype=torch.float64)
+    if lam != 1.0:  # lse - z'_k = L - d_k, two terms >= 0; log1p(q / e_k) for a confident row
+        target_term = torch.where(e >= q, torch.log1p(q / e), log_total - d)
+        loss += (1.0 - lam) * target_weight * target_term
+    if smooth != 0.0:
+        loss += smooth * (total_weight * log_total - spread)
+    if z_loss != 0.0:
+        loss += z_loss * target_weight * row_lse.square()
+    if valid is not None:
+        loss = torch.where(valid, loss, 0.0)
+    if grad is not None:
+        p_k = e / s
+        target_col = torch.zeros(n_rows, dtype=torch.float64)
+        if smooth != 0.0:
+            target_col += smooth * (total_weight * p_k - target_weight)
+        if z_loss != 0.0:
+            target_col += 2.0 * z_loss * target_weight * row_lse * p_k
+        if lam != 1.0:
+            target_col -= (1.0 - lam) * target_weight * (q / s)
+        if cap is not None:
+            target_col *= 1.0 - t_k.square()
+        # (index_put_, not scatter_: torch 2.13's CPU scatter_ into half tensors copies them whole)
+        grad.index_put_((torch.arange(n_rows), k.squeeze(1)), (target_col * scale).to(grad.dtype))
+        if valid is not None:
+            grad.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)  # only the ignored rows
+    return loss.to(acc)
+
+
+def _torch_blocks(backend, logits, k, grad, weight, cap, smooth, acc, stats, coeff, z_coeff, column):
+    """``_blocked``'s per-row sums (and the gradient but its target column) in vectorized torch, block by
+    block (``backend._run_blocks``): where the compiled kernel does not serve (``cpu_kernel.takes``) or
+    cannot be built."""
+    n_rows, num_classes = logits.shape
     in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
     buffers = (0 if in_place else 1) + (0 if cap is None else 1)
     # Scalar operands as 0-d tensors (a Python number in a tensor's place is wrapped anew on every call).
@@ -193,40 +248,3 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
         return False
 
     backend._run_blocks(block, n_rows, num_classes, acc if buffers else None, buffers, elements)
-
-    # Per row, in fp64: z'_k - m from z_k, t_k = tanh(z_k / c).
-    m, e, q, s, spread = stats[:5].squeeze(2).double()
-    m = m.neg_()
-    t_k = None if cap is None else torch.tanh(z_k / cap)
-    d = z_k - m if cap is None else cap * t_k - m
-    log_total = s.log()
-    row_lse = m + log_total
-    if lse is not None:
-        lse.copy_(row_lse)
-    target_weight = 1.0 if w_k is None else w_k.squeeze(1).double()
-    loss = torch.zeros(n_rows, dtype=torch.float64)
-    if lam != 1.0:  # lse - z'_k = L - d_k, two terms >= 0; log1p(q / e_k) for a confident row
-        target_term = torch.where(e >= q, torch.log1p(q / e), log_total - d)
-        loss += (1.0 - lam) * target_weight * target_term
-    if smooth != 0.0:
-        loss += smooth * (total_weight * log_total - spread)
-    if z_loss != 0.0:
-        loss += z_loss * target_weight * row_lse.square()
-    if valid is not None:
-        loss = torch.where(valid, loss, 0.0)
-    if grad is not None:
-        p_k = e / s
-        target_col = torch.zeros(n_rows, dtype=torch.float64)
-        if smooth != 0.0:
-            target_col += smooth * (total_weight * p_k - target_weight)
-        if z_loss != 0.0:
-            target_col += 2.0 * z_loss * target_weight * row_lse * p_k
-        if lam != 1.0:
-            target_col -= (1.0 - lam) * target_weight * (q / s)
-        if cap is not None:
-            target_col *= 1.0 - t_k.square()
-        # (index_put_, not scatter_: torch 2.13's CPU scatter_ into half tensors copies them whole)
-        grad.index_put_((torch.arange(n_rows), k.squeeze(1)), (target_col * scale).to(grad.dtype))
-        if valid is not None:
-            grad.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)  # only the ignored rows
-    return loss.to(acc)

@@ -39,6 +39,21 @@ LINUX_RSS = os.access("/proc/self/clear_refs", os.W_OK)  # the resettable peak r
 TRITON_TEST_BLOCK_V = 16
 
 
+def cpu_kernel_library():
+    """The CPU backend's compiled recipe kernel (``backends/cpu_kernel.py``), built here if need be. Where it
+    cannot be built the test is skipped, naming why; with SMOOTHCE_REQUIRE_CPU_KERNEL=1 (the nox cpu
+    session) it fails instead."""
+    from smoothce.backends import cpu_kernel
+
+    lib = cpu_kernel.library()
+    if lib is None:
+        reason = f"the CPU recipe kernel is not available: {cpu_kernel.unavailable_reason()}"
+        if os.environ.get("SMOOTHCE_REQUIRE_CPU_KERNEL") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return lib
+
+
 def cap_triton_blocks(monkeypatch, columns=TRITON_TEST_BLOCK_V):
     """Blocks of ``columns`` for the Triton backend that serves DEVICE (nothing for other backends).
 

@@ -1,9 +1,12 @@
 """The CPU backend's recipe path (``backends/cpu_recipe.py``): class weights, z-loss, soft-capping and the
 lse, against the float64 reference and no less accurate than PyTorch composing the same loss in fp32.
 
-Each case calls ``CpuBackend.forward_recipe`` (the rows, the gradient and the lse) with small blocks, so
-that rows are cut into many blocks, a row can be a block of its own (V above the block size), and two
-worker threads share them; the op-level cases go through ``CpuBackend.loss_and_grad``.
+Every case runs twice: on the compiled kernel (``cpu_kernel``, one fused loop per row) and on the
+vectorized-torch blocks it falls back to where no compiler is (``SMOOTHCE_CPU_KERNEL=0``). Each calls
+``CpuBackend.forward_recipe`` (the rows, the gradient and the lse) with small blocks, so that the torch
+path cuts rows into many blocks, a row can be a block of its own (V above the block size), and two
+worker threads share them (the kernel's rows too); the op-level cases go through
+``CpuBackend.loss_and_grad``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, make_logits, make_target
+from conftest import DTYPES, cpu_kernel_library, make_logits, make_target
 
 import smoothce
+from smoothce.backends import cpu_kernel
 from smoothce.backends.base import Recipe
 from smoothce.backends.cpu import CpuBackend
 from smoothce.backends.cpu_recipe import BLOCK_DIVISOR, block_budget
@@ -34,6 +38,16 @@ OPTIONS = {
 # per block); blocks of 8 rows in one thread.
 SHAPES = [(6, 50, None, 1), (37, 701, 2, 2), (5, 3001, 1, 1), (64, 1000, 8, 1)]
 SCALE = 1.0 / 7.0
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """The compiled kernel (required to build where SMOOTHCE_REQUIRE_CPU_KERNEL=1), or the torch blocks."""
+    if request.param == "kernel":
+        cpu_kernel_library()
+    else:
+        monkeypatch.setenv("SMOOTHCE_CPU_KERNEL", "0")
+    return request.param
 
 
 def class_weight(num_classes, dtype, seed=2):
@@ -269,6 +283,37 @@ def test_negative_infinite_logits(dtype):
         torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_wide_rows_of_a_wider_tensor(dtype):
+    # V = 70001 (many of the kernel's 1024-column sums, an odd tail) in rows of a wider tensor (a row
+    # stride above V), shared by two threads.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        logits = make_logits((9, 70011), dtype)[:, :70001]
+        target = make_target((9,), 70001)
+        target[0] = 70000  # the last class
+        recipe = recipe_of(OPTIONS["all"], 70001, dtype)
+        ours = run_backend(CpuBackend(), logits, target, 0.1, recipe)
+    finally:
+        torch.set_num_threads(before)
+    assert_as_accurate_as_pytorch(ours, logits, target, 0.1, recipe)
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_logits(dtype, cap):
+    # A NaN logit makes its row's loss, lse and gradient NaN, and no other row's.
+    logits = make_logits((37, 701), dtype)
+    logits[3, 5] = math.nan
+    target = make_target((37,), 701, ignore_fraction=0.0)
+    loss, grad, lse = run_backend(CpuBackend(), logits, target, 0.1, Recipe(class_weight(701, dtype), 1e-2, cap))
+    others = torch.arange(37) != 3
+    for value in (loss, lse, grad):
+        assert bool(value[3].isnan().all())
+        assert bool(value[others].isfinite().all())
+
+
 def test_no_rows():
     # N = 0 (a fused linear loss's empty chunk, a direct caller): an empty loss, nothing written.
     logits = torch.empty((0, 11))
@@ -278,11 +323,13 @@ def test_no_rows():
     assert loss.shape == (0,)
 
 
+@pytest.mark.parametrize("path", ["torch"], indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_scratch_blocks_no_larger_than_the_plain_loss(monkeypatch, dtype, threads):
+def test_scratch_blocks_no_larger_than_the_plain_loss(monkeypatch, dtype, threads, path):
     # With every option on, each scratch block _run_blocks allocates holds no more values than the plain
     # loss's one block for bfloat16 logits, and there are at most two (a cap's t, a half gradient's block).
+    # (The kernel's scratch: test_kernel_scratch_is_a_row_or_two; float64 always takes these blocks.)
     allocated = []
     run_blocks = CpuBackend._run_blocks
 
@@ -309,6 +356,32 @@ def test_scratch_blocks_no_larger_than_the_plain_loss(monkeypatch, dtype, thread
     assert plain_buffers == 1
     assert buffers == (2 if dtype == torch.bfloat16 else 1)
     assert block <= plain_block
+
+
+@pytest.mark.parametrize("path", ["kernel"], indirect=True)
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_scratch_is_a_row_or_two(monkeypatch, dtype, cap, path):
+    # The kernel's rows: each worker thread's scratch is a row of fp32 with a cap (t) and one for a half
+    # gradient (e), each with room to place it (PLACES); no block of the logits' size.
+    sizes, scratch = [], cpu_kernel.scratch
+    monkeypatch.setattr(
+        cpu_kernel, "scratch", lambda rows, num_classes: sizes.append(rows) or scratch(rows, num_classes)
+    )
+    calls, recipe_rows = [], cpu_kernel.recipe_rows
+    monkeypatch.setattr(cpu_kernel, "recipe_rows", lambda *args: calls.append(1) or recipe_rows(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        logits = make_logits((256, 1000), dtype)
+        recipe = Recipe(class_weight(1000, dtype), 1e-3, cap)
+        ours = run_backend(CpuBackend(), logits, make_target((256,), 1000), 0.1, recipe)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1]  # the kernel served the call
+    rows = (cap is not None) + (dtype != torch.float32)
+    assert sizes == ([rows] * 2 if rows else [])  # a worker each (two threads); fp32 without a cap: none
+    assert_as_accurate_as_pytorch(ours, logits, make_target((256,), 1000), 0.1, recipe)
 
 
 def test_plain_recipe_is_the_plain_path():

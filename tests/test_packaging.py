@@ -35,6 +35,7 @@ def test_wheel_holds_one_namespace(tmp_path):
     assert "smoothce/backends/cpu.py" in names
     assert "smoothce/backends/base.py" in names
     assert "smoothce/backends/triton_kernels.py" in names
+    assert "smoothce/backends/cpu_recipe_kernel.cpp" in names  # compiled on first use
     top_level = {name.split("/")[0] for name in names}
     assert top_level <= {"smoothce", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top_level
 
