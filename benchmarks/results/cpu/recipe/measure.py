@@ -16,6 +16,7 @@ Implementations (forward + backward: ``leaf.grad = None; f(leaf, target).backwar
   plain     smoothce.cross_entropy(z, t, label_smoothing=0.1)
   all       the same with softcap=30, z_loss=1e-4 and class weights (uniform in [0.5, 1.5])
   softcap, z_loss, weight, lse   one option alone (lse: return_lse=True, the loss alone backward)
+  all-torch, softcap-torch   "all", "softcap" on the vectorized-torch blocks (SMOOTHCE_CPU_KERNEL=0: no compiler)
   generic   "all" through torch_defaults.forward_recipe (the backend's default before the tuned path)
   eager     F.cross_entropy(30 tanh(z / 30), t, w, label_smoothing=0.1) + 1e-4 (w_k lse^2) summed / sum w_k
 """
@@ -59,6 +60,23 @@ def eager(z, t, w):
     return ce + Z_LOSS * (w_k * lse.square()).sum() / w_k.sum()
 
 
+def without_kernel(fn):
+    """``fn`` on the vectorized-torch blocks (``SMOOTHCE_CPU_KERNEL=0``: the path where no compiler is)."""
+
+    def run(z, t, w):
+        kept = os.environ.get("SMOOTHCE_CPU_KERNEL")
+        os.environ["SMOOTHCE_CPU_KERNEL"] = "0"
+        try:
+            return fn(z, t, w)
+        finally:
+            if kept is None:
+                del os.environ["SMOOTHCE_CPU_KERNEL"]
+            else:
+                os.environ["SMOOTHCE_CPU_KERNEL"] = kept
+
+    return run
+
+
 def generic(z, t, w):
     backend = registry.select(z.device)
     cls = type(backend)
@@ -81,6 +99,8 @@ FN = {
     "generic": generic,
     "eager": eager,
 }
+FN["all-torch"] = without_kernel(FN["all"])
+FN["softcap-torch"] = without_kernel(FN["softcap"])
 # The implementations that take the recipe path (what --baseline times again on a saved copy).
 OPTION_IMPLS = ("all", "softcap", "z_loss", "weight", "lse")
 
