@@ -1,7 +1,7 @@
 """The "cpu" backend's compiled recipe rows: ``cpu_recipe_kernel.cpp``, built on first use, run through ctypes.
 
 The first call that wants it compiles the source with the machine's C++ compiler (``$CXX``, else ``c++``,
-``g++`` or ``clang++``; about a second) for this CPU (``-march=native``) into a cache folder
+``g++`` or ``clang++``; a few seconds) for this CPU (``-march=native``) into a cache folder
 (``$SMOOTHCE_CACHE_DIR``, else ``$XDG_CACHE_HOME/smoothce`` or ``~/.cache/smoothce``), under a name that
 hashes the source, the compiler, the flags and the CPU's features, so that a later process loads it at
 once. ctypes lets go of the GIL during each call: ``recipe_rows`` splits the rows between as many
@@ -33,8 +33,9 @@ FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fPIC", "-shared", "-fno-math-
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # The source's PLACES: a scratch row is V + 64 PLACES floats.
 PLACES = 16
-# Rows go to several threads from this many logits a thread on.
+# Rows go to several threads from this many logits a thread on, in about this many calls a thread.
 WORKER_ELEMENTS = 1 << 16
+CALLS_PER_WORKER = 8
 
 
 class Args(ctypes.Structure):
@@ -201,16 +202,17 @@ def recipe_rows(lib, logits, k, grad, weight, column, coeff, z_coeff, cap, stats
     neg_max, e_k, rest, total, spread = stats
     scratch_rows = (cap is not None) + (grad is not None and grad.dtype != torch.float32)
     workers = max(1, min(torch.get_num_threads(), n_rows, n_rows * num_classes // WORKER_ELEMENTS))
-    bounds = [n_rows * i // workers for i in range(workers + 1)]
+    # Ranges of rows handed out as the workers come for them: a worker a descheduled thread slows does fewer.
+    rows_per_call = -(-n_rows // (workers * CALLS_PER_WORKER))
+    starts = iter(range(0, n_rows, rows_per_call))
+    taking = threading.Lock()
 
     def per_row(tensor, start):  # a 0-d operand is shared; an (N,) one starts at the row
         return None if tensor is None else (tensor.data_ptr() + (start * 4 if tensor.dim() else 0))
 
-    def run(worker):
-        start, stop = bounds[worker], bounds[worker + 1]
-        buffer = scratch(scratch_rows, num_classes) if scratch_rows else None
-        args = Args(
-            x=logits[start].data_ptr() if stop > start else None,
+    def rows(start, stop, buffer):
+        return Args(
+            x=logits[start].data_ptr(),
             x_stride=logits.stride(0),
             g=None if grad is None else grad[start].data_ptr(),
             g_stride=0 if grad is None else grad.stride(0),
@@ -234,7 +236,15 @@ def recipe_rows(lib, logits, k, grad, weight, column, coeff, z_coeff, cap, stats
             g_type=0 if grad is None else TYPES[grad.dtype],
             smooth=int(smooth),
         )
-        lib.smoothce_recipe_rows(ctypes.byref(args))
+
+    def run(_worker):
+        buffer = scratch(scratch_rows, num_classes) if scratch_rows else None
+        while True:
+            with taking:
+                start = next(starts, None)
+            if start is None:
+                return
+            lib.smoothce_recipe_rows(ctypes.byref(rows(start, min(start + rows_per_call, n_rows), buffer)))
 
     if workers == 1:
         run(0)
