@@ -4,8 +4,8 @@ The first call that wants it compiles the source with the machine's C++ compiler
 ``g++`` or ``clang++``; a few seconds) for this CPU (``-march=native``) into a cache folder
 (``$SMOOTHCE_CACHE_DIR``, else ``$XDG_CACHE_HOME/smoothce`` or ``~/.cache/smoothce``), under a name that
 hashes the source, the compiler, the flags and the CPU's features, so that a later process loads it at
-once. ctypes lets go of the GIL during each call: ``recipe_rows`` splits the rows between as many
-Python threads as torch has, each running its range of rows in C.
+once. ctypes lets go of the GIL during each call: ``recipe_rows`` hands ranges of rows to as many Python
+threads as torch has, each running its ranges in C.
 
 Where no compiler works, or ``SMOOTHCE_CPU_KERNEL=0``, ``library()`` is None and ``cpu_recipe`` keeps its
 vectorized-torch blocks (the same math, slower with a soft cap); a failed build warns once, naming why.
