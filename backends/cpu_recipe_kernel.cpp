@@ -100,6 +100,14 @@ template <int T> inline void store_part(typename Io<T>::scalar* p, int64_t n, vf
   std::memcpy(p, tmp, n * sizeof tmp[0]);
 }
 
+// n (any count) elements at p: a whole vector, or the first n and `fill`; and their store.
+template <int T> inline vf load_n(const typename Io<T>::scalar* p, int64_t n, float fill) {
+  return n >= L ? Io<T>::load(p) : load_part<T>(p, n, fill);
+}
+template <int T> inline void store_n(typename Io<T>::scalar* p, int64_t n, vf v) {
+  if (n >= L) Io<T>::store(p, v); else store_part<T>(p, n, v);
+}
+
 inline bool any(vi m) { const vi none{}; return std::memcmp(&m, &none, sizeof m) != 0; }
 inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < L; ++i) m = v[i] > m ? v[i] : m; return m; }
 inline float hsum(vf v) {  // pairwise across the lanes
@@ -212,20 +220,18 @@ inline void exp_range(const Args& a, const typename Io<X>::scalar* x, const floa
       const int64_t n = c1 - j;
       vf d;
       if (CAP) {
-        d = (n >= L ? Io<F32>::load(t + j) : load_part<F32>(t + j, n, 0.0f)) * cap - m;
+        d = load_n<F32>(t + j, n, 0.0f) * cap - m;
       } else {
-        d = (n >= L ? Io<X>::load(x + j) : load_part<X>(x + j, n, 0.0f)) - m;
+        d = load_n<X>(x + j, n, 0.0f) - m;
       }
       const vi tail = n < L ? LANE < float(n) : vi{} - 1;  // the padding adds nothing to either sum
       vf ex = tail ? vexp(d) : splat(0.0f);
       if (a.smooth) {
         vf dd = tail ? d : splat(0.0f);
-        s += a.weight ? (n >= L ? Io<F32>::load(a.weight + j) : load_part<F32>(a.weight + j, n, 0.0f)) * dd : dd;
+        s += a.weight ? load_n<F32>(a.weight + j, n, 0.0f) * dd : dd;
       }
       q += ex;
-      if (e) {
-        if (n >= L) Io<F32>::store(e + j, ex); else store_part<F32>(e + j, n, ex);
-      }
+      if (e) store_n<F32>(e + j, n, ex);
     }
     spread += s;
     rest += q;
@@ -263,10 +269,10 @@ void rows_kernel(const Args& a) {
     vf mx = splat(-INFINITY);
     for (int64_t j = 0; j < V; j += L) {
       const int64_t n = V - j;
-      vf v = n >= L ? Io<X>::load(x + j) : load_part<X>(x + j, n, -INFINITY);
+      vf v = load_n<X>(x + j, n, -INFINITY);
       if (CAP) {
         v = vtanh(v * (1.0f / cap));
-        if (n >= L) Io<F32>::store(t + j, v); else store_part<F32>(t + j, n, v);
+        store_n<F32>(t + j, n, v);
         if (n < L) v = LANE < float(n) ? v : splat(-INFINITY);
       }
       mx = v > mx ? v : mx;
@@ -294,14 +300,14 @@ void rows_kernel(const Args& a) {
     const vf column = splat(a.column);
     for (int64_t j = 0; j < V; j += L) {
       const int64_t n = V - j;
-      vf ex = n >= L ? Io<F32>::load(e + j) : load_part<F32>(e + j, n, 0.0f);
-      vf b = a.weight ? (n >= L ? Io<F32>::load(a.weight + j) : load_part<F32>(a.weight + j, n, 0.0f)) * column : column;
+      vf ex = load_n<F32>(e + j, n, 0.0f);
+      vf b = a.weight ? load_n<F32>(a.weight + j, n, 0.0f) * column : column;
       vf out = row * ex + b;
       if (CAP) {
-        vf tj = n >= L ? Io<F32>::load(t + j) : load_part<F32>(t + j, n, 0.0f);
+        vf tj = load_n<F32>(t + j, n, 0.0f);
         out = out * (1.0f - tj * tj);
       }
-      if (n >= L) Io<G>::store(g + j, out); else store_part<G>(g + j, n, out);
+      store_n<G>(g + j, n, out);
     }
   }
 }
@@ -326,13 +332,12 @@ template <int T> void each(int fn, const void* in, void* out, int64_t n) {
   for (int64_t j = 0; j < n; j += L) {
     const int64_t m = n - j < L ? n - j : L;
     if (fn == 2) {
-      vf v = m == L ? Io<T>::load(static_cast<const ts*>(in) + j) : load_part<T>(static_cast<const ts*>(in) + j, m, 0.0f);
-      store_part<F32>(static_cast<float*>(out) + j, m, v);
+      store_n<F32>(static_cast<float*>(out) + j, m, load_n<T>(static_cast<const ts*>(in) + j, m, 0.0f));
       continue;
     }
-    vf v = load_part<F32>(static_cast<const float*>(in) + j, m, 0.0f);
-    if (fn == 3) { store_part<T>(static_cast<ts*>(out) + j, m, v); continue; }
-    store_part<F32>(static_cast<float*>(out) + j, m, fn == 0 ? vtanh(v) : vexp(v));
+    vf v = load_n<F32>(static_cast<const float*>(in) + j, m, 0.0f);
+    if (fn == 3) { store_n<T>(static_cast<ts*>(out) + j, m, v); continue; }
+    store_n<F32>(static_cast<float*>(out) + j, m, fn == 0 ? vtanh(v) : vexp(v));
   }
 }
 }  // namespace
