@@ -14,7 +14,8 @@
 // A row is read from memory once: its scratch (one or two rows of fp32) stays in the core's cache. Sums
 // run in 16 lanes, each a sum of at most CHUNK / 16 terms before it joins a second level: a lane's
 // error stays at a few ulps whatever V. exp and tanh are this file's own, vectorized (GCC vector
-// extensions: AVX-512, AVX2, NEON, whatever -march=native gives), each within about an ulp.
+// extensions, lowered to whatever -march=native gives: run on AVX-512, AVX2 and SSE4.2 builds, compiled
+// for aarch64), each within about an ulp.
 
 #include <cmath>
 #include <cstdint>
