@@ -104,21 +104,18 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
     stats = torch.empty((7, n_rows, 1), dtype=acc)
     # The gradient's finishing pass a e - b: the row's a = (coeff + z_coeff lse) / S, coeff = scale ((1 - lam)
     # w_k + (lam / V) W), z_coeff = scale 2 s w_k, and the column's b = scale (lam / V) w_j.
-    coeff = z_coeff = column = None
+    coeff = z_coeff = None
     if grad is not None:
         coeff = torch.tensor(scale * (1.0 - lam + smooth * total_weight), dtype=acc)
         if w_k is not None:
             coeff = (w_k * (scale * (1.0 - lam))).add_(scale * smooth * total_weight)
         if z_loss != 0.0:
             z_coeff = torch.tensor(2.0 * z_loss * scale, dtype=acc) if w_k is None else w_k * (2.0 * z_loss * scale)
-        if smooth != 0.0:  # (1, V) even without weights: addcmul with two broadcast operands is not vectorized
-            column = torch.full((1, num_classes), -scale * smooth, dtype=acc)
-            if weight is not None:
-                column.mul_(weight)
+    column = -scale * smooth  # the column term -b_j = column w_j
 
     lib = cpu_kernel.library() if cpu_kernel.takes(logits, grad) else None
-    if lib is not None:  # the compiled rows: one fused loop per row, the column term b_j = -scale (lam / V) w_j
-        kernel_args = (k.contiguous(), grad, weight, -scale * smooth, coeff, z_coeff, cap, stats[:5].unbind(0))
+    if lib is not None:  # the compiled rows: one fused loop per row
+        kernel_args = (k.contiguous(), grad, weight, column, coeff, z_coeff, cap, stats[:5].unbind(0))
         cpu_kernel.recipe_rows(lib, logits, *kernel_args, smooth != 0.0)
     else:
         _torch_blocks(backend, logits, k, grad, weight, cap, smooth, acc, stats, coeff, z_coeff, column)
@@ -161,11 +158,16 @@ def _blocked(backend, logits, k, valid, lam, grad, scale, recipe, lse):
     return loss.to(acc)
 
 
-def _torch_blocks(backend, logits, k, grad, weight, cap, smooth, acc, stats, coeff, z_coeff, column):
+def _torch_blocks(backend, logits, k, grad, weight, cap, smooth, acc, stats, coeff, z_coeff, column_factor):
     """``_blocked``'s per-row sums (and the gradient but its target column) in vectorized torch, block by
     block (``backend._run_blocks``): where the compiled kernel does not serve (``cpu_kernel.takes``) or
-    cannot be built."""
+    cannot be built. ``column_factor``: the gradient's column term is column_factor w_j."""
     n_rows, num_classes = logits.shape
+    column = None
+    if grad is not None and smooth != 0.0:  # (1, V) even without weights: addcmul with two broadcast operands
+        column = torch.full((1, num_classes), column_factor, dtype=acc)  # is not vectorized
+        if weight is not None:
+            column.mul_(weight)
     in_place = grad is not None and grad.dtype == acc and grad.is_contiguous()
     buffers = (0 if in_place else 1) + (0 if cap is None else 1)
     # Scalar operands as 0-d tensors (a Python number in a tensor's place is wrapped anew on every call).
